@@ -1,0 +1,2 @@
+"""rtserve: real-time inference serving."""
+__version__ = "0.1.0"

@@ -1,0 +1,205 @@
+"""A small, fast Prometheus metrics registry (text exposition format 0.0.4).
+
+Pure Python with no dependencies so the engine records metrics without the web stack. Children
+are looked up once per (labels) and kept, so recording is a list update and an add.
+"""
+from __future__ import annotations
+
+import bisect
+import threading
+from typing import Callable
+
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def _fmt_labels(names: tuple[str, ...], values: tuple[str, ...], extra: str = "") -> str:
+    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values)]
+    if extra:
+        parts.append(extra)
+    return "{" + ",".join(parts) + "}" if parts else ""
+
+
+def _escape(v: str) -> str:
+    return str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _num(v: float) -> str:
+    if v == float("inf"):
+        return "+Inf"
+    return repr(float(v)) if not float(v).is_integer() else str(int(v)) if abs(v) < 1e15 else repr(float(v))
+
+
+class _Metric:
+    kind = ""
+
+    def __init__(self, name: str, help: str, labels: tuple[str, ...] = ()) -> None:
+        self.name, self.help, self.label_names = name, help, labels
+        self._children: dict[tuple[str, ...], object] = {}
+        self._lock = threading.Lock()
+
+    def labels(self, *values: str):
+        key = tuple(str(v) for v in values)
+        child = self._children.get(key)
+        if child is None:
+            with self._lock:
+                child = self._children.setdefault(key, self._new_child())
+        return child
+
+    def remove(self, *values: str) -> None:
+        self._children.pop(tuple(str(v) for v in values), None)
+
+    def _new_child(self):
+        raise NotImplementedError
+
+    def render(self) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
+        for key, child in list(self._children.items()):
+            lines.extend(child.render(self.name, self.label_names, key))
+        return lines
+
+
+class _CounterChild:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+    def render(self, name, names, values):
+        return [f"{name}{_fmt_labels(names, values)} {_num(self.value)}"]
+
+
+class Counter(_Metric):
+    kind = "counter"
+
+    def _new_child(self):
+        return _CounterChild()
+
+
+class _GaugeChild:
+    __slots__ = ("value", "fn")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.fn: Callable[[], float] | None = None
+
+    def set(self, v: float) -> None:
+        self.value = v
+
+    def set_function(self, fn: Callable[[], float]) -> None:
+        self.fn = fn
+
+    def render(self, name, names, values):
+        v = self.fn() if self.fn is not None else self.value
+        return [f"{name}{_fmt_labels(names, values)} {_num(v)}"]
+
+
+class Gauge(_Metric):
+    kind = "gauge"
+
+    def _new_child(self):
+        return _GaugeChild()
+
+
+class _HistogramChild:
+    __slots__ = ("buckets", "counts", "sum", "count")
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, v: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, v)] += 1
+        self.sum += v
+        self.count += 1
+
+    def render(self, name, names, values):
+        lines, acc = [], 0
+        for bound, c in zip(self.buckets + (float("inf"),), self.counts):
+            acc += c
+            le = 'le="' + _num(bound) + '"'
+            lines.append(f"{name}_bucket{_fmt_labels(names, values, le)} {acc}")
+        lines.append(f"{name}_sum{_fmt_labels(names, values)} {_num(self.sum)}")
+        lines.append(f"{name}_count{_fmt_labels(names, values)} {self.count}")
+        return lines
+
+
+class Histogram(_Metric):
+    kind = "histogram"
+
+    def __init__(self, name: str, help: str, labels: tuple[str, ...] = (), buckets=LATENCY_BUCKETS_S) -> None:
+        super().__init__(name, help, labels)
+        self.buckets = tuple(buckets)
+
+    def _new_child(self):
+        return _HistogramChild(self.buckets)
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.metrics: list[_Metric] = []
+
+    def add(self, metric: _Metric) -> _Metric:
+        self.metrics.append(metric)
+        return metric
+
+    def render(self) -> str:
+        lines: list[str] = []
+        for m in self.metrics:
+            lines.extend(m.render())
+        return "\n".join(lines) + "\n"
+
+
+_ML = ("model", "version")
+
+
+class TensorMetrics:
+    """The tensor path's metric families, labelled by model and version."""
+
+    def __init__(self, registry: Registry) -> None:
+        r = registry
+        self.success = r.add(Counter("rtserve_inference_request_success_total", "Successful inference requests", _ML))
+        self.failure = r.add(Counter("rtserve_inference_request_failure_total",
+                                     "Failed inference requests by reason", _ML + ("reason",)))
+        self.items = r.add(Counter("rtserve_inference_count_total", "Inferences performed (batch items)", _ML))
+        self.executions = r.add(Counter("rtserve_inference_exec_count_total", "Batches executed", _ML))
+        self.queue_s = r.add(Histogram("rtserve_queue_duration_seconds", "Time a request waited in the queue", _ML))
+        self.compute_s = r.add(Histogram("rtserve_compute_duration_seconds",
+                                         "Time to run one batch on the backend (per batch)", _ML))
+        self.request_s = r.add(Histogram("rtserve_request_duration_seconds",
+                                         "End-to-end request latency in the server, decode to encode", _ML))
+        self.batch_size = r.add(Histogram("rtserve_batch_size", "Items per executed batch", _ML, BATCH_BUCKETS))
+        self.queue_depth = r.add(Gauge("rtserve_queue_depth", "Requests waiting in the queue", _ML))
+        self.in_flight = r.add(Gauge("rtserve_batches_in_flight", "Batches running on instances", _ML))
+
+    def for_model(self, model: str, version: str) -> "ModelMetrics":
+        return ModelMetrics(self, model, version)
+
+    def drop(self, model: str, version: str) -> None:
+        for m in (self.success, self.items, self.executions, self.queue_s, self.compute_s,
+                  self.request_s, self.batch_size, self.queue_depth, self.in_flight):
+            m.remove(model, version)
+
+
+class ModelMetrics:
+    """Bound children for one model version: what the batcher and protocols record into."""
+
+    def __init__(self, fam: TensorMetrics, model: str, version: str) -> None:
+        self.fam, self.labels = fam, (model, version)
+        self.success = fam.success.labels(model, version)
+        self.items = fam.items.labels(model, version)
+        self.executions = fam.executions.labels(model, version)
+        self.queue_s = fam.queue_s.labels(model, version)
+        self.compute_s = fam.compute_s.labels(model, version)
+        self.request_s = fam.request_s.labels(model, version)
+        self.batch_size = fam.batch_size.labels(model, version)
+        self.queue_depth = fam.queue_depth.labels(model, version)
+        self.in_flight = fam.in_flight.labels(model, version)
+
+    def failed(self, reason: str) -> None:
+        self.fam.failure.labels(*self.labels, reason).inc()
