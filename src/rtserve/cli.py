@@ -1,0 +1,195 @@
+"""Command line: ``rtserve serve | models | infer | bench``."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+
+from .client import DEFAULT_URL
+
+
+def _default_repository() -> Path:
+    local = Path("model_repository")
+    if local.is_dir():
+        return local
+    from .demo import ensure_demo_repository
+
+    return ensure_demo_repository()
+
+
+def cmd_serve(args) -> int:
+    from .config import ServerConfig
+    from .server.runner import serve
+
+    repo = Path(args.repo) if args.repo else _default_repository()
+    config = ServerConfig.from_env(
+        repository=str(repo), host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
+        shutdown_timeout_s=args.shutdown_timeout, log_level=args.log_level,
+        protect_inference=True if args.protect_inference else None,
+    )
+    print(f"rtserve: serving {repo} on http://{config.host}:{config.port}", file=sys.stderr, flush=True)
+    serve(config)
+    return 0
+
+
+def _client(args):
+    from .client import Client
+
+    return Client(args.url, api_key=args.api_key)
+
+
+def cmd_models(args) -> int:
+    with _client(args) as c:
+        rows = c.index()
+    print(f"{'MODEL':<24} {'VERSION':<8} {'STATE':<12} REASON")
+    for r in rows:
+        print(f"{r['name']:<24} {r.get('version', '-'):<8} {r['state']:<12} {r.get('reason', '')}")
+    return 0
+
+
+def _parse_input(spec: str, meta: dict) -> tuple[str, np.ndarray]:
+    if "=" not in spec:
+        raise SystemExit(f"--input '{spec}': expected NAME=FILE.npy, NAME=FILE.json or NAME=<json>")
+    name, value = spec.split("=", 1)
+    by_name = {t["name"]: t for t in meta["inputs"]}
+    if name not in by_name:
+        raise SystemExit(f"--input '{name}': model '{meta['name']}' has inputs {sorted(by_name)}")
+    from .tensors import v2_to_numpy
+
+    dtype = v2_to_numpy(by_name[name]["datatype"])
+    if value.endswith(".npy"):
+        arr = np.load(value, allow_pickle=False)
+        return name, arr.astype(dtype, copy=False)
+    text = Path(value).read_text() if value.endswith(".json") else value
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--input '{name}': not valid JSON: {e}") from None
+    return name, np.asarray(data, dtype=dtype)
+
+
+def cmd_infer(args) -> int:
+    from .client import ClientError
+
+    with _client(args) as c:
+        try:
+            meta = c.metadata(args.model, args.version)
+            inputs = dict(_parse_input(s, meta) for s in args.input)
+            out = c.infer(args.model, inputs, outputs=args.output or None, version=args.version,
+                          binary=not args.json_tensors)
+        except ClientError as e:
+            print(f"rtserve infer: {e}", file=sys.stderr)
+            return 1
+    printable = {k: (v.astype(str) if v.dtype == object else v).tolist() if v.dtype != object
+                 else [x.decode(errors="replace") for x in v.reshape(-1)] for k, v in out.items()}
+    print(json.dumps(printable))
+    return 0
+
+
+def build_infer_body(meta: dict, batch: int, binary: bool, seed: int = 0) -> tuple[bytes, dict]:
+    """A random request matching the model's metadata (-1 dims = ``batch`` for the first, 1 after)."""
+    import orjson
+
+    from .tensors import v2_to_numpy
+
+    rng = np.random.default_rng(seed)
+    items, blobs = [], []
+    for t in meta["inputs"]:
+        shape = [batch if (i == 0 and d == -1) else (1 if d == -1 else d) for i, d in enumerate(t["shape"])]
+        dtype = v2_to_numpy(t["datatype"])
+        if t["datatype"] == "BYTES":
+            raise SystemExit("bench: BYTES inputs need --input files")
+        arr = (rng.random(shape) if dtype.kind == "f" else rng.integers(0, 2, shape)).astype(dtype)
+        item: dict = {"name": t["name"], "datatype": t["datatype"], "shape": shape}
+        if binary:
+            item["parameters"] = {"binary_data_size": arr.nbytes}
+            blobs.append(arr.tobytes())
+        else:
+            item["data"] = arr.reshape(-1).tolist()
+        items.append(item)
+    header = orjson.dumps({"inputs": items, "parameters": {"binary_data_output": binary}})
+    headers = {"content-type": "application/json"}
+    if binary:
+        headers["inference-header-content-length"] = str(len(header))
+    return header + b"".join(blobs), headers
+
+
+def cmd_bench(args) -> int:
+    from .bench.loadgen import RequestSpec, run_load_sync
+    from .bench.report import format_table, write_json
+
+    with _client(args) as c:
+        meta = c.metadata(args.model, args.version)
+    body, headers = build_infer_body(meta, args.batch, args.binary)
+    path = f"/v2/models/{args.model}" + (f"/versions/{args.version}" if args.version else "") + "/infer"
+    u = urlparse(args.url)
+    spec = RequestSpec("POST", path, body, headers)
+    res = run_load_sync(u.hostname or "127.0.0.1", u.port or 80, spec, concurrency=args.concurrency,
+                        rate=args.rate, duration_s=args.duration, warmup_s=args.warmup)
+    s = res.summary()
+    row = {"model": args.model, "mode": res.mode, "load": args.concurrency or args.rate, **s}
+    print(format_table([row], ["model", "mode", "load", "throughput", "p50", "p90", "p99", "max", "ok", "errors",
+                               "unanswered"]))
+    if args.json:
+        write_json(args.json, {"args": {k: v for k, v in vars(args).items() if k != "func"}, "result": s})
+    return 0 if s["unanswered"] == 0 else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="rtserve", description="Real-time inference serving")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="serve a model repository over HTTP (KServe v2)")
+    s.add_argument("--repo", help="model repository (default: ./model_repository, else the built-in demo)")
+    s.add_argument("--host", default=None, help="default 127.0.0.1 (RTSERVE_HOST)")
+    s.add_argument("--port", type=int, default=None, help="default 8000 (RTSERVE_PORT)")
+    s.add_argument("--max-body-bytes", type=int, default=None)
+    s.add_argument("--shutdown-timeout", type=float, default=None, help="seconds to finish in-flight work")
+    s.add_argument("--protect-inference", action="store_true", help="inference needs the API key too")
+    s.add_argument("--log-level", default=None)
+    s.set_defaults(func=cmd_serve)
+
+    def client_args(sp):
+        sp.add_argument("--url", default=os.environ.get("RTSERVE_URL", DEFAULT_URL))
+        sp.add_argument("--api-key", default=None, help="default: RTSERVE_API_KEY")
+
+    m = sub.add_parser("models", help="list the repository's models and their state")
+    client_args(m)
+    m.set_defaults(func=cmd_models)
+
+    i = sub.add_parser("infer", help="send one inference request")
+    i.add_argument("model")
+    i.add_argument("--input", action="append", required=True, metavar="NAME=FILE.npy|FILE.json|JSON")
+    i.add_argument("--output", action="append", metavar="NAME")
+    i.add_argument("--version")
+    i.add_argument("--json-tensors", action="store_true", help="send JSON tensors instead of binary")
+    client_args(i)
+    i.set_defaults(func=cmd_infer)
+
+    b = sub.add_parser("bench", help="load-test a model: closed loop (--concurrency) or Poisson (--rate)")
+    b.add_argument("model")
+    mode = b.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--concurrency", type=int)
+    mode.add_argument("--rate", type=float, help="requests per second, Poisson arrivals")
+    b.add_argument("--duration", type=float, default=10.0)
+    b.add_argument("--warmup", type=float, default=1.0)
+    b.add_argument("--batch", type=int, default=1, help="items per request")
+    b.add_argument("--binary", action="store_true", help="binary tensors instead of JSON")
+    b.add_argument("--version")
+    b.add_argument("--json", help="write the results as JSON here")
+    client_args(b)
+    b.set_defaults(func=cmd_bench)
+
+    args = p.parse_args(argv)
+    if getattr(args, "api_key", None) is None and hasattr(args, "api_key"):
+        args.api_key = os.environ.get("RTSERVE_API_KEY")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

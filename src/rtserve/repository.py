@@ -1,0 +1,200 @@
+"""Model repository on disk: discover models, pick versions by policy, load and unload them hot.
+
+    <root>/<model>/model.yaml
+    <root>/<model>/<version>/model.{onnx,pt2,tflite}
+
+A model that fails to load is recorded with one message naming the model, the file and the
+problem; every other model still loads and serves.
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .backends.base import get_backend
+from .config import ModelConfig
+from .errors import ConfigError, NotFound, RtserveError, Unavailable
+from .metrics import TensorMetrics
+from .model import LoadedModel, VersionFiles
+
+log = logging.getLogger("rtserve.repository")
+CONFIG_FILE = "model.yaml"
+
+
+class ModelState(enum.Enum):
+    READY = "READY"
+    LOADING = "LOADING"
+    UNLOADING = "UNLOADING"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    state: ModelState
+    reason: str = ""
+    versions: dict[int, LoadedModel] | None = None
+
+    @property
+    def latest(self) -> LoadedModel | None:
+        return self.versions[max(self.versions)] if self.versions else None
+
+
+def read_config(model_dir: Path) -> ModelConfig:
+    path = model_dir / CONFIG_FILE
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"model '{model_dir.name}': {path} is missing") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"model '{model_dir.name}': {path} is not valid YAML: {e}") from None
+    try:
+        return ModelConfig.from_dict(model_dir.name, raw)
+    except ConfigError as e:
+        raise ConfigError(f"model '{model_dir.name}': {path}: {e.message}") from None
+
+
+def list_versions(model_dir: Path) -> list[int]:
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+
+
+class ModelRepository:
+    """All models of one repository folder and their loaded versions."""
+
+    def __init__(self, root: Path | str, metrics: TensorMetrics | None = None) -> None:
+        self.root = Path(root)
+        self.metrics = metrics
+        self.entries: dict[str, ModelEntry] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def discover(self) -> list[str]:
+        if not self.root.is_dir():
+            raise ConfigError(f"model repository {self.root} is not a folder")
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and (p / CONFIG_FILE).is_file())
+
+    def index(self) -> list[dict]:
+        """Triton's repository index: every model on disk with its state."""
+        out = []
+        names = set(self.discover()) | set(self.entries)
+        for name in sorted(names):
+            e = self.entries.get(name)
+            if e is None:
+                out.append({"name": name, "state": ModelState.UNAVAILABLE.value, "reason": "not loaded"})
+            elif e.versions:
+                for v in sorted(e.versions):
+                    out.append({"name": name, "version": str(v), "state": e.state.value, "reason": e.reason})
+            else:
+                out.append({"name": name, "state": e.state.value, "reason": e.reason})
+        return out
+
+    async def load_all(self) -> None:
+        for name in self.discover():
+            try:
+                await self.load(name)
+            except RtserveError:
+                pass  # recorded in entries[name].reason and logged
+
+    async def load(self, name: str) -> ModelEntry:
+        """Load (or reload) ``name`` from disk without stopping the others. Raises ConfigError."""
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            model_dir = self.root / name
+            if not (model_dir / CONFIG_FILE).is_file():
+                raise NotFound(f"model '{name}' is not in the repository {self.root}")
+            old = self.entries.get(name)
+            if old is None or old.state is not ModelState.READY:
+                self.entries[name] = ModelEntry(name, ModelState.LOADING)
+            try:
+                versions = await asyncio.to_thread(self._load_versions, model_dir)
+            except ConfigError as e:
+                log.error("%s", e.message)
+                if old is not None and old.state is ModelState.READY:
+                    raise  # keep serving the versions that were loaded
+                self.entries[name] = ModelEntry(name, ModelState.UNAVAILABLE, e.message)
+                raise
+            for m in versions.values():
+                m.batcher.start()
+            self.entries[name] = ModelEntry(name, ModelState.READY, "", versions)
+            if old is not None and old.versions:
+                await self._close_versions(old.versions, keep=versions)
+            log.info("loaded model '%s' versions %s", name, sorted(versions))
+            return self.entries[name]
+
+    def _load_versions(self, model_dir: Path) -> dict[int, LoadedModel]:
+        config = read_config(model_dir)
+        backend_cls = get_backend(config.backend)
+        available = list_versions(model_dir)
+        chosen = config.version_policy.select(available)
+        if not chosen:
+            raise ConfigError(f"model '{config.name}': no version folder matches the version policy "
+                              f"(found {available or 'none'} in {model_dir})")
+        loaded: dict[int, LoadedModel] = {}
+        try:
+            for v in chosen:
+                vdir = model_dir / str(v)
+                try:
+                    path = backend_cls.find_file(vdir)
+                except ConfigError as e:
+                    raise ConfigError(f"model '{config.name}': {e.message}") from None
+                mm = self.metrics.for_model(config.name, str(v)) if self.metrics else None
+                try:
+                    loaded[v] = LoadedModel(config, VersionFiles(model_dir, v, path), mm)
+                except ConfigError as e:
+                    msg = e.message if e.message.startswith("model '") else f"model '{config.name}' version {v} ({path}): {e.message}"
+                    raise ConfigError(msg) from None
+        except BaseException:
+            for m in loaded.values():
+                m._close_instances()
+            raise
+        return loaded
+
+    async def unload(self, name: str, drain_timeout_s: float = 10.0) -> None:
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            e = self.entries.get(name)
+            if e is None or e.state is not ModelState.READY:
+                raise NotFound(f"model '{name}' is not loaded")
+            e.state = ModelState.UNLOADING
+            versions = e.versions or {}
+            self.entries[name] = ModelEntry(name, ModelState.UNAVAILABLE, "unloaded")
+            await self._close_versions(versions, keep={}, drain_timeout_s=drain_timeout_s)
+
+    async def _close_versions(self, versions: dict[int, LoadedModel], keep: dict[int, LoadedModel],
+                              drain_timeout_s: float = 10.0) -> None:
+        for v, m in versions.items():
+            if keep.get(v) is m:
+                continue
+            await m.close(drain_timeout_s)
+            if self.metrics:
+                self.metrics.drop(m.name, str(v))
+
+    async def close(self, drain_timeout_s: float = 10.0) -> None:
+        for name in list(self.entries):
+            e = self.entries[name]
+            if e.versions:
+                await self._close_versions(e.versions, keep={}, drain_timeout_s=drain_timeout_s)
+        self.entries.clear()
+
+    def get(self, name: str, version: str | None = None) -> LoadedModel:
+        """The served version (latest when none is named). Raises NotFound or Unavailable."""
+        e = self.entries.get(name)
+        if e is None:
+            raise NotFound(f"unknown model '{name}'")
+        if e.state is not ModelState.READY or not e.versions:
+            raise Unavailable(f"model '{name}' is not ready: {e.state.value}" + (f" ({e.reason})" if e.reason else ""))
+        if version is None or version == "":
+            return e.latest
+        try:
+            return e.versions[int(version)]
+        except (ValueError, KeyError):
+            raise NotFound(f"model '{name}' has no version '{version}'; served versions: "
+                           f"{', '.join(str(v) for v in sorted(e.versions))}") from None
+
+    def ready_models(self) -> list[LoadedModel]:
+        return [m for e in self.entries.values() if e.state is ModelState.READY and e.versions
+                for m in e.versions.values()]

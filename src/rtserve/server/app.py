@@ -1,0 +1,278 @@
+"""The ASGI application: routing, body limits, auth, errors, lifespan.
+
+Written directly against ASGI (no web framework) because per-request HTTP + JSON cost is what a
+small model's latency is made of on a CPU. Protocol codecs live in ``protocols/``.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import zlib
+
+import orjson
+
+from .. import __version__
+from ..config import ServerConfig
+from ..errors import InvalidInput, NotFound, PayloadTooLarge, RtserveError, Unavailable
+from ..metrics import Registry, TensorMetrics
+from ..model import LABEL_OUTPUT
+from ..repository import ModelRepository
+from .auth import check_api_key
+from .openapi import openapi_document
+from .protocols import kserve_v2
+
+log = logging.getLogger("rtserve.server")
+
+JSON = [(b"content-type", b"application/json")]
+_EMPTY: list = []
+
+
+class ClientGone(Exception):
+    pass
+
+
+class Response:
+    __slots__ = ("status", "body", "headers")
+
+    def __init__(self, status: int, body: bytes = b"", headers: list | None = None) -> None:
+        self.status, self.body, self.headers = status, body, headers if headers is not None else _EMPTY
+
+
+def json_response(obj, status: int = 200) -> Response:
+    return Response(status, orjson.dumps(obj), JSON)
+
+
+def error_response(err: RtserveError) -> Response:
+    headers = JSON + [(k.encode(), v.encode()) for k, v in err.headers.items()]
+    return Response(err.status, orjson.dumps({"error": err.message}), headers)
+
+
+class App:
+    """rtserve's HTTP server application (ASGI 3)."""
+
+    def __init__(self, config: ServerConfig, repository: ModelRepository | None = None) -> None:
+        self.config = config
+        self.registry = Registry()
+        self.tensor_metrics = TensorMetrics(self.registry)
+        self.repository = repository or ModelRepository(config.repository, self.tensor_metrics)
+        if self.repository.metrics is None:
+            self.repository.metrics = self.tensor_metrics
+        self.started = False
+        self.shutting_down = False
+        self._openapi = orjson.dumps(openapi_document())
+
+    # -- ASGI entry ---------------------------------------------------------------------------
+    async def __call__(self, scope, receive, send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive, send) -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as e:  # a broken repository folder: report, do not hang
+                    await send({"type": "lifespan.startup.failed", "message": str(e)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif msg["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def startup(self) -> None:
+        await self.repository.load_all()
+        self.started = True
+
+    async def shutdown(self) -> None:
+        self.shutting_down = True
+        await self.repository.close(self.config.shutdown_timeout_s)
+
+    async def _http(self, scope, receive, send) -> None:
+        try:
+            resp = await self._route(scope, receive)
+        except RtserveError as e:
+            resp = error_response(e)
+        except ClientGone:
+            return
+        except Exception as e:  # never crash the connection on a bug: answer 500 and log it
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            resp = json_response({"error": f"internal error: {type(e).__name__}: {e}"}, 500)
+        await send({"type": "http.response.start", "status": resp.status, "headers": resp.headers})
+        await send({"type": "http.response.body", "body": resp.body})
+
+    # -- routing ------------------------------------------------------------------------------
+    async def _route(self, scope, receive) -> Response:
+        method = scope["method"]
+        parts = scope["path"].strip("/").split("/")
+        head = parts[0]
+        if head == "v2":
+            n = len(parts)
+            if n == 1:
+                self._method(method, "GET")
+                return json_response({"name": "rtserve", "version": __version__, "extensions": kserve_v2.EXTENSIONS})
+            section = parts[1]
+            if section == "models" and n >= 3:
+                return await self._model_route(scope, receive, method, parts[2], parts[3:])
+            if section == "health" and n == 3:
+                self._method(method, "GET")
+                if parts[2] == "live":
+                    return Response(200)
+                if parts[2] == "ready":
+                    return Response(200 if self.started and not self.shutting_down else 503)
+            if section == "repository":
+                return await self._repository_route(scope, receive, method, parts[2:])
+        elif head == "metrics" and len(parts) == 1:
+            self._method(method, "GET")
+            return Response(200, self.registry.render().encode(),
+                            [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")])
+        elif head == "openapi.json" and len(parts) == 1:
+            self._method(method, "GET")
+            return Response(200, self._openapi, JSON)
+        raise NotFound(f"no route for {method} {scope['path']}")
+
+    @staticmethod
+    def _method(method: str, allowed: str) -> None:
+        if method != allowed and not (allowed == "GET" and method == "HEAD"):
+            err = RtserveError(f"method {method} is not allowed here; use {allowed}", headers={"allow": allowed})
+            err.status = 405
+            raise err
+
+    async def _model_route(self, scope, receive, method, name, rest) -> Response:
+        version = None
+        if len(rest) >= 2 and rest[0] == "versions":
+            version, rest = rest[1], rest[2:]
+        action = rest[0] if rest else ""
+        if len(rest) > 1:
+            raise NotFound(f"no route for {method} {scope['path']}")
+        if action == "infer":
+            self._method(method, "POST")
+            headers = dict(scope["headers"])
+            if self.config.protect_inference:
+                check_api_key(self.config.api_key, headers)
+            return await self._infer(scope, receive, headers, name, version)
+        self._method(method, "GET")
+        if action == "":
+            return json_response(self.repository.get(name, version).metadata())
+        if action == "ready":
+            try:
+                self.repository.get(name, version)
+            except NotFound:
+                raise
+            except Unavailable:
+                return Response(503)
+            return Response(200)
+        if action == "config":
+            return json_response(self.repository.get(name, version).config_json())
+        raise NotFound(f"no route for {method} {scope['path']}")
+
+    async def _repository_route(self, scope, receive, method, rest) -> Response:
+        self._method(method, "POST")
+        check_api_key(self.config.api_key, dict(scope["headers"]))
+        await self._read_body(scope, receive, dict(scope["headers"]))
+        if rest == ["index"]:
+            return json_response(self.repository.index())
+        if len(rest) == 3 and rest[0] == "models" and rest[2] in ("load", "unload"):
+            if rest[2] == "load":
+                await self.repository.load(rest[1])
+            else:
+                await self.repository.unload(rest[1], self.config.shutdown_timeout_s)
+            return Response(200, b"{}", JSON)
+        raise NotFound(f"no route for {method} {scope['path']}")
+
+    # -- body ---------------------------------------------------------------------------------
+    async def _read_body(self, scope, receive, headers: dict) -> bytes:
+        limit = self.config.max_body_bytes
+        cl = headers.get(b"content-length")
+        if cl is not None:
+            try:
+                declared = int(cl)
+            except ValueError:
+                raise InvalidInput("Content-Length is not an integer") from None
+            if declared > limit:
+                raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                raise ClientGone()
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+            if not msg.get("more_body", False):
+                break
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        encoding = headers.get(b"content-encoding")
+        if encoding in (b"gzip", b"deflate"):
+            d = zlib.decompressobj(wbits=31 if encoding == b"gzip" else 15)
+            try:
+                body = d.decompress(body, limit + 1)
+            except zlib.error as e:
+                raise InvalidInput(f"request body is not valid {encoding.decode()} data: {e}") from None
+            if len(body) > limit:
+                raise PayloadTooLarge(f"decompressed request body exceeds the limit of {limit} bytes")
+        elif encoding not in (None, b"identity"):
+            raise InvalidInput(f"unsupported Content-Encoding '{encoding.decode(errors='replace')}'; use gzip or deflate")
+        return body
+
+    # -- inference ----------------------------------------------------------------------------
+    async def _infer(self, scope, receive, headers: dict, name: str, version: str | None) -> Response:
+        model = self.repository.get(name, version)
+        m = model.metrics
+        body = await self._read_body(scope, receive, headers)
+        t0 = time.perf_counter()
+        hl = headers.get(kserve_v2.HEADER_LENGTH.encode())
+        try:
+            header_length = int(hl) if hl is not None else None
+        except ValueError:
+            raise InvalidInput(f"{kserve_v2.HEADER_LENGTH} is not an integer") from None
+        try:
+            dec = kserve_v2.decode_request(body, header_length)
+            req = model.make_request(dec.inputs, dec.priority, dec.timeout_s)
+            wanted = self._wanted_outputs(model, dec)
+            fut = model.batcher.submit(req)
+        except RtserveError:
+            if m:
+                m.failed("invalid_input")
+            raise
+        watcher = asyncio.ensure_future(receive())
+        watcher.add_done_callback(lambda w: model.batcher.cancel(req) if not w.cancelled() else None)
+        try:
+            outputs = await fut
+        finally:
+            watcher.cancel()
+        outputs = model.postprocess(outputs)
+        items = []
+        for o in wanted:
+            if o.classification:
+                scores = outputs[o.name]
+                items.append((o.name, kserve_v2.classify(scores, o.classification, model.labels, model.batched), o.binary))
+            else:
+                items.append((o.name, outputs[o.name], o.binary))
+        body, json_len = kserve_v2.encode_response(model.name, str(model.version), dec.id, items)
+        if m:
+            m.success.inc()
+            m.request_s.observe(time.perf_counter() - t0)
+        if json_len is None:
+            return Response(200, body, JSON)
+        return Response(200, body, [(b"content-type", b"application/octet-stream"),
+                                    (b"inference-header-content-length", str(json_len).encode())])
+
+    @staticmethod
+    def _wanted_outputs(model, dec: kserve_v2.DecodedRequest) -> list[kserve_v2.OutputRequest]:
+        names = [o.name for o in model.all_outputs]
+        if dec.outputs is None:
+            return [kserve_v2.OutputRequest(n, dec.binary_default) for n in names]
+        for o in dec.outputs:
+            if o.name not in names:
+                raise InvalidInput(f"model '{model.name}': unknown output '{o.name}'; outputs are {names}")
+            if o.classification and o.name == LABEL_OUTPUT:
+                raise InvalidInput(f"output '{o.name}' holds labels already; classification applies to score outputs")
+        return dec.outputs

@@ -1,0 +1,92 @@
+"""The OpenAPI document of the HTTP API, served at /openapi.json."""
+from __future__ import annotations
+
+from .. import __version__
+
+_TENSOR = {
+    "type": "object", "required": ["name", "shape", "datatype"],
+    "properties": {
+        "name": {"type": "string"},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "datatype": {"type": "string", "enum": ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16",
+                                                "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"]},
+        "parameters": {"type": "object"},
+        "data": {"type": "array", "items": {}},
+    },
+}
+_META_TENSOR = {"type": "object", "properties": {"name": {"type": "string"}, "datatype": {"type": "string"},
+                                                 "shape": {"type": "array", "items": {"type": "integer"}}}}
+_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
+
+
+def _err(desc: str) -> dict:
+    return {"description": desc, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+def _model_paths() -> dict:
+    name = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
+    ver = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
+    paths = {}
+    for prefix, params in (("/v2/models/{model}", [name]), ("/v2/models/{model}/versions/{version}", [name, ver])):
+        paths[prefix] = {"get": {"summary": "Model metadata", "parameters": params, "responses": {
+            "200": {"description": "metadata", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ModelMetadata"}}}},
+            "404": _err("unknown model or version")}}}
+        paths[prefix + "/ready"] = {"get": {"summary": "Model readiness", "parameters": params, "responses": {
+            "200": {"description": "ready"}, "404": _err("unknown model"), "503": _err("not ready")}}}
+        paths[prefix + "/config"] = {"get": {"summary": "Model configuration", "parameters": params,
+                                             "responses": {"200": {"description": "configuration"}, "404": _err("unknown model")}}}
+        paths[prefix + "/infer"] = {"post": {
+            "summary": "Inference (JSON, or JSON header + binary tensors with Inference-Header-Content-Length)",
+            "parameters": params + [{"name": "Inference-Header-Content-Length", "in": "header", "required": False,
+                                     "schema": {"type": "integer"}}],
+            "requestBody": {"required": True, "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+            "responses": {
+                "200": {"description": "outputs", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/InferResponse"}}}},
+                "400": _err("invalid input"), "401": _err("API key needed"), "404": _err("unknown model or version"),
+                "413": _err("body too large"), "503": _err("queue full or model not ready"),
+                "504": _err("request timed out in the queue")}}}
+    return paths
+
+
+def openapi_document() -> dict:
+    paths = {
+        "/v2/health/live": {"get": {"summary": "Server liveness", "responses": {"200": {"description": "live"}}}},
+        "/v2/health/ready": {"get": {"summary": "Server readiness", "responses": {
+            "200": {"description": "ready"}, "503": {"description": "not ready"}}}},
+        "/v2": {"get": {"summary": "Server metadata", "responses": {"200": {"description": "metadata"}}}},
+        "/v2/repository/index": {"post": {"summary": "Models in the repository with their state",
+                                          "responses": {"200": {"description": "index"}, "401": _err("API key needed")}}},
+        "/v2/repository/models/{model}/load": {"post": {
+            "summary": "Load or reload a model", "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "loaded"}, "400": _err("model does not load"), "401": _err("API key needed"),
+                          "404": _err("not in the repository")}}},
+        "/v2/repository/models/{model}/unload": {"post": {
+            "summary": "Unload a model", "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "unloaded"}, "401": _err("API key needed"), "404": _err("not loaded")}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text exposition format"}}}},
+        "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.1"}}}},
+    }
+    paths.update(_model_paths())
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "rtserve", "version": __version__,
+                 "description": "KServe v2 / Open Inference Protocol with Triton's binary tensor extension."},
+        "paths": paths,
+        "components": {"schemas": {
+            "Error": _ERROR,
+            "InferRequest": {"type": "object", "required": ["inputs"], "properties": {
+                "id": {"type": "string"}, "parameters": {"type": "object"},
+                "inputs": {"type": "array", "items": _TENSOR},
+                "outputs": {"type": "array", "items": {"type": "object", "properties": {
+                    "name": {"type": "string"}, "parameters": {"type": "object"}}}}}},
+            "InferResponse": {"type": "object", "properties": {
+                "model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {"type": "string"},
+                "outputs": {"type": "array", "items": _TENSOR}}},
+            "ModelMetadata": {"type": "object", "properties": {
+                "name": {"type": "string"}, "versions": {"type": "array", "items": {"type": "string"}},
+                "platform": {"type": "string"}, "inputs": {"type": "array", "items": _META_TENSOR},
+                "outputs": {"type": "array", "items": _META_TENSOR}}},
+        }},
+    }

@@ -1,0 +1,41 @@
+"""Run the app under uvicorn (httptools + uvloop) with graceful shutdown on SIGTERM/SIGINT:
+readiness turns false at once, new connections are refused, in-flight requests finish within
+``shutdown_timeout_s``, then models are drained and unloaded."""
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from ..config import ServerConfig
+from .app import App
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, app: App) -> None:
+        super().__init__(config)
+        self.rt_app = app
+
+    def handle_exit(self, sig, frame) -> None:
+        self.rt_app.shutting_down = True
+        super().handle_exit(sig, frame)
+
+
+def uvicorn_config(app: App, config: ServerConfig) -> uvicorn.Config:
+    try:
+        import uvloop  # noqa: F401
+        loop = "uvloop"
+    except ImportError:
+        loop = "asyncio"
+    return uvicorn.Config(
+        app, host=config.host, port=config.port, loop=loop, http="httptools", lifespan="on",
+        log_level=config.log_level, access_log=False, timeout_graceful_shutdown=config.shutdown_timeout_s,
+        backlog=4096, timeout_keep_alive=30,
+    )
+
+
+def serve(config: ServerConfig, app: App | None = None) -> None:
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = app or App(config)
+    server = _Server(uvicorn_config(app, config), app)
+    server.run()
