@@ -144,10 +144,6 @@ class LoadedModel:
     def make_request(self, inputs: dict[str, np.ndarray], priority: int | None = None,
                      timeout_s: float | None = None) -> InferRequest:
         """Validate names, datatypes and shapes and build the queued request."""
-        missing = [n for n in self.input_by_name if n not in inputs]
-        if missing:
-            raise InvalidInput(f"model '{self.name}': missing input '{missing[0]}'; "
-                               f"expected {sorted(self.input_by_name)}")
         batch = None
         for name, arr in inputs.items():
             spec = self.input_by_name.get(name)
@@ -163,6 +159,10 @@ class LoadedModel:
                 elif arr.shape[0] != batch:
                     raise InvalidInput(f"model '{self.name}': inputs disagree on the batch size "
                                        f"({batch} vs {arr.shape[0]} for '{name}')")
+        missing = [n for n in self.input_by_name if n not in inputs]
+        if missing:
+            raise InvalidInput(f"model '{self.name}': missing input '{missing[0]}'; "
+                               f"expected {sorted(self.input_by_name)}")
         if self.batched and batch == 0:
             raise InvalidInput(f"model '{self.name}': batch size must be at least 1")
         return InferRequest(

@@ -170,7 +170,7 @@ class ModelRepository:
             if keep.get(v) is m:
                 continue
             await m.close(drain_timeout_s)
-            if self.metrics:
+            if self.metrics and v not in keep:  # a reloaded version shares its metric children
                 self.metrics.drop(m.name, str(v))
 
     async def close(self, drain_timeout_s: float = 10.0) -> None:
