@@ -2,7 +2,8 @@
 
 - ``digits``: a small CNN trained on scikit-learn's bundled 8x8 digits, served by ONNX Runtime,
   returning logits and the class label;
-- ``digits_pt2``: the same network as a ``torch.export`` program served by PyTorch.
+- ``digits_pt2``: the same network as a ``torch.export`` program served by PyTorch;
+- ``digits_tflite``: the same network as a ``.tflite`` flatbuffer served by LiteRT.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 log = logging.getLogger("rtserve.demo")
 
-DEMO_VERSION = "1"
+DEMO_VERSION = "2"
 LABELS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 _MODEL_YAML = """\
 backend: {backend}
@@ -86,7 +87,12 @@ def build_demo_repository(root: Path) -> Path:
     """Write the demo repository to ``root`` (replacing it). Returns ``root``."""
     import torch
 
+    from .export.tflite_writer import write_tflite
     from .export.torch_export import export_onnx, export_pt2
+
+    def export_tflite(module, example, path, inputs, outputs):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return write_tflite(module, example, path, input_name=inputs[0], output_name=outputs[0])
 
     t0 = time.perf_counter()
     tmp = root.with_name(root.name + ".tmp")
@@ -96,6 +102,7 @@ def build_demo_repository(root: Path) -> Path:
     for name, backend, fname, threads_key, export in (
         ("digits", "onnx", "model.onnx", "intra_op_threads", export_onnx),
         ("digits_pt2", "torch", "model.pt2", "intra_op_threads", export_pt2),
+        ("digits_tflite", "tflite", "model.tflite", "num_threads", export_tflite),
     ):
         mdir = tmp / name
         export(model, example, mdir / "1" / fname, ["image"], ["logits"])

@@ -1,0 +1,36 @@
+# rtserve: `make serve` runs the server on the default repository; `make test` runs the suite.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PIP     = $(PY) -m pip
+STAMP   = $(VENV)/.installed
+TORCH   = torch==2.13.0
+
+.PHONY: serve test test-fast bench install clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch is installed first and pinned so that pip takes the CPU build on disk, not a CUDA build.
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e '.[test,bench]' $(TORCH)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/rtserve serve
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests/unit tests/integration
+
+bench: $(STAMP)
+	$(PY) benchmarks/serving.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache
