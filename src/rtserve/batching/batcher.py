@@ -123,9 +123,7 @@ class DynamicBatcher:
             raise InvalidInput(
                 f"model '{self.name}': priority {req.priority} is not in 0..{self.config.priority_levels - 1}")
         if self.queue.full:
-            if self.metrics:
-                self.metrics.failed("queue_full")
-            raise QueueFull(f"model '{self.name}': queue is full ({self.queue.max_size} requests waiting)")
+            self.reject_full()
         loop = self._loop
         now = loop.time()
         req.arrival = now
@@ -146,6 +144,11 @@ class DynamicBatcher:
         elif self._fill_waiter is not None and not self._fill_waiter.done():
             self._fill_waiter.set_result(None)
         return req.future
+
+    def reject_full(self) -> None:
+        if self.metrics:
+            self.metrics.failed("queue_full")
+        raise QueueFull(f"model '{self.name}': queue is full ({self.queue.max_size} requests waiting)")
 
     def cancel(self, req: InferRequest) -> None:
         if req.cancel():

@@ -226,6 +226,8 @@ class App:
     async def _infer(self, scope, receive, headers: dict, name: str, version: str | None) -> Response:
         model = self.repository.get(name, version)
         m = model.metrics
+        if model.batcher.queue.full:  # shed load before paying for the body's decoding
+            model.batcher.reject_full()
         body = await self._read_body(scope, receive, headers)
         t0 = time.perf_counter()
         hl = headers.get(kserve_v2.HEADER_LENGTH.encode())

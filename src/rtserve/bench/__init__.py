@@ -1,0 +1,1 @@
+"""Load generation and reporting for ``rtserve bench`` and benchmarks/."""
