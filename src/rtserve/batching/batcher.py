@@ -1,6 +1,11 @@
 """Dynamic batcher: a bounded priority queue per model, gathered into batches that run on the
 model's instances, each instance one batch at a time, instances side by side.
 
+Threads: each instance is a thread that takes its next batch from the queue itself (under a lock)
+the moment it is free, so compute never waits for the event loop, which may be saturated by
+connection handling under overload. The event loop only queues requests, runs deadline timers and
+resolves futures (``_deliver``); a future is never touched from an instance thread.
+
 Policy (see docs/architecture.md):
 - An idle instance takes what is waiting at once, up to ``max_batch_size``; requests that arrive
   while every instance is busy gather into the next batch. ``max_queue_delay_ms`` is an upper bound:
@@ -15,15 +20,14 @@ Policy (see docs/architecture.md):
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import itertools
+import threading
 import time
-from collections import deque
 from typing import Callable, Sequence
 
 import numpy as np
 
-from ..errors import BackendError, DeadlineExceeded, InvalidInput, QueueFull, RtserveError, Unavailable
+from ..errors import BackendError, Cancelled, DeadlineExceeded, InvalidInput, QueueFull, RtserveError, Unavailable
 from ..config import BatchingConfig
 from ..metrics import ModelMetrics
 from .queue import RequestQueue
@@ -60,6 +64,9 @@ class DynamicBatcher:
         max_batch_size: 0 = the model does not batch: each request runs alone, as given.
         config: the batching policy.
         metrics: where queue, compute and batch figures are recorded (optional).
+
+    Locking: ``_cond`` (and its lock) guards the queue, request states while queued, the arrival
+    statistics and the counters; futures and metrics are only touched on the event loop.
     """
 
     def __init__(self, name: str, runners: Sequence[RunFn], max_batch_size: int,
@@ -70,15 +77,13 @@ class DynamicBatcher:
         self.config = config
         self.metrics = metrics
         self.queue = RequestQueue(config.max_queue_size, config.priority_levels)
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=len(self.runners), thread_name_prefix=f"rtserve-{name}")
+        self._cond = threading.Condition(threading.Lock())
         self._seq = itertools.count()
-        self._idle: deque[asyncio.Future] = deque()
-        self._fill_waiter: asyncio.Future | None = None
-        self._workers: list[asyncio.Task] = []
+        self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last_arrival = 0.0
         self._gap_ewma = float("inf")  # seconds between arrivals, smoothed
+        self._num_idle = 0
         self.num_running = 0
         self._closed = False
         if metrics is not None:
@@ -88,8 +93,10 @@ class DynamicBatcher:
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._workers = [self._loop.create_task(self._worker(run), name=f"{self.name}-instance-{i}")
-                         for i, run in enumerate(self.runners)]
+        for i, run in enumerate(self.runners):
+            t = threading.Thread(target=self._instance_main, args=(run,), name=f"rtserve-{self.name}-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait until nothing is queued or running. Returns False on timeout."""
@@ -101,17 +108,19 @@ class DynamicBatcher:
         return True
 
     async def close(self) -> None:
-        """Stop the workers; requests still queued are answered with 503."""
-        self._closed = True
-        for w in self._workers:
-            w.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
-        while (req := self.queue.peek()) is not None:
-            self.queue.take(1, None, 1 << 62)
-            req.fail(Unavailable(f"model '{self.name}' was unloaded before the request ran"))
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Stop the instances; requests still queued are answered with 503."""
+        with self._cond:
+            self._closed = True
+            leftovers = self.queue.take(1 << 62, None, 1 << 62, any_signature=True)
+            for r in leftovers:
+                r.state = RequestState.DONE
+            self._cond.notify_all()
+        for r in leftovers:
+            r.fail(Unavailable(f"model '{self.name}' was unloaded before the request ran"))
+        threads, self._threads = self._threads, []
+        await asyncio.to_thread(lambda: [t.join(30) for t in threads])
 
-    # -- submission --------------------------------------------------------------------------
+    # -- submission (event loop) ----------------------------------------------------------------
     def submit(self, req: InferRequest) -> asyncio.Future:
         """Queue ``req`` and return the future of its outputs. Raises at once when it cannot queue."""
         if self._closed:
@@ -122,27 +131,25 @@ class DynamicBatcher:
         if not 0 <= req.priority < self.config.priority_levels:
             raise InvalidInput(
                 f"model '{self.name}': priority {req.priority} is not in 0..{self.config.priority_levels - 1}")
-        if self.queue.full:
-            self.reject_full()
         loop = self._loop
-        now = loop.time()
-        req.arrival = now
-        req.seq = next(self._seq)
         req.future = loop.create_future()
         timeout = req.timeout_s if req.timeout_s is not None else (self.config.default_timeout_ms / 1000 or None)
+        with self._cond:
+            if self.queue.full:
+                req.future = None
+                self.reject_full()
+            now = time.monotonic()
+            req.arrival = now
+            req.seq = next(self._seq)
+            if timeout:
+                req.deadline = now + timeout
+            gap = now - self._last_arrival
+            self._gap_ewma = gap if self._gap_ewma == float("inf") else 0.8 * self._gap_ewma + 0.2 * gap
+            self._last_arrival = now
+            self.queue.push(req)
+            self._cond.notify()
         if timeout:
-            req.deadline = now + timeout
-            req.timer = loop.call_at(req.deadline, self._expire, req)
-        gap = now - self._last_arrival
-        self._gap_ewma = gap if self._gap_ewma == float("inf") else 0.8 * self._gap_ewma + 0.2 * gap
-        self._last_arrival = now
-        self.queue.push(req)
-        if self._idle:
-            w = self._idle.popleft()
-            if not w.done():
-                w.set_result(None)
-        elif self._fill_waiter is not None and not self._fill_waiter.done():
-            self._fill_waiter.set_result(None)
+            req.timer = loop.call_later(timeout, self._expire, req)
         return req.future
 
     def reject_full(self) -> None:
@@ -150,106 +157,115 @@ class DynamicBatcher:
             self.metrics.failed("queue_full")
         raise QueueFull(f"model '{self.name}': queue is full ({self.queue.max_size} requests waiting)")
 
-    def cancel(self, req: InferRequest) -> None:
-        if req.cancel():
+    def _dequeue_early(self, req: InferRequest) -> bool:
+        with self._cond:
+            if req.state is not RequestState.QUEUED:
+                return False
+            req.state = RequestState.DONE
             self.queue.forget()
+            return True
+
+    def cancel(self, req: InferRequest) -> None:
+        """The client went away: drop the request if it has not started."""
+        if self._dequeue_early(req):
+            req.fail(Cancelled("client disconnected before the request ran"))
             if self.metrics:
                 self.metrics.failed("cancelled")
 
     def _expire(self, req: InferRequest) -> None:
-        if req.state is RequestState.QUEUED:
-            self.queue.forget()
+        if self._dequeue_early(req):
             req.fail(DeadlineExceeded(
                 f"model '{self.name}': request timed out after {(req.deadline - req.arrival) * 1000:.0f} ms in the queue"))
             if self.metrics:
                 self.metrics.failed("timeout")
 
-    # -- batch formation ---------------------------------------------------------------------
+    # -- batch formation (instance threads, under the lock) ------------------------------------
     def _fill_target(self, available: int) -> int:
         for size in self.config.preferred_batch_sizes:
             if size > available:
                 return min(size, self.max_batch_size)
         return self.max_batch_size
 
-    async def _wait_to_fill(self) -> None:
+    def _wait_to_fill(self) -> None:
         """Hold a partial batch while arrivals predict it fills within the oldest request's bound."""
         delay = self.config.max_queue_delay_ms / 1000
-        loop = self._loop
-        while True:
+        while not self._closed:
             oldest = self.queue.peek()
             available = self.queue.num_queued
-            if oldest is None or available >= self._fill_target(available):
+            if oldest is None or self._num_idle:
                 return
-            remaining = oldest.arrival + delay - loop.time()
-            if remaining <= 0 or (self._fill_target(available) - available) * self._gap_ewma > remaining:
+            target = self._fill_target(available)
+            if available >= target:
                 return
-            self._fill_waiter = loop.create_future()
-            try:
-                await asyncio.wait_for(self._fill_waiter, remaining)
-            except asyncio.TimeoutError:
+            remaining = oldest.arrival + delay - time.monotonic()
+            if remaining <= 0 or (target - available) * self._gap_ewma > remaining:
                 return
-            finally:
-                self._fill_waiter = None
+            self._cond.wait(remaining)
 
     def _take_batch(self) -> list[InferRequest]:
         if not self.max_batch_size:
-            return self.queue.take(1, None, 1 << 62)
-        budget = self.max_batch_size
-        preferred = self.config.preferred_batch_sizes
-        if preferred and self._idle:
-            fitting = [s for s in preferred if s <= self.queue.num_queued]
-            if fitting and self.queue.num_queued > fitting[-1]:
-                budget = min(budget, fitting[-1])  # the rest goes to the idle instance now
-        return self.queue.take(budget, None, budget)
-
-    async def _worker(self, run: RunFn) -> None:
-        loop = self._loop
-        batched = self.max_batch_size > 0
-        while not self._closed:
-            if not self.queue.num_queued:
-                w = loop.create_future()
-                self._idle.append(w)
-                await w
-                continue
-            if batched and self.config.max_queue_delay_ms > 0:
-                await self._wait_to_fill()
-            batch = self._take_batch()
-            if not batch:
-                continue
-            if self._idle and self.queue.num_queued:  # leftovers: hand them to an idle instance
-                self._idle.popleft().set_result(None)
-            await self._run_batch(run, batch, batched)
-
-    async def _run_batch(self, run: RunFn, batch: list[InferRequest], batched: bool) -> None:
-        loop = self._loop
-        now = loop.time()
-        m = self.metrics
+            batch = self.queue.take(1, None, 1 << 62)
+        else:
+            budget = self.max_batch_size
+            preferred = self.config.preferred_batch_sizes
+            if preferred and self._num_idle:
+                fitting = [s for s in preferred if s <= self.queue.num_queued]
+                if fitting and self.queue.num_queued > fitting[-1]:
+                    budget = min(budget, fitting[-1])  # the rest goes to the idle instance now
+            batch = self.queue.take(budget, None, budget)
+        now = time.monotonic()
         for r in batch:
             r.state = RequestState.RUNNING
             r.started = now
-            if r.timer is not None:
-                r.timer.cancel()
-            if m:
-                m.queue_s.observe(now - r.arrival)
-        self.num_running += 1
-        try:
-            per_request, compute_s = await loop.run_in_executor(self._pool, _execute, run, batch, batched)
-        except RtserveError as e:
-            for r in batch:
-                r.fail(e)
-            if m:
-                m.failed("backend")
-            return
-        except Exception as e:  # a backend fault answers every request in the batch
-            err = BackendError(f"model '{self.name}': backend failed: {type(e).__name__}: {e}")
+        return batch
+
+    def _instance_main(self, run: RunFn) -> None:
+        batched = self.max_batch_size > 0
+        wait_to_fill = batched and self.config.max_queue_delay_ms > 0
+        cond = self._cond
+        while True:
+            with cond:
+                while not self._closed and not self.queue.num_queued:
+                    self._num_idle += 1
+                    cond.wait()
+                    self._num_idle -= 1
+                if self._closed:
+                    return
+                if wait_to_fill:
+                    self._wait_to_fill()
+                batch = self._take_batch()
+                if not batch:
+                    continue
+                self.num_running += 1
+                if self._num_idle and self.queue.num_queued:
+                    cond.notify()  # leftovers: an idle instance takes them now
+            error: BaseException | None = None
+            per_request, compute_s = None, 0.0
+            try:
+                per_request, compute_s = _execute(run, batch, batched)
+            except BaseException as e:  # answered on the loop; the instance goes on serving
+                error = e
+            with cond:
+                self.num_running -= 1
+            try:
+                self._loop.call_soon_threadsafe(self._deliver, batch, per_request, compute_s, error)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                return
+
+    # -- answers (event loop) ------------------------------------------------------------------
+    def _deliver(self, batch: list[InferRequest], per_request, compute_s: float, error) -> None:
+        m = self.metrics
+        if error is not None:
+            err = error if isinstance(error, RtserveError) else BackendError(
+                f"model '{self.name}': backend failed: {type(error).__name__}: {error}")
             for r in batch:
                 r.fail(err)
             if m:
                 m.failed("backend")
             return
-        finally:
-            self.num_running -= 1
         if m:
+            for r in batch:
+                m.queue_s.observe(r.started - r.arrival)
             m.compute_s.observe(compute_s)
             m.executions.inc()
             items = sum(r.batch_size for r in batch)

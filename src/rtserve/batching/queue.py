@@ -38,7 +38,8 @@ class RequestQueue:
                 return heap[0][2]
         return None
 
-    def take(self, max_items: int, signature: tuple | None, budget: int) -> list[InferRequest]:
+    def take(self, max_items: int, signature: tuple | None, budget: int,
+             any_signature: bool = False) -> list[InferRequest]:
         """Pop live requests in priority order whose signature matches ``signature`` (None = the
         first one's) and whose batch sizes add up to at most ``budget``; ``max_items`` caps the
         count. Requests that do not fit or do not match stay queued in their order.
@@ -54,7 +55,7 @@ class RequestQueue:
                     continue
                 if signature is None:
                     signature = req.signature
-                if req.signature != signature or used + req.batch_size > budget:
+                if (not any_signature and req.signature != signature) or used + req.batch_size > budget:
                     skipped.append(entry)
                     if len(skipped) > 64:  # do not scan a long queue for a fit
                         break

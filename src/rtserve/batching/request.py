@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import Cancelled, RtserveError
+from ..errors import RtserveError
 
 
 class RequestState(enum.Enum):
@@ -30,9 +30,9 @@ class InferRequest:
     timeout_s: float | None = None
     future: asyncio.Future | None = None
     state: RequestState = RequestState.QUEUED
-    arrival: float = 0.0  # loop.time() when queued
+    arrival: float = 0.0  # time.monotonic() when queued
     deadline: float = float("inf")
-    started: float = 0.0  # loop.time() when its batch began
+    started: float = 0.0  # time.monotonic() when its batch began
     seq: int = 0
     timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
@@ -53,10 +53,3 @@ class InferRequest:
             self.timer.cancel()
         if self.future is not None and not self.future.done():
             self.future.set_exception(error)
-
-    def cancel(self) -> bool:
-        """Cancel if not yet running (client went away). Returns True if it was cancelled."""
-        if self.state is not RequestState.QUEUED:
-            return False
-        self.fail(Cancelled("client disconnected before the request ran"))
-        return True
