@@ -3,7 +3,10 @@ readiness turns false at once, new connections are refused, in-flight requests f
 ``shutdown_timeout_s``, then models are drained and unloaded."""
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 
 import uvicorn
 
@@ -19,6 +22,20 @@ class _Server(uvicorn.Server):
     def handle_exit(self, sig, frame) -> None:
         self.rt_app.shutting_down = True
         super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        # uvicorn re-raises the signal after shutting down, so a clean drain would end with
+        # "killed by SIGTERM"; rtserve exits 0 once everything in flight has been answered.
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def uvicorn_config(app: App, config: ServerConfig) -> uvicorn.Config:
