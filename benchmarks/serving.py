@@ -139,6 +139,17 @@ def request_for(model: str, meta_inputs: list[dict], binary: bool = False) -> Re
     return RequestSpec("POST", f"/v2/models/{model}/infer", body, headers)
 
 
+def compute_totals(port: int, model: str) -> tuple[float, float]:
+    """(sum seconds, count) of the server's compute histogram for ``model``."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    vals = {}
+    for kind in ("sum", "count"):
+        key = f'rtserve_compute_duration_seconds_{kind}{{model="{model}",version="1"}} '
+        line = next((ln for ln in text.splitlines() if ln.startswith(key)), key + "0")
+        vals[kind] = float(line.split()[-1])
+    return vals["sum"], vals["count"]
+
+
 def backend_median_ms(onnx_path: Path, shape: tuple, n: int = 2000) -> float:
     import onnxruntime as ort
 
@@ -164,6 +175,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=1.0)
     ap.add_argument("--overload-duration", type=float, default=30.0)
     ap.add_argument("--quick", action="store_true", help="short runs, for a smoke test")
+    ap.add_argument("--sections", default="load,overhead,overload",
+                    help="comma-separated subset of load,overhead,overload")
     ap.add_argument("--out", default=str(HERE / "results" / "serving.json"))
     args = ap.parse_args()
     if args.quick:
@@ -178,8 +191,9 @@ def main() -> int:
         models = build_models(root)
         shapes = {"digits": (1, 1, 8, 8), "resnet": (1, 3, 32, 32)}
         inputs = {name: [{"name": "input", "datatype": "FP32", "shape": list(shapes[name])}] for name in models}
+        sections = set(args.sections.split(","))
         rows = []
-        for variant in ("rtserve-batching", "rtserve-nobatch", "fastapi-floor"):
+        for variant in ("rtserve-batching", "rtserve-nobatch", "fastapi-floor") if "load" in sections else ():
             servers = {}
             if variant.startswith("rtserve"):
                 srv = rtserve_server(write_repo(root, models, batching=variant == "rtserve-batching"))
@@ -201,22 +215,30 @@ def main() -> int:
                 next(iter(servers.values())).stop()
         results["load"] = rows
 
-        # serving overhead at concurrency 1
-        srv = rtserve_server(write_repo(root, models, batching=True))
+        # serving overhead at concurrency 1: (a) strict: HTTP median minus the model's median run
+        # time measured alone, back to back; (b) server-side: HTTP mean minus the mean compute time
+        # the server itself recorded for the same requests (rtserve_compute_duration_seconds).
+        srv = rtserve_server(write_repo(root, models, batching=True)) if "overhead" in sections else None
         try:
-            for name in models:
+            for name in models if srv else ():
+                before = compute_totals(srv.port, name)
                 res = run_load_sync("127.0.0.1", srv.port, request_for(name, inputs[name]), concurrency=1,
-                                    duration_s=args.duration, warmup_s=args.warmup)
+                                    duration_s=args.duration, warmup_s=0)
+                after = compute_totals(srv.port, name)
+                compute_mean = (after[0] - before[0]) / max(1, after[1] - before[1]) * 1000
                 http_p50 = res.percentile(50)
                 backend = backend_median_ms(Path(models[name]["onnx"]), shapes[name])
-                results["overhead"].append({"model": name, "http_p50_ms": http_p50, "backend_p50_ms": backend,
-                                            "overhead_ms": http_p50 - backend})
+                results["overhead"].append({"model": name, "http_p50_ms": http_p50, "backend_alone_p50_ms": backend,
+                                            "overhead_ms": http_p50 - backend, "http_mean_ms": res.summary()["mean"],
+                                            "server_compute_mean_ms": compute_mean,
+                                            "overhead_vs_server_compute_ms": res.summary()["mean"] - compute_mean})
         finally:
-            srv.stop()
+            if srv:
+                srv.stop()
 
         # overload: on a server whose queue holds one batch, measure capacity and the reference p99
         # (closed loop, concurrency 32 and 64, binary tensors), then Poisson arrivals at 3x capacity.
-        for name in models:
+        for name in models if "overload" in sections else ():
             mb = models[name]["max_batch"]
             repo = write_repo(root / f"overload_{name}", {name: models[name]}, batching=True)
             (repo / name / "model.yaml").write_text(
@@ -246,20 +268,23 @@ def main() -> int:
                 "server_alive": alive,
             })
 
-    print("\n== throughput and latency (closed loop, JSON) ==")
-    print(format_table(results["load"], ["model", "server", "concurrency", "throughput", "p50", "p99", "errors"]))
-    print("\n== ratios at concurrency 32 ==")
+    if results["load"]:
+        print("\n== throughput and latency (closed loop, JSON) ==")
+        print(format_table(results["load"], ["model", "server", "concurrency", "throughput", "p50", "p99", "errors"]))
     ratios = []
-    for name in models:
+    for name in models if results["load"] else ():
         at = {r["server"]: r for r in results["load"] if r["model"] == name and r["concurrency"] == 32}
         ratios.append({"model": name,
                        "batching/nobatch": at["rtserve-batching"]["throughput"] / at["rtserve-nobatch"]["throughput"],
                        "batching/fastapi": at["rtserve-batching"]["throughput"] / at["fastapi-floor"]["throughput"],
                        "p99 batching": at["rtserve-batching"]["p99"], "p99 nobatch": at["rtserve-nobatch"]["p99"]})
     results["ratios_c32"] = ratios
-    print(format_table(ratios, list(ratios[0])))
-    print("\n== serving overhead at concurrency 1 (ms) ==")
-    print(format_table(results["overhead"], ["model", "http_p50_ms", "backend_p50_ms", "overhead_ms"]))
+    if ratios:
+        print("\n== ratios at concurrency 32 ==")
+        print(format_table(ratios, list(ratios[0])))
+    if results["overhead"]:
+        print("\n== serving overhead at concurrency 1 (ms) ==")
+        print(format_table(results["overhead"], list(results["overhead"][0])))
     print("\n== overload: Poisson at 3x capacity, binary tensors, queue bounded to one batch ==")
     print(format_table(results["overload"], ["model", "capacity_rps", "offered_rps", "admitted_rps",
                                              "admitted_p99_ms", "reference_p99_ms_c32", "reference_p99_ms_c64",

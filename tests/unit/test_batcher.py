@@ -263,3 +263,19 @@ def test_unbatched_model_runs_requests_alone():
         await b.close()
 
     asyncio.run(main())
+
+
+def test_preferred_batch_size_cuts_when_another_instance_is_idle():
+    async def main():
+        a, b = FakeBackend(), FakeBackend()
+        bat, _ = make([a, b], max_batch=16, preferred_batch_sizes=[8])
+        await asyncio.sleep(0.05)  # both instance threads are waiting for work
+        # The loop thread holds the GIL through these submits, so both instances wake to 13 queued
+        # requests; the first to take sees the other idle and cuts to the preferred 8, the other
+        # takes the remaining 5 at once (without preferred sizes one instance would take all 13).
+        futs = [bat.submit(req([i])) for i in range(13)]
+        await asyncio.gather(*futs)
+        assert sorted(len(x) for x in a.batches + b.batches) == [5, 8]
+        await bat.close()
+
+    asyncio.run(main())
