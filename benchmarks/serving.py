@@ -193,26 +193,27 @@ def main() -> int:
         inputs = {name: [{"name": "input", "datatype": "FP32", "shape": list(shapes[name])}] for name in models}
         sections = set(args.sections.split(","))
         rows = []
-        for variant in ("rtserve-batching", "rtserve-nobatch", "fastapi-floor") if "load" in sections else ():
-            servers = {}
-            if variant.startswith("rtserve"):
-                srv = rtserve_server(write_repo(root, models, batching=variant == "rtserve-batching"))
-                servers = {name: srv for name in models}
-            for name in models:
-                srv = servers.get(name) or floor_server(Path(models[name]["onnx"]))
-                spec = request_for(name, inputs[name])
-                for c in CONCURRENCY:
-                    res = run_load_sync("127.0.0.1", srv.port, spec, concurrency=c, duration_s=args.duration,
-                                        warmup_s=args.warmup)
-                    s = res.summary()
-                    row = {"model": name, "server": variant, "concurrency": c, **s}
-                    rows.append(row)
-                    print(format_table([row], ["model", "server", "concurrency", "throughput", "p50", "p99",
-                                               "errors", "unanswered"]), flush=True)
-                if name not in servers:
+        if "load" in sections:
+            # All servers run side by side (idle ones cost nothing) and the variants take turns at
+            # each concurrency level, so every ratio compares measurements minutes apart at most.
+            servers = {"rtserve-batching": rtserve_server(write_repo(root, models, batching=True)),
+                       "rtserve-nobatch": rtserve_server(write_repo(root, models, batching=False))}
+            floors = {name: floor_server(Path(m["onnx"])) for name, m in models.items()}
+            try:
+                for name in models:
+                    spec = request_for(name, inputs[name])
+                    for c in CONCURRENCY:
+                        for variant in ("rtserve-batching", "rtserve-nobatch", "fastapi-floor"):
+                            srv = floors[name] if variant == "fastapi-floor" else servers[variant]
+                            res = run_load_sync("127.0.0.1", srv.port, spec, concurrency=c,
+                                                duration_s=args.duration, warmup_s=args.warmup)
+                            row = {"model": name, "server": variant, "concurrency": c, **res.summary()}
+                            rows.append(row)
+                            print(format_table([row], ["model", "server", "concurrency", "throughput", "p50",
+                                                       "p99", "errors", "unanswered"]), flush=True)
+            finally:
+                for srv in [*servers.values(), *floors.values()]:
                     srv.stop()
-            if servers:
-                next(iter(servers.values())).stop()
         results["load"] = rows
 
         # serving overhead at concurrency 1: (a) strict: HTTP median minus the model's median run

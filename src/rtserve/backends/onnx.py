@@ -29,7 +29,7 @@ def _spec(arg) -> TensorSpec:
 class OnnxBackend(Backend):
     name = "onnx"
     file_names = ("model.onnx",)
-    OPTIONS = {"intra_op_threads", "inter_op_threads", "graph_optimization", "cuda_options"}
+    OPTIONS = {"intra_op_threads", "inter_op_threads", "graph_optimization", "cuda_options", "allow_spinning"}
 
     def __init__(self, path: Path, device: str, options: dict, instances: int = 1,
                  output_names: list[str] | None = None) -> None:
@@ -40,6 +40,11 @@ class OnnxBackend(Backend):
         so = ort.SessionOptions()
         so.intra_op_num_threads = int(options.get("intra_op_threads", default_threads(instances)))
         so.inter_op_num_threads = int(options.get("inter_op_threads", 1))
+        # Spinning worker threads burn a core while idle: on a small machine that core belongs to
+        # the event loop, so rtserve turns spinning off unless asked.
+        spin = "1" if options.get("allow_spinning", False) else "0"
+        so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        so.add_session_config_entry("session.inter_op.allow_spinning", spin)
         level = options.get("graph_optimization", "all")
         levels = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
