@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,12 +19,20 @@ import yaml
 
 from .backends.base import get_backend
 from .config import ModelConfig
-from .errors import ConfigError, NotFound, RtserveError, Unavailable
+from .errors import ConfigError, InvalidInput, NotFound, RtserveError, Unavailable
 from .metrics import TensorMetrics
 from .model import LoadedModel, VersionFiles
 
 log = logging.getLogger("rtserve.repository")
 CONFIG_FILE = "model.yaml"
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+
+def check_model_name(name: str) -> None:
+    """Model names are folder names: letters, digits, '_', '.', '-', not starting with '.'."""
+    if not _NAME_RE.match(name):
+        raise InvalidInput(f"'{name}' is not a valid model name (letters, digits, '_', '.', '-'; "
+                           "not starting with '.')")
 
 
 class ModelState(enum.Enum):
@@ -101,6 +110,7 @@ class ModelRepository:
 
     async def load(self, name: str) -> ModelEntry:
         """Load (or reload) ``name`` from disk without stopping the others. Raises ConfigError."""
+        check_model_name(name)
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             model_dir = self.root / name

@@ -203,6 +203,10 @@ def test_repository_api_hot_unload_load_and_api_key(affine_repo):
         assert (await c.post("/v2/models/affine/infer", content=infer_body(X))).status_code == 200
         assert (await c.post("/v2/repository/models/ghost/load", headers=auth)).status_code == 404
         assert (await c.post("/v2/repository/models/ghost/unload", headers=auth)).status_code == 404
+        r = await c.post("/v2/repository/models/%2e%2e/load", headers=auth)
+        assert r.status_code in (400, 404) and "affine" not in r.text
+        r = await c.post("/v2/repository/models/..%2fetc/load", headers=auth)
+        assert r.status_code in (400, 404)
 
     run(_with_app(affine_repo, fn, api_key="k3y"))
 
