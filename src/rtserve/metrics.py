@@ -47,7 +47,11 @@ class _Metric:
         return child
 
     def remove(self, *values: str) -> None:
-        self._children.pop(tuple(str(v) for v in values), None)
+        """Drop the children whose leading label values are ``values``."""
+        prefix = tuple(str(v) for v in values)
+        with self._lock:
+            for key in [k for k in self._children if k[:len(prefix)] == prefix]:
+                del self._children[key]
 
     def _new_child(self):
         raise NotImplementedError
@@ -181,7 +185,7 @@ class TensorMetrics:
         return ModelMetrics(self, model, version)
 
     def drop(self, model: str, version: str) -> None:
-        for m in (self.success, self.items, self.executions, self.queue_s, self.compute_s,
+        for m in (self.success, self.failure, self.items, self.executions, self.queue_s, self.compute_s,
                   self.request_s, self.batch_size, self.queue_depth, self.in_flight):
             m.remove(model, version)
 

@@ -200,10 +200,16 @@ class ModelRepository:
         if version is None or version == "":
             return e.latest
         try:
+            if not (version.isascii() and version.isdigit()):
+                raise ValueError(version)
             return e.versions[int(version)]
         except (ValueError, KeyError):
             raise NotFound(f"model '{name}' has no version '{version}'; served versions: "
                            f"{', '.join(str(v) for v in sorted(e.versions))}") from None
+
+    def served_versions(self, name: str) -> list[str]:
+        e = self.entries.get(name)
+        return [str(v) for v in sorted(e.versions)] if e is not None and e.versions else []
 
     def ready_models(self) -> list[LoadedModel]:
         return [m for e in self.entries.values() if e.state is ModelState.READY and e.versions

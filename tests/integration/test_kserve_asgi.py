@@ -266,3 +266,22 @@ def test_broken_models_do_not_stop_the_others(affine_repo, tmp_path):
         assert r.status_code == 503
 
     run(_with_app(repo, fn))
+
+
+def test_all_versions_listed_and_metrics_dropped_on_unload(affine_repo, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(affine_repo / "affine", repo / "affine")
+    yaml_path = repo / "affine" / "model.yaml"
+    yaml_path.write_text(yaml_path.read_text() + "version_policy: all\n")
+
+    async def fn(c, app):
+        assert (await c.get("/v2/models/affine")).json()["versions"] == ["1", "2"]
+        assert (await c.get("/v2/models/affine/versions/1")).json()["versions"] == ["1"]
+        for bad in ("%202", "%D9%A2", "+2", "02x"):
+            assert (await c.get(f"/v2/models/affine/versions/{bad}")).status_code == 404, bad
+        await c.post("/v2/models/affine/versions/1/infer", content=b"{")
+        assert 'reason="invalid_input"' in (await c.get("/metrics")).text
+        assert (await c.post("/v2/repository/models/affine/unload")).status_code == 200
+        assert 'model="affine"' not in (await c.get("/metrics")).text
+
+    run(_with_app(repo, fn))

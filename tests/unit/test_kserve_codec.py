@@ -1,6 +1,8 @@
 """KServe v2 codec: JSON and binary tensors, BYTES, round trips with rtserve.client's decoder."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import orjson
 import pytest
@@ -24,7 +26,7 @@ def test_binary_inputs_in_order_with_bytes_and_params():
     a = np.arange(6, dtype=np.float16).reshape(2, 3)
     s = np.array([b"hi", b"", "héllo".encode()], dtype=object)
     sb = serialize_bytes_tensor(s)
-    header = orjson.dumps({"id": 5, "parameters": {"priority": 1, "timeout": 2500, "binary_data_output": True},
+    header = orjson.dumps({"id": "5", "parameters": {"priority": 1, "timeout": 2500, "binary_data_output": True},
                            "inputs": [
                                {"name": "a", "shape": [2, 3], "datatype": "FP16", "parameters": {"binary_data_size": a.nbytes}},
                                {"name": "b", "shape": [2], "datatype": "BOOL", "data": [True, False]},
@@ -54,6 +56,19 @@ def test_bytes_codec_rejects_truncation():
         deserialize_bytes_tensor(sb + b"\0\0\0\0", 2)
     with pytest.raises(InvalidInput, match="truncated"):
         deserialize_bytes_tensor(sb[:2], 1)
+
+
+@pytest.mark.parametrize("doc,needle", [
+    ({"id": 5, "inputs": [{"name": "a", "shape": [1], "datatype": "FP32", "data": [1]}]}, "'id' must be a string"),
+    ({"inputs": [{"name": "a", "shape": [1], "datatype": "FP32", "data": [1], "parameters": [1]}]}, "must be an object"),
+    ({"parameters": {"binary_data_output": "yes"}, "inputs": [{"name": "a", "shape": [1], "datatype": "FP32", "data": [1]}]},
+     "binary_data_output"),
+    ({"inputs": [{"name": "a", "shape": [1], "datatype": "FP32", "data": [1]}],
+      "outputs": [{"name": "y", "parameters": {"binary_data": 1}}]}, "binary_data must be"),
+])
+def test_strict_types(doc, needle):
+    with pytest.raises(InvalidInput, match=re.escape(needle)):
+        decode_request(orjson.dumps(doc), None)
 
 
 def test_classification_top_k():

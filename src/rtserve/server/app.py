@@ -158,7 +158,10 @@ class App:
             return await self._infer(scope, receive, headers, name, version)
         self._method(method, "GET")
         if action == "":
-            return json_response(self.repository.get(name, version).metadata())
+            meta = self.repository.get(name, version).metadata()
+            if version is None:  # the model, not one version: list every version it serves
+                meta["versions"] = self.repository.served_versions(name)
+            return json_response(meta)
         if action == "ready":
             try:
                 self.repository.get(name, version)

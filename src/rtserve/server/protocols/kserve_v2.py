@@ -84,7 +84,9 @@ def decode_request(body: bytes, header_length: int | None) -> DecodedRequest:
                            f"add up to {offset}")
     outputs = None
     raw_outputs = doc.get("outputs")
-    binary_default = bool(params.get("binary_data_output", False))
+    binary_default = params.get("binary_data_output", False)
+    if not isinstance(binary_default, bool):
+        raise InvalidInput("parameter 'binary_data_output' must be true or false")
     if raw_outputs is not None:
         if not isinstance(raw_outputs, list):
             raise InvalidInput("'outputs' must be a list")
@@ -95,13 +97,18 @@ def decode_request(body: bytes, header_length: int | None) -> DecodedRequest:
             op = o.get("parameters") or {}
             if not isinstance(op, dict):
                 raise InvalidInput(f"outputs[{j}].parameters must be an object")
-            outputs.append(OutputRequest(o["name"], bool(op.get("binary_data", binary_default)),
+            binary = op.get("binary_data", binary_default)
+            if not isinstance(binary, bool):
+                raise InvalidInput(f"outputs[{j}].parameters.binary_data must be true or false")
+            outputs.append(OutputRequest(o["name"], binary,
                                          _param_int(op, "classification") or 0))
     timeout_us = _param_int(params, "timeout")
     rid = doc.get("id")
+    if rid is not None and not isinstance(rid, str):
+        raise InvalidInput("'id' must be a string")
     return DecodedRequest(
         inputs=inputs, outputs=outputs, binary_default=binary_default,
-        id=str(rid) if rid is not None else None,
+        id=rid,
         priority=_param_int(params, "priority"),
         timeout_s=timeout_us / 1e6 if timeout_us else None,
         parameters=params,
@@ -120,7 +127,9 @@ def _decode_tensor(name: str, t: dict, binary: memoryview, offset: int) -> tuple
     dtype = v2_to_numpy(datatype)
     count = element_count(shape)
     tparams = t.get("parameters") or {}
-    size = tparams.get("binary_data_size") if isinstance(tparams, dict) else None
+    if not isinstance(tparams, dict):
+        raise InvalidInput(f"input '{name}': 'parameters' must be an object")
+    size = tparams.get("binary_data_size")
     if size is not None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise InvalidInput(f"input '{name}': binary_data_size must be a non-negative integer")
