@@ -7,7 +7,8 @@ import httpx
 import numpy as np
 import orjson
 
-from .tensors import deserialize_bytes_tensor, element_count, numpy_to_v2, serialize_bytes_tensor, v2_to_numpy
+from .server.protocols.kserve_v2 import encode_tensors
+from .tensors import deserialize_bytes_tensor, element_count, v2_to_numpy
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -74,20 +75,7 @@ class Client:
     def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str] | None = None,
               version: str | None = None, binary: bool = True, priority: int | None = None,
               timeout_ms: float | None = None) -> dict[str, np.ndarray]:
-        items, blobs = [], []
-        for name, arr in inputs.items():
-            arr = np.asarray(arr)
-            datatype = numpy_to_v2(arr.dtype)
-            t: dict = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
-            if binary:
-                blob = serialize_bytes_tensor(arr) if datatype == "BYTES" else np.ascontiguousarray(arr).tobytes()
-                t["parameters"] = {"binary_data_size": len(blob)}
-                blobs.append(blob)
-            elif datatype == "BYTES":
-                t["data"] = [v.decode() if isinstance(v, bytes) else str(v) for v in arr.reshape(-1)]
-            else:
-                t["data"] = arr.reshape(-1).tolist()
-            items.append(t)
+        items, blobs = encode_tensors([(name, np.asarray(arr), binary) for name, arr in inputs.items()])
         params: dict = {"binary_data_output": binary}
         if priority is not None:
             params["priority"] = priority
@@ -96,7 +84,7 @@ class Client:
         doc: dict = {"inputs": items, "parameters": params}
         if outputs:
             doc["outputs"] = [{"name": n, "parameters": {"binary_data": binary}} for n in outputs]
-        header = orjson.dumps(doc)
+        header = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
         headers = {"content-type": "application/octet-stream" if blobs else "application/json"}
         if blobs:
             headers["inference-header-content-length"] = str(len(header))

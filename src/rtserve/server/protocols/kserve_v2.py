@@ -177,12 +177,13 @@ def classify(scores: np.ndarray, k: int, labels: list[str] | None, batched: bool
     return out if batched else out.reshape(k)
 
 
-def encode_response(model_name: str, model_version: str, request_id: str | None,
-                    outputs: list[tuple[str, np.ndarray, bool]]) -> tuple[bytes, int | None]:
-    """Build the response body. Returns (body, json_header_length or None when all JSON)."""
-    items = []
-    blobs = []
-    for name, arr, binary in outputs:
+def encode_tensors(tensors: list[tuple[str, np.ndarray, bool]]) -> tuple[list[dict], list[bytes]]:
+    """Tensor entries for a request or response, and the binary sections of those sent as binary.
+
+    JSON data stays a numpy array: serialize with ``orjson.OPT_SERIALIZE_NUMPY``.
+    """
+    items, blobs = [], []
+    for name, arr, binary in tensors:
         datatype = numpy_to_v2(arr.dtype)
         entry: dict = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
         if binary:
@@ -194,6 +195,13 @@ def encode_response(model_name: str, model_version: str, request_id: str | None,
         else:
             entry["data"] = np.ascontiguousarray(arr).reshape(-1)
         items.append(entry)
+    return items, blobs
+
+
+def encode_response(model_name: str, model_version: str, request_id: str | None,
+                    outputs: list[tuple[str, np.ndarray, bool]]) -> tuple[bytes, int | None]:
+    """Build the response body. Returns (body, json_header_length or None when all JSON)."""
+    items, blobs = encode_tensors(outputs)
     doc: dict = {"model_name": model_name, "model_version": model_version, "outputs": items}
     if request_id is not None:
         doc["id"] = request_id
