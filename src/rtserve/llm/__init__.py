@@ -1,0 +1,5 @@
+"""The generative path: continuous batching over a paged KV cache (work in progress, issue 3).
+
+``sequence``, ``block_manager`` and ``scheduler`` are plain Python with no torch import, so they
+are unit-tested in milliseconds with fake model outputs.
+"""

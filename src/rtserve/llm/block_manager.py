@@ -1,0 +1,152 @@
+"""Paged KV-cache bookkeeping: fixed-size blocks, reference counts, prefix caching.
+
+A *full* block is identified by a chained content hash: hash(parent block's hash, its token ids),
+so equal hashes mean equal prefixes. Sequences that share a prefix share its blocks (ref counts).
+A block whose ref count drops to 0 keeps its hash and goes to the end of the free queue, so it can
+be revived by a later request with the same prefix until it is reused: the least recently freed
+block is evicted first (LRU).
+
+Invariant (``check_integrity``): every block is either free (ref 0, in the free queue) or used
+(ref > 0), so ``num_free + num_used == num_blocks``.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from .sequence import Sequence
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None
+    token_ids: tuple[int, ...] = ()  # kept for full blocks, to reject hash collisions
+
+
+def block_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
+    return hash((parent, token_ids))
+
+
+class BlockManager:
+    """Allocates KV blocks to sequences.
+
+    Args:
+        num_blocks: blocks in the KV cache (from config: a count or a memory fraction).
+        block_size: tokens per block.
+        enable_prefix_caching: share full blocks between sequences by content hash.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("num_blocks and block_size must be >= 1")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))  # LRU order
+        self._by_hash: dict[int, int] = {}
+        self.num_prefix_queries = 0  # full prompt blocks looked up
+        self.num_prefix_hits = 0     # of which found in the cache
+
+    # -- counters ------------------------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    @property
+    def usage(self) -> float:
+        return self.num_used / self.num_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def check_integrity(self) -> None:
+        used = sum(1 for b in self.blocks if b.ref_count > 0)
+        free = sum(1 for b in self.blocks if b.ref_count == 0)
+        assert free == len(self._free) and used + free == self.num_blocks, (used, free, len(self._free))
+        assert all(self.blocks[i].ref_count == 0 for i in self._free)
+        for h, i in self._by_hash.items():
+            assert self.blocks[i].hash == h
+
+    # -- prefix cache ------------------------------------------------------------------------------
+    def _full_block_hashes(self, token_ids: list[int], limit: int) -> list[tuple[int, tuple[int, ...]]]:
+        out, parent = [], None
+        for start in range(0, limit - self.block_size + 1, self.block_size):
+            toks = tuple(token_ids[start:start + self.block_size])
+            parent = block_hash(parent, toks)
+            out.append((parent, toks))
+        return out
+
+    def take_cached_prefix(self, seq: Sequence) -> int:
+        """For a sequence with no blocks yet: attach the longest cached run of full blocks of its
+        tokens (always leaving at least one token to compute, so the step yields logits).
+        Returns the number of tokens found, and sets ``num_computed_tokens``/``num_cached_tokens``.
+        """
+        assert not seq.block_table
+        if not self.enable_prefix_caching:
+            return 0
+        hashes = self._full_block_hashes(seq.token_ids, seq.num_tokens - 1)
+        self.num_prefix_queries += len(hashes)
+        for h, toks in hashes:
+            i = self._by_hash.get(h)
+            if i is None or self.blocks[i].token_ids != toks:
+                break
+            self._ref(i)
+            seq.block_table.append(i)
+        found = len(seq.block_table) * self.block_size
+        self.num_prefix_hits += len(seq.block_table)
+        seq.num_computed_tokens = seq.num_cached_tokens = found
+        return found
+
+    def _ref(self, i: int) -> None:
+        b = self.blocks[i]
+        if b.ref_count == 0:
+            del self._free[i]
+        b.ref_count += 1
+
+    # -- allocation ------------------------------------------------------------------------------
+    def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+        need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
+        return need <= len(self._free)
+
+    def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Give ``seq`` enough blocks to hold ``num_new_tokens`` more computed tokens.
+        Returns False (allocating nothing) if there are not enough free blocks."""
+        need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
+        if need > len(self._free):
+            return False
+        for _ in range(need):
+            i, _ = self._free.popitem(last=False)  # least recently freed first
+            b = self.blocks[i]
+            if b.hash is not None:  # evict its cached content
+                if self._by_hash.get(b.hash) == i:
+                    del self._by_hash[b.hash]
+                b.hash, b.token_ids = None, ()
+            b.ref_count = 1
+            seq.block_table.append(i)
+        return True
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Register the sequence's computed full blocks in the prefix cache (after a step)."""
+        if not self.enable_prefix_caching:
+            return
+        for n, (h, toks) in enumerate(self._full_block_hashes(seq.token_ids, seq.num_computed_tokens)):
+            b = self.blocks[seq.block_table[n]]
+            if b.hash is None:
+                b.hash, b.token_ids = h, toks
+                self._by_hash.setdefault(h, b.block_id)
+
+    def free(self, seq: Sequence) -> None:
+        """Release the sequence's blocks; blocks reaching ref 0 stay cached until evicted.
+        The tail is freed first so a prompt's leading blocks are evicted last."""
+        for i in reversed(seq.block_table):
+            b = self.blocks[i]
+            b.ref_count -= 1
+            if b.ref_count == 0:
+                self._free[i] = None
+        seq.block_table = []

@@ -1,0 +1,171 @@
+"""Continuous batching: every step decides which sequences advance by how many tokens.
+
+Policy (one step):
+1. Running sequences first, oldest first: each gets the tokens it still has to compute (1 when
+   decoding; the next prefill chunk otherwise), within the step's token budget. When the KV cache
+   has no room, the *newest* running sequence is preempted: its blocks are freed and it goes back
+   to the front of the queue, to be recomputed later (its generated tokens are kept).
+2. Then waiting sequences, in order, while budget, blocks and ``max_num_seqs`` allow: each first
+   takes what the prefix cache holds of its tokens, then a prefill chunk of what is left.
+Invariant: the tokens scheduled in a step add up to at most ``max_num_batched_tokens``.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .block_manager import BlockManager
+from .sequence import FinishReason, Sequence, SequenceStatus
+
+
+class RequestTooLarge(ValueError):
+    """A request that can never be scheduled (the server answers 400 with this message)."""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_tokens: int  # tokens computed for it this step, starting at seq.num_computed_tokens
+
+    @property
+    def completes(self) -> bool:
+        """After this step every token of the sequence is computed, so a new token is sampled."""
+        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def to_sample(self) -> list[Sequence]:
+        return [s.seq for s in self.scheduled if s.completes]
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.bm = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence. Raises RequestTooLarge if it could never run."""
+        c = self.config
+        if seq.num_prompt_tokens < 1:
+            raise RequestTooLarge("the prompt is empty")
+        if seq.num_prompt_tokens >= c.max_model_len:
+            raise RequestTooLarge(
+                f"the prompt has {seq.num_prompt_tokens} tokens; this model's maximum context is {c.max_model_len} "
+                "tokens, prompt and output together")
+        if self.bm.blocks_needed(seq.num_prompt_tokens + 1) > self.bm.num_blocks:
+            raise RequestTooLarge(
+                f"the prompt needs {self.bm.blocks_needed(seq.num_prompt_tokens + 1)} KV-cache blocks; "
+                f"the cache has {self.bm.num_blocks}")
+        if seq.max_tokens < 1:
+            raise RequestTooLarge("max_tokens must be at least 1")
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def abort(self, seq: Sequence) -> None:
+        """Remove a sequence wherever it is (client gone); its blocks are freed at once."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self._finish(seq, FinishReason.ABORT)
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        self.bm.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.bm.free(seq)
+        seq.num_computed_tokens = seq.num_cached_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed, budget)
+            while not self.bm.allocate(seq, n):
+                victim = self.running.pop()  # the newest
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                break  # it preempted itself: nothing after it is left
+            out.scheduled.append(ScheduledSeq(seq, n))
+            budget -= n
+            i += 1
+        if out.preempted:
+            return out  # no room: admit nobody new this step
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.block_table:
+                self.bm.take_cached_prefix(seq)
+            n = min(seq.num_uncomputed, budget)
+            if not self.bm.allocate(seq, n):
+                self.bm.free(seq)  # give back cached blocks it took; retry next step
+                seq.num_computed_tokens = seq.num_cached_tokens = 0
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSeq(seq, n))
+            budget -= n
+        return out
+
+    def update(self, out: SchedulerOutput, sampled: dict[int, int]) -> list[Sequence]:
+        """Apply a step's results: ``sampled`` maps seq_id -> new token for ``out.to_sample``.
+        Returns the sequences that finished in this step (their blocks are freed)."""
+        finished = []
+        for s in out.scheduled:
+            seq = s.seq
+            if seq.is_finished:  # aborted during the step
+                continue
+            completes = s.completes
+            seq.num_computed_tokens += s.num_tokens
+            self.bm.cache_full_blocks(seq)
+            if not completes:
+                continue
+            tok = sampled[seq.seq_id]
+            seq.append_token(tok)
+            reason = None
+            if tok in seq.stop_token_ids and not seq.ignore_eos:
+                reason = FinishReason.STOP
+            elif seq.num_generated >= seq.max_tokens or seq.num_tokens >= self.config.max_model_len:
+                reason = FinishReason.LENGTH
+            if reason is not None:
+                self.running.remove(seq)
+                self._finish(seq, reason)
+                finished.append(seq)
+        return finished

@@ -1,0 +1,199 @@
+"""Scheduler and block manager with fake model outputs: milliseconds, no torch."""
+from __future__ import annotations
+
+import pytest
+
+from rtserve.llm.block_manager import BlockManager
+from rtserve.llm.scheduler import RequestTooLarge, Scheduler, SchedulerConfig
+from rtserve.llm.sequence import FinishReason, Sequence
+
+
+def fake_next(tokens: list[int]) -> int:
+    """A deterministic 'model': the next token depends on the whole context."""
+    return (sum(t * (i + 1) for i, t in enumerate(tokens)) * 31 + 7) % 1000 + 10
+
+
+def run(sched: Scheduler, max_steps: int = 10_000, on_step=None) -> list:
+    steps = []
+    for _ in range(max_steps):
+        if not sched.has_work:
+            break
+        out = sched.schedule()
+        assert out.num_batched_tokens <= sched.config.max_num_batched_tokens
+        assert len(sched.running) <= sched.config.max_num_seqs
+        steps.append([(s.seq.seq_id, s.num_tokens) for s in out.scheduled])
+        sched.update(out, {seq.seq_id: fake_next(seq.token_ids) for seq in out.to_sample})
+        sched.bm.check_integrity()
+        if on_step:
+            on_step(out)
+    assert not sched.has_work, "did not finish"
+    return steps
+
+
+def make(num_blocks=64, block_size=4, caching=True, **cfg):
+    return Scheduler(SchedulerConfig(**cfg), BlockManager(num_blocks, block_size, caching))
+
+
+def seq(prompt, max_tokens=5, **kw):
+    return Sequence(list(prompt), max_tokens, **kw)
+
+
+def reference(prompt, n):
+    toks = list(prompt)
+    for _ in range(n):
+        toks.append(fake_next(toks))
+    return toks[len(prompt):]
+
+
+def test_chunked_prefill_respects_the_token_budget():
+    s = make(max_num_batched_tokens=16)
+    a = seq(range(1, 41), max_tokens=3)
+    s.add(a)
+    steps = run(s)
+    assert steps[:3] == [[(a.seq_id, 16)], [(a.seq_id, 16)], [(a.seq_id, 8)]]
+    assert steps[3:] == [[(a.seq_id, 1)], [(a.seq_id, 1)]]
+    assert a.generated_ids == reference(range(1, 41), 3) and a.finish_reason is FinishReason.LENGTH
+    assert s.bm.num_used == 0
+
+
+def test_decode_and_prefill_chunks_share_a_step():
+    s = make(max_num_batched_tokens=10)
+    a = seq([1, 2, 3], max_tokens=6)
+    s.add(a)
+    s.update(o := s.schedule(), {a.seq_id: fake_next(a.token_ids)})
+    b = seq(range(50, 70), max_tokens=2)
+    s.add(b)
+    out = s.schedule()
+    assert [(x.seq.seq_id, x.num_tokens) for x in out.scheduled] == [(a.seq_id, 1), (b.seq_id, 9)]
+    s.update(out, {x.seq_id: fake_next(x.token_ids) for x in out.to_sample})
+    run(s)
+    assert a.generated_ids == reference([1, 2, 3], 6) and b.generated_ids == reference(range(50, 70), 2)
+
+
+def test_many_ragged_sequences_match_running_each_alone():
+    prompts = [list(range(i, i + 3 + 5 * i)) for i in range(1, 12)]
+    s = make(max_num_batched_tokens=32, max_num_seqs=4)
+    seqs = [seq(p, max_tokens=4 + i) for i, p in enumerate(prompts)]
+    for q in seqs:
+        s.add(q)
+    run(s)
+    for i, (p, q) in enumerate(zip(prompts, seqs)):
+        assert q.generated_ids == reference(p, 4 + i)
+
+
+def test_preemption_recomputes_and_changes_nothing():
+    # 10 blocks of 4 tokens cannot hold three 12-token prompts growing by 10 tokens each
+    s = make(num_blocks=10, block_size=4, caching=False, max_num_batched_tokens=64)
+    prompts = [list(range(k * 100, k * 100 + 12)) for k in range(3)]
+    seqs = [seq(p, max_tokens=10) for p in prompts]
+    for q in seqs:
+        s.add(q)
+    preempted = []
+    run(s, on_step=lambda out: preempted.extend(out.preempted))
+    assert preempted, "the cache was big enough: the test does not test preemption"
+    assert preempted[0] is seqs[-1]  # the newest goes first
+    for p, q in zip(prompts, seqs):
+        assert q.generated_ids == reference(p, 10) and q.finish_reason is FinishReason.LENGTH
+    assert s.bm.num_free == 10
+
+
+def test_prefix_cache_shares_blocks_and_counts_hits():
+    s = make(num_blocks=32, block_size=4, max_num_batched_tokens=64)
+    shared = list(range(1, 9))  # two full blocks
+    a = seq(shared + [20, 21, 22], max_tokens=2)
+    s.add(a)
+    run(s)
+    b = seq(shared + [30, 31], max_tokens=2)
+    s.add(b)
+    out = s.schedule()
+    assert b.num_cached_tokens == 8 and out.scheduled[0].num_tokens == 2  # only the new tail runs
+    assert s.bm.num_prefix_hits == 2
+    shared_blocks = b.block_table[:2]
+    s.update(out, {b.seq_id: fake_next(b.token_ids)})
+    c = seq(shared + [40], max_tokens=1)
+    s.add(c)
+    s.schedule()
+    assert c.block_table[:2] == shared_blocks and all(s.bm.blocks[i].ref_count == 2 for i in shared_blocks)
+    run(s)
+    assert b.generated_ids == reference(shared + [30, 31], 2) and c.generated_ids == reference(shared + [40], 1)
+    s.bm.check_integrity()
+
+
+def test_a_fully_cached_prompt_still_computes_its_last_token():
+    s = make(block_size=4)
+    p = list(range(1, 9))
+    a = seq(p, max_tokens=1)
+    s.add(a)
+    run(s)
+    b = seq(p, max_tokens=1)
+    s.add(b)
+    out = s.schedule()
+    assert b.num_cached_tokens == 4 and out.scheduled[0].num_tokens == 4
+    s.update(out, {b.seq_id: fake_next(b.token_ids)})
+    assert b.generated_ids == a.generated_ids
+
+
+def test_lru_eviction_of_freed_cached_blocks():
+    bm = BlockManager(4, 2)
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=64), bm)
+    a = seq([1, 2, 3, 4, 5], max_tokens=1)
+    s.add(a)
+    run(s)  # a's full blocks [1,2] and [3,4] are cached and free
+    assert bm.num_free == 4 and len(bm._by_hash) >= 2
+    b = seq([9, 8, 7, 6, 5, 4, 3], max_tokens=1)  # needs all 4 blocks: evicts every cached one
+    s.add(b)
+    run(s)
+    c = seq([1, 2, 3, 4, 5], max_tokens=1)
+    s.add(c)
+    s.schedule()
+    assert c.num_cached_tokens == 0  # a's prefix was evicted
+
+
+def test_stop_tokens_and_max_model_len():
+    s = make(max_model_len=16)
+    stop_at = reference([5, 6, 7], 3)[2]
+    a = seq([5, 6, 7], max_tokens=50, stop_token_ids=frozenset({stop_at}))
+    b = seq([1] * 10, max_tokens=50)
+    c = seq([5, 6, 7], max_tokens=50, stop_token_ids=frozenset({stop_at}), ignore_eos=True)
+    for q in (a, b, c):
+        s.add(q)
+    run(s)
+    assert a.finish_reason is FinishReason.STOP and a.num_generated == 3
+    assert b.finish_reason is FinishReason.LENGTH and b.num_tokens == 16
+    assert c.finish_reason is FinishReason.LENGTH and c.num_tokens == 16
+
+
+def test_requests_that_can_never_fit_are_rejected_with_a_reason():
+    s = make(num_blocks=4, block_size=4, max_model_len=64)
+    with pytest.raises(RequestTooLarge, match="maximum context is 64"):
+        s.add(seq(range(64)))
+    with pytest.raises(RequestTooLarge, match="KV-cache blocks"):
+        s.add(seq(range(20)))
+    with pytest.raises(RequestTooLarge, match="empty"):
+        s.add(seq([]))
+    assert not s.has_work
+
+
+def test_abort_frees_blocks_at_once():
+    s = make(num_blocks=16, block_size=4)
+    a, b = seq(range(1, 11), max_tokens=20), seq(range(1, 6), max_tokens=20)
+    s.add(a)
+    s.add(b)
+    s.update(out := s.schedule(), {x.seq_id: fake_next(x.token_ids) for x in out.to_sample})
+    s.abort(a)
+    assert a.finish_reason is FinishReason.ABORT and a.block_table == []
+    s.abort(b)
+    s.bm.check_integrity()
+    assert s.bm.num_used == 0 and not s.has_work
+
+
+def test_max_num_seqs_limits_running():
+    s = make(max_num_seqs=2, max_num_batched_tokens=100)
+    qs = [seq([i, i + 1], max_tokens=3) for i in range(5)]
+    for q in qs:
+        s.add(q)
+    out = s.schedule()
+    assert len(out.scheduled) == 2 and len(s.waiting) == 3
+    s.update(out, {x.seq_id: fake_next(x.token_ids) for x in out.to_sample})
+    run(s)
+    assert all(q.num_generated == 3 for q in qs)
