@@ -1,0 +1,52 @@
+"""Rotary position embeddings (non-interleaved halves, as the Llama family uses), with the
+scaling variants their configs name: default, linear, llama3."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def inv_frequencies(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim))
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind == "default":
+        return inv.float()
+    if kind == "linear":
+        return (inv / float(scaling["factor"])).float()
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_len = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        out = torch.where(wavelen > old_len / low, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * out / factor + smooth * out
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(medium, smoothed, out).float()
+    raise ValueError(f"config.json: rope scaling '{kind}' is not supported (default, linear, llama3)")
+
+
+class Rotary(torch.nn.Module):
+    """cos/sin tables for positions 0..max_positions-1; ``forward`` rotates q and k in place of copies."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict, max_positions: int,
+                 device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        # explicit device: real tables even when the model is built under torch.device("meta")
+        inv = inv_frequencies(head_dim, theta, scaling).to(device)
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32, device=device), inv)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.register_buffer("cos", emb.cos(), persistent=False)  # (P, D)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    @staticmethod
+    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+        h = x.shape[-1] // 2
+        return torch.cat([-x[..., h:], x[..., :h]], dim=-1)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        # q: (T, Hq, D), k: (T, Hkv, D); positions: (T,)
+        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
+        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        return q * cos + self._rotate_half(q) * sin, k * cos + self._rotate_half(k) * sin
