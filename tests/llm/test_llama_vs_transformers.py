@@ -68,11 +68,11 @@ def test_greedy_batched_ragged_and_chunked_matches(checkpoint):
     expected = [ref_greedy(ref, p, 8) for p in prompts]
     # small blocks and a small token budget: prefill is chunked and mixed with decode steps
     llm = LLM(path, num_blocks=64, block_size=4, max_num_batched_tokens=16, max_num_seqs=4)
-    assert llm.generate(prompts, max_tokens=8) == expected
+    assert llm.generate_greedy(prompts, max_tokens=8) == expected
     llm.scheduler.bm.check_integrity()
     assert llm.scheduler.bm.num_used == 0
     # again, now with prefix-cache hits on the same prompts
-    assert llm.generate(prompts, max_tokens=8) == expected
+    assert llm.generate_greedy(prompts, max_tokens=8) == expected
     assert llm.scheduler.bm.num_prefix_hits > 0
 
 
@@ -81,7 +81,7 @@ def test_preemption_under_a_small_cache_keeps_outputs(checkpoint):
     prompts = [list(range(i, i + 12)) for i in (1, 20, 40)]
     expected = [ref_greedy(ref, p, 10) for p in prompts]
     llm = LLM(path, num_blocks=12, block_size=4, max_num_batched_tokens=64, enable_prefix_caching=False)
-    assert llm.generate(prompts, max_tokens=10) == expected
+    assert llm.generate_greedy(prompts, max_tokens=10) == expected
 
 
 def test_bad_checkpoints_name_the_problem(checkpoint, tmp_path):
@@ -108,3 +108,34 @@ def test_bad_checkpoints_name_the_problem(checkpoint, tmp_path):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="FalconForCausalLM.*not supported"):
         ModelRunner(bad, 8, 4)
+
+
+def test_sampling_seed_n_stop_tokens_and_logprobs(checkpoint):
+    from rtserve.llm.sampling_params import SamplingParams
+
+    path, ref = checkpoint
+    llm = LLM(path, num_blocks=64, block_size=4)
+    prompt = [4, 8, 15, 16, 23, 42]
+    seeded = SamplingParams(max_tokens=12, temperature=1.5, seed=123, ignore_eos=True)
+    alone = llm.generate([prompt], seeded)[0].outputs[0].token_ids
+    batched = llm.generate([[1, 2, 3], prompt, list(range(30))], seeded)[1].outputs[0].token_ids
+    assert alone == batched
+    other = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=1.5, seed=124, ignore_eos=True))
+    assert other[0].outputs[0].token_ids != alone
+    many = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=1.5, seed=123, n=3, ignore_eos=True))
+    assert [o.index for o in many[0].outputs] == [0, 1, 2] and many[0].outputs[0].token_ids == alone
+    assert len({tuple(o.token_ids) for o in many[0].outputs}) > 1
+
+    greedy = ref_greedy(ref, prompt, 6)
+    stop = llm.generate([prompt], SamplingParams(max_tokens=20, temperature=0, stop_token_ids=(greedy[3],),
+                                                 ignore_eos=True))[0].outputs[0]
+    first = greedy.index(greedy[3])
+    assert stop.token_ids == greedy[:first + 1] and stop.finish_reason == "stop"
+
+    lp = llm.generate([prompt], SamplingParams(max_tokens=3, temperature=0, logprobs=2, ignore_eos=True))[0].outputs[0]
+    with torch.no_grad():
+        ref_lp = torch.log_softmax(ref(torch.tensor([prompt])).logits[0, -1], -1)
+    chosen, alts = lp.logprobs[0]
+    assert chosen == pytest.approx(float(ref_lp.max()), abs=1e-4)
+    assert alts[0][0] == lp.token_ids[0] and len(alts) == 2
+    assert llm.scheduler.bm.num_used == 0

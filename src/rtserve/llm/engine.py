@@ -1,13 +1,35 @@
-"""The offline engine: ``LLM(path).generate(prompt_token_ids, max_tokens)``. Greedy decoding for
-now; sampling parameters, text prompts, streaming and the async engine are still to come."""
+"""The offline engine: ``LLM(path).generate(prompt_token_ids, SamplingParams(...))``.
+
+One step reads like its diagram: schedule -> run the model -> sample -> update. Text prompts,
+stop strings, streaming and the async engine the server drives are still to come.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from .block_manager import BlockManager
 from .model_runner import ModelRunner
+from .sampler import SampleRow, sample
+from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
-from .sequence import Sequence
+from .sequence import FinishReason, Sequence
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list | None
+
+
+@dataclass
+class RequestOutput:
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
 
 
 class LLM:
@@ -16,25 +38,53 @@ class LLM:
                  max_model_len: int | None = None, enable_prefix_caching: bool = True) -> None:
         self.runner = ModelRunner(path, num_blocks, block_size, dtype, device)
         c = self.runner.config
+        self.eos_token_ids = frozenset(c.eos_token_ids)
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                             max_model_len=max_model_len or c.max_position_embeddings),
             BlockManager(num_blocks, block_size, enable_prefix_caching))
 
+    def make_sequences(self, prompt: list[int], params: SamplingParams) -> list[Sequence]:
+        """One sequence per choice (``n``); they share the prompt's blocks through the prefix cache."""
+        stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+        seqs = []
+        for i in range(params.n):
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)
+            seqs.append(Sequence(list(prompt), params.max_tokens, stop_token_ids=stops, params=params, generator=gen))
+        return seqs
+
     def step(self) -> list[Sequence]:
-        """schedule -> run -> update. Returns the sequences finished in this step."""
+        """schedule -> run -> sample -> update. Returns the sequences finished in this step."""
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
         logits = self.runner.run(out)
-        tokens = logits.argmax(-1).tolist()
-        return self.scheduler.update(out, {s.seq_id: t for s, t in zip(out.to_sample, tokens)})
+        to_sample = out.to_sample
+        rows = [SampleRow(s.params, s.token_ids[:s.num_prompt_tokens], s.generated_ids, s.generator) for s in to_sample]
+        result = sample(logits, rows)
+        for s, lp in zip(to_sample, result.logprobs):
+            if lp is not None:
+                s.output_logprobs.append(lp)
+        return self.scheduler.update(out, dict(zip((s.seq_id for s in to_sample), result.token_ids)))
 
-    def generate(self, prompts: list[list[int]], max_tokens: int = 16, ignore_eos: bool = True) -> list[list[int]]:
-        eos = frozenset(self.runner.config.eos_token_ids)
-        seqs = [Sequence(list(p), max_tokens, stop_token_ids=eos, ignore_eos=ignore_eos) for p in prompts]
-        for s in seqs:
-            self.scheduler.add(s)
+    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[RequestOutput]:
+        params = params or SamplingParams()
+        groups = [self.make_sequences(p, params) for p in prompts]
+        for g in groups:
+            for s in g:
+                self.scheduler.add(s)
         while self.scheduler.has_work:
             self.step()
-        return [s.generated_ids for s in seqs]
+        return [RequestOutput(list(p), [
+            CompletionOutput(i, s.generated_ids, s.finish_reason.value if s.finish_reason else None,
+                             s.output_logprobs if params.logprobs is not None else None)
+            for i, s in enumerate(g)]) for p, g in zip(prompts, groups)]
+
+    def generate_greedy(self, prompts: list[list[int]], max_tokens: int = 16) -> list[list[int]]:
+        out = self.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+        return [r.outputs[0].token_ids for r in out]
+
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "FinishReason"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 _ids = itertools.count()
 
@@ -43,6 +44,9 @@ class Sequence:
     num_cached_tokens: int = 0
     num_preemptions: int = 0
     block_table: list[int] = field(default_factory=list)
+    params: Any = None  # SamplingParams (kept opaque here: this module imports no torch)
+    generator: Any = None  # torch.Generator for a seeded request
+    output_logprobs: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.num_prompt_tokens:

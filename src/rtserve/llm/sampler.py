@@ -1,0 +1,87 @@
+"""Batched token sampling over the logits of one step.
+
+Order per row: penalties (repetition over prompt + output, HF-style; presence and frequency over
+the output, OpenAI-style) -> logprobs (of the penalized distribution) -> greedy, or temperature ->
+top-k -> top-p -> min-p -> a draw. A row with a seed draws from its own generator, so its tokens do
+not depend on what it is batched with.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .sampling_params import SamplingParams
+
+
+@dataclass
+class SampleRow:
+    params: SamplingParams
+    prompt_ids: list[int]
+    output_ids: list[int]
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None]  # (chosen logprob, top alternatives)
+
+
+def _penalize(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    for i, r in enumerate(rows):
+        p = r.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(r.prompt_ids) | set(r.output_ids)), dtype=torch.long, device=logits.device)
+            vals = logits[i, seen]
+            logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and r.output_ids:
+            ids, counts = torch.tensor(r.output_ids, device=logits.device).unique(return_counts=True)
+            logits[i, ids] -= p.presence_penalty + p.frequency_penalty * counts.to(logits.dtype)
+    return logits
+
+
+def sample(logits: torch.Tensor, rows: list[SampleRow]) -> SampleResult:
+    """logits: (N, vocab) float32, one row per sequence that samples this step."""
+    logits = _penalize(logits.float().clone(), rows)
+    want_lp = any(r.params.logprobs is not None for r in rows)
+    logp = torch.log_softmax(logits, dim=-1) if want_lp else None
+    tokens = logits.argmax(dim=-1)
+    random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if random_rows:
+        idx = torch.tensor(random_rows, device=logits.device)
+        sub = logits[idx]
+        temps = torch.tensor([rows[i].params.temperature for i in random_rows], device=logits.device)
+        sub = sub / temps[:, None]
+        for j, i in enumerate(random_rows):
+            p = rows[i].params
+            if p.top_k and p.top_k < sub.shape[1]:
+                kth = torch.topk(sub[j], p.top_k).values[-1]
+                sub[j][sub[j] < kth] = float("-inf")
+        probs = torch.softmax(sub, dim=-1)
+        for j, i in enumerate(random_rows):
+            p = rows[i].params
+            if p.top_p < 1.0:
+                sorted_p, order = probs[j].sort(descending=True)
+                # keep the smallest prefix whose mass reaches top_p (always the first token)
+                drop = (sorted_p.cumsum(0) - sorted_p) >= p.top_p
+                probs[j, order[drop]] = 0.0
+            if p.min_p > 0.0:
+                probs[j][probs[j] < p.min_p * probs[j].max()] = 0.0
+        # Exponential-race draw (argmax p / E): one multinomial draw per row; seeded rows use
+        # their own generator so they are reproducible in any batch.
+        noise = torch.empty_like(probs)
+        for j, i in enumerate(random_rows):
+            noise[j].exponential_(generator=rows[i].generator)
+        tokens[idx] = (probs / noise).argmax(dim=-1)
+    out_lp: list = []
+    for i, r in enumerate(rows):
+        k = r.params.logprobs
+        if k is None:
+            out_lp.append(None)
+            continue
+        chosen = float(logp[i, tokens[i]])
+        top = torch.topk(logp[i], k) if k else None
+        alts = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+        out_lp.append((chosen, alts))
+    return SampleResult(tokens.tolist(), out_lp)

@@ -1,0 +1,56 @@
+"""Per-request sampling parameters (OpenAI's and vLLM's names), validated on construction."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 = greedy. top_k 0 = off. logprobs = number of top alternatives to return
+    (None = no logprobs). ``seed`` makes a request's tokens reproducible whatever it is batched with.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        def bad(field: str, why: str):
+            raise ValueError(f"{field}: {why}, got {getattr(self, field)!r}")
+
+        if self.max_tokens < 1:
+            bad("max_tokens", "must be at least 1")
+        if not 0.0 <= self.temperature <= 100.0:
+            bad("temperature", "must be in [0, 100]")
+        if self.top_k < 0:
+            bad("top_k", "must be 0 (off) or positive")
+        if not 0.0 < self.top_p <= 1.0:
+            bad("top_p", "must be in (0, 1]")
+        if not 0.0 <= self.min_p <= 1.0:
+            bad("min_p", "must be in [0, 1]")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            bad("repetition_penalty", "must be in (0, 10]")
+        for f in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, f) <= 2.0:
+                bad(f, "must be in [-2, 2]")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            bad("logprobs", "must be in [0, 20]")
+        if not 1 <= self.n <= 64:
+            bad("n", "must be in [1, 64]")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            bad("stop", "must be non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
