@@ -1,7 +1,8 @@
-"""The offline engine: ``LLM(path).generate(prompt_token_ids, SamplingParams(...))``.
+"""The offline engine: ``LLM(path).generate(prompts, SamplingParams(...))``, prompts as text or
+token ids.
 
-One step reads like its diagram: schedule -> run the model -> sample -> update. Text prompts,
-stop strings, streaming and the async engine the server drives are still to come.
+One step reads like its diagram: schedule -> run the model -> sample -> update, then stop strings
+are checked on the new text. Streaming and the async engine the server drives are still to come.
 """
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ from .sampler import SampleRow, sample
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import FinishReason, Sequence
+from .tokenizer import IncrementalDetokenizer, Tokenizer, find_stop
 
 
 @dataclass
 class CompletionOutput:
     index: int
+    text: str
     token_ids: list[int]
     finish_reason: str | None
     logprobs: list | None
@@ -28,6 +31,7 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
+    prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
 
@@ -38,7 +42,12 @@ class LLM:
                  max_model_len: int | None = None, enable_prefix_caching: bool = True) -> None:
         self.runner = ModelRunner(path, num_blocks, block_size, dtype, device)
         c = self.runner.config
-        self.eos_token_ids = frozenset(c.eos_token_ids)
+        self.tokenizer = Tokenizer(path) if (Path(path) / "tokenizer.json").is_file() else None
+        eos = set(c.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+        self._detok: dict[int, IncrementalDetokenizer] = {}
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                             max_model_len=max_model_len or c.max_position_embeddings),
@@ -52,8 +61,38 @@ class LLM:
             gen = None
             if params.seed is not None:
                 gen = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)
-            seqs.append(Sequence(list(prompt), params.max_tokens, stop_token_ids=stops, params=params, generator=gen))
+            seq = Sequence(list(prompt), params.max_tokens, stop_token_ids=stops, params=params, generator=gen)
+            if self.tokenizer is not None:
+                self._detok[seq.seq_id] = IncrementalDetokenizer(self.tokenizer)
+            seqs.append(seq)
         return seqs
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer.json: give prompts as token ids")
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def _check_stop_strings(self, seqs: list[Sequence]) -> list[Sequence]:
+        stopped = []
+        for s in seqs:
+            detok = self._detok.get(s.seq_id)
+            if detok is None:
+                continue
+            delta = detok.update(s.generated_ids)
+            if not s.params.stop or s.is_finished or not delta:
+                continue
+            i = find_stop(detok.text, s.params.stop, len(delta))
+            if i >= 0:
+                detok.text = detok.text[:i]  # the stop string is not part of the output
+                self.scheduler.abort(s, FinishReason.STOP)
+                stopped.append(s)
+        return stopped
+
+    def text_of(self, seq: Sequence) -> str:
+        detok = self._detok.get(seq.seq_id)
+        return detok.text if detok is not None else ""
 
     def step(self) -> list[Sequence]:
         """schedule -> run -> sample -> update. Returns the sequences finished in this step."""
@@ -67,20 +106,26 @@ class LLM:
         for s, lp in zip(to_sample, result.logprobs):
             if lp is not None:
                 s.output_logprobs.append(lp)
-        return self.scheduler.update(out, dict(zip((s.seq_id for s in to_sample), result.token_ids)))
+        finished = self.scheduler.update(out, dict(zip((s.seq_id for s in to_sample), result.token_ids)))
+        return finished + self._check_stop_strings(to_sample)
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[RequestOutput]:
+    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | None = None) -> list[RequestOutput]:
         params = params or SamplingParams()
-        groups = [self.make_sequences(p, params) for p in prompts]
+        token_prompts = [self.encode(p) for p in prompts]
+        groups = [self.make_sequences(p, params) for p in token_prompts]
         for g in groups:
             for s in g:
                 self.scheduler.add(s)
         while self.scheduler.has_work:
             self.step()
-        return [RequestOutput(list(p), [
-            CompletionOutput(i, s.generated_ids, s.finish_reason.value if s.finish_reason else None,
+        results = [RequestOutput(p if isinstance(p, str) else None, tp, [
+            CompletionOutput(i, self.text_of(s), s.generated_ids, s.finish_reason.value if s.finish_reason else None,
                              s.output_logprobs if params.logprobs is not None else None)
-            for i, s in enumerate(g)]) for p, g in zip(prompts, groups)]
+            for i, s in enumerate(g)]) for p, tp, g in zip(prompts, token_prompts, groups)]
+        for g in groups:
+            for s in g:
+                self._detok.pop(s.seq_id, None)
+        return results
 
     def generate_greedy(self, prompts: list[list[int]], max_tokens: int = 16) -> list[list[int]]:
         out = self.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))

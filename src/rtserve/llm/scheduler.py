@@ -88,13 +88,16 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
-    def abort(self, seq: Sequence) -> None:
-        """Remove a sequence wherever it is (client gone); its blocks are freed at once."""
+    def abort(self, seq: Sequence, reason: FinishReason = FinishReason.ABORT) -> None:
+        """End a sequence wherever it is (client gone, or a stop string seen after the step);
+        its blocks are freed at once."""
+        if seq.is_finished:
+            return
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self._finish(seq, FinishReason.ABORT)
+        self._finish(seq, reason)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         self.bm.free(seq)

@@ -1,0 +1,81 @@
+"""Hugging Face tokenizers (``tokenizer.json``) with the chat template from ``tokenizer_config.json``,
+and incremental detokenization for streaming."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+
+
+def _token_text(v) -> str | None:
+    if isinstance(v, dict):
+        return v.get("content")
+    return v if isinstance(v, str) else None
+
+
+class Tokenizer:
+    def __init__(self, path: Path | str) -> None:
+        path = Path(path)
+        tj = path / "tokenizer.json"
+        if not tj.is_file():
+            raise ValueError(f"{path}: tokenizer.json is missing")
+        self.hf = HFTokenizer.from_file(str(tj))
+        cfg_path = path / "tokenizer_config.json"
+        self.config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        self.chat_template = self.config.get("chat_template")
+        self.bos_token = _token_text(self.config.get("bos_token"))
+        self.eos_token = _token_text(self.config.get("eos_token"))
+        self.eos_token_id = self.hf.token_to_id(self.eos_token) if self.eos_token else None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise ValueError("this model's tokenizer_config.json has no chat_template")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise ValueError(f"chat template: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+
+class IncrementalDetokenizer:
+    """Text deltas of a growing list of output tokens. A delta that ends inside a multi-byte
+    character (decoded as U+FFFD) is held back until the character is complete."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.text = ""
+
+    def update(self, output_ids: list[int]) -> str:
+        full = self.tokenizer.decode(output_ids)
+        if full.endswith("\ufffd"):
+            return ""
+        delta = full[len(self.text):] if full.startswith(self.text) else full
+        self.text = full
+        return delta
+
+
+def find_stop(text: str, stops: tuple[str, ...], new_len: int) -> int:
+    """Index where the first stop string starts, looking only where the newest ``new_len``
+    characters could complete one; -1 if none."""
+    best = -1
+    for s in stops:
+        i = text.find(s, max(0, len(text) - new_len - len(s) + 1))
+        if i >= 0 and (best < 0 or i < best):
+            best = i
+    return best

@@ -1,0 +1,90 @@
+"""Tokenizer, incremental detokenization, chat templates and stop strings (no hub: the tokenizer
+is trained here)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
+
+from rtserve.llm.engine import LLM  # noqa: E402
+from rtserve.llm.sampling_params import SamplingParams  # noqa: E402
+from rtserve.llm.tokenizer import IncrementalDetokenizer, Tokenizer, find_stop  # noqa: E402
+
+TEXT = ["The quick brown fox jumps over the lazy dog.", "Héllo wörld, ça va? Ünïcödé ☃ snow ✓ done.",
+        "def serve(model): return model.infer(batch)", "rtserve batches requests in real time."] * 20
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("textlm")
+    tok = HFTok(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "</s>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": {"content": "</s>"}, "chat_template": TEMPLATE}))
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=112,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=256, tie_word_embeddings=True, eos_token_id=1)
+    m = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    m.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def test_encode_decode_round_trip_and_special_tokens(model_dir):
+    t = Tokenizer(model_dir)
+    s = "Héllo wörld ☃ ✓"
+    ids = t.encode(s)
+    assert ids[0] == 0 and t.decode(ids) == s and t.eos_token_id == 1
+    assert t.encode(s, add_special_tokens=False) == ids[1:]
+
+
+def test_incremental_deltas_never_split_a_character(model_dir):
+    t = Tokenizer(model_dir)
+    s = "ça va? ☃☃ Ünïcödé ✓"
+    ids = t.encode(s, add_special_tokens=False)
+    assert any("\ufffd" in t.decode(ids[:k]) for k in range(1, len(ids)))  # the test has split characters
+    d = IncrementalDetokenizer(t)
+    deltas = [d.update(ids[:k]) for k in range(1, len(ids) + 1)]
+    assert "".join(deltas) == s and not any("\ufffd" in x for x in deltas)
+
+
+def test_find_stop():
+    assert find_stop("hello world", ("wor",), 3) == 6
+    assert find_stop("hello world", ("hel",), 2) == -1  # could not have been completed by the new text
+    assert find_stop("abcabc", ("bc", "ca"), 6) == 1
+
+
+def test_chat_template_is_rendered_in_a_sandbox(model_dir, tmp_path):
+    t = Tokenizer(model_dir)
+    out = t.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert out == "<|user|>hi</s><|assistant|>"
+    t.chat_template = "{{ messages.__class__.__mro__ }}"
+    with pytest.raises(Exception, match="unsafe|access"):
+        t.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_text_prompts_and_stop_strings(model_dir):
+    llm = LLM(model_dir, num_blocks=64, block_size=4)
+    greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    full = llm.generate(["The quick brown"], greedy)[0].outputs[0]
+    assert full.text == llm.tokenizer.decode(full.token_ids) and len(full.text) > 6
+    stop = full.text[len(full.text) // 2: len(full.text) // 2 + 2]
+    cut = llm.generate(["The quick brown"], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True,
+                                                           stop=(stop,)))[0].outputs[0]
+    assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.index(stop)]
+    assert full.token_ids[:len(cut.token_ids)] == cut.token_ids
+    assert llm.scheduler.bm.num_used == 0
