@@ -88,3 +88,58 @@ def test_text_prompts_and_stop_strings(model_dir):
     assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.index(stop)]
     assert full.token_ids[:len(cut.token_ids)] == cut.token_ids
     assert llm.scheduler.bm.num_used == 0
+
+
+def test_async_engine_streams_cancels_and_stops(model_dir):
+    import asyncio
+    import time
+
+    from rtserve.llm.async_engine import AsyncLLM
+    from rtserve.llm.scheduler import RequestTooLarge
+
+    llm = LLM(model_dir, num_blocks=128, block_size=4, max_model_len=200)
+    prompts = ["The quick brown", "def serve(model):", "Héllo wörld", "rtserve"]
+    greedy = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    solo = [llm.generate([p], greedy)[0].outputs[0] for p in prompts]
+    engine = AsyncLLM(llm)
+
+    async def collect(prompt, params):
+        text, toks, reasons = "", [], []
+        async for d in engine.generate(prompt, params):
+            text += d.text
+            toks += d.token_ids
+            reasons.append(d.finish_reason)
+        return text, toks, reasons
+
+    async def main():
+        results = await asyncio.gather(*(collect(p, greedy) for p in prompts))
+        for (text, toks, reasons), ref in zip(results, solo):
+            assert toks == ref.token_ids and text == ref.text
+            assert reasons[-1] == "length" and all(r is None for r in reasons[:-1])
+
+        stop = solo[0].text[5:7]
+        text, _, reasons = await collect(prompts[0], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True,
+                                                                    stop=(stop,)))
+        assert text == solo[0].text[:solo[0].text.index(stop)] and reasons[-1] == "stop"
+
+        gen = engine.generate(prompts[1], SamplingParams(max_tokens=150, temperature=0, ignore_eos=True))
+        got = 0
+        async for _ in gen:
+            got += 1
+            if got == 2:
+                break
+        await gen.aclose()
+        end = time.time() + 5
+        while llm.scheduler.has_work or llm.scheduler.bm.num_used:
+            assert time.time() < end, "the abandoned request was not aborted"
+            await asyncio.sleep(0.01)
+
+        with pytest.raises(RequestTooLarge, match="maximum context"):
+            async for _ in engine.generate(list(range(5, 250)), greedy):
+                pass
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
+    llm.scheduler.bm.check_integrity()

@@ -90,12 +90,16 @@ class LLM:
                 stopped.append(s)
         return stopped
 
+    def forget(self, seq: Sequence) -> None:
+        self._detok.pop(seq.seq_id, None)
+
     def text_of(self, seq: Sequence) -> str:
         detok = self._detok.get(seq.seq_id)
         return detok.text if detok is not None else ""
 
     def step(self) -> list[Sequence]:
-        """schedule -> run -> sample -> update. Returns the sequences finished in this step."""
+        """schedule -> run -> sample -> update. Returns the sequences that got a token this step
+        (those that finished have ``is_finished``)."""
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
@@ -106,8 +110,9 @@ class LLM:
         for s, lp in zip(to_sample, result.logprobs):
             if lp is not None:
                 s.output_logprobs.append(lp)
-        finished = self.scheduler.update(out, dict(zip((s.seq_id for s in to_sample), result.token_ids)))
-        return finished + self._check_stop_strings(to_sample)
+        self.scheduler.update(out, dict(zip((s.seq_id for s in to_sample), result.token_ids)))
+        self._check_stop_strings(to_sample)
+        return to_sample
 
     def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | None = None) -> list[RequestOutput]:
         params = params or SamplingParams()

@@ -72,6 +72,12 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence. Raises RequestTooLarge if it could never run."""
+        self.check(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def check(self, seq: Sequence) -> None:
+        """Raise RequestTooLarge if ``seq`` could never be scheduled (safe from any thread)."""
         c = self.config
         if seq.num_prompt_tokens < 1:
             raise RequestTooLarge("the prompt is empty")
@@ -85,8 +91,6 @@ class Scheduler:
                 f"the cache has {self.bm.num_blocks}")
         if seq.max_tokens < 1:
             raise RequestTooLarge("max_tokens must be at least 1")
-        seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
 
     def abort(self, seq: Sequence, reason: FinishReason = FinishReason.ABORT) -> None:
         """End a sequence wherever it is (client gone, or a stop string seen after the step);

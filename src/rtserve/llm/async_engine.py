@@ -1,0 +1,127 @@
+"""The async front the server drives: the engine steps on its own thread; each request streams
+its deltas through an asyncio queue; a request whose consumer goes away is aborted (its blocks are
+freed at the next step).
+
+The event loop never takes a lock: new requests and aborts go through a thread-safe inbox that
+the engine thread drains before each step, and deltas come back with ``call_soon_threadsafe``.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from .engine import LLM
+from .sampling_params import SamplingParams
+from .sequence import FinishReason, Sequence
+
+
+@dataclass
+class StreamDelta:
+    index: int                 # which of the request's n choices
+    text: str                  # new text since the last delta
+    token_ids: list[int]       # new tokens since the last delta
+    logprobs: list | None      # their logprobs, when asked for
+    finish_reason: str | None  # set on the choice's last delta
+    num_prompt_tokens: int
+    num_generated: int
+
+
+class _Stream:
+    def __init__(self, loop, queue, index: int, hold: int) -> None:
+        self.loop, self.queue, self.index, self.hold = loop, queue, index, hold
+        self.sent_tokens = 0
+        self.sent_chars = 0
+
+
+class AsyncLLM:
+    def __init__(self, llm: LLM) -> None:
+        self.llm = llm
+        self._inbox: deque = deque()
+        self._wake = threading.Event()
+        self._streams: dict[int, _Stream] = {}
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name="rtserve-llm-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._running = False
+        self._wake.set()
+        self._thread.join(30)
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[StreamDelta]:
+        """Stream the request's deltas. Raises ValueError (bad prompt) or RequestTooLarge at once."""
+        loop = asyncio.get_running_loop()
+        tokens = self.llm.encode(prompt)
+        seqs = self.llm.make_sequences(tokens, params)
+        for s in seqs:
+            self.llm.scheduler.check(s)
+        queue: asyncio.Queue = asyncio.Queue()
+        hold = max((len(x) for x in params.stop), default=1) - 1
+        for i, s in enumerate(seqs):
+            self._streams[s.seq_id] = _Stream(loop, queue, i, hold)
+        self._inbox.append(("add", seqs))
+        self._wake.set()
+        remaining = len(seqs)
+        try:
+            while remaining:
+                delta = await queue.get()
+                if delta.finish_reason is not None:
+                    remaining -= 1
+                yield delta
+        finally:
+            for s in seqs:
+                self._streams.pop(s.seq_id, None)
+            if remaining:
+                self._inbox.append(("abort", seqs))
+                self._wake.set()
+
+    # -- engine thread -----------------------------------------------------------------------------
+    def _run(self) -> None:
+        llm = self.llm
+        while self._running:
+            while self._inbox:
+                op, seqs = self._inbox.popleft()
+                for s in seqs:
+                    if op == "add":
+                        llm.scheduler.add(s)
+                    else:
+                        llm.scheduler.abort(s)
+                        llm.forget(s)
+            if not llm.scheduler.has_work:
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                stepped = llm.step()
+            except Exception as e:  # a model fault ends every running request, the engine lives on
+                for s in list(llm.scheduler.running) + list(llm.scheduler.waiting):
+                    llm.scheduler.abort(s)
+                    self._emit(s, error=f"{type(e).__name__}: {e}")
+                continue
+            for s in stepped:
+                self._emit(s)
+
+    def _emit(self, seq: Sequence, error: str | None = None) -> None:
+        st = self._streams.get(seq.seq_id)
+        if st is None:
+            if seq.is_finished:
+                self.llm.forget(seq)
+            return
+        text = self.llm.text_of(seq)
+        done = seq.is_finished
+        upto = len(text) if done else max(st.sent_chars, len(text) - st.hold)
+        new_tokens = seq.generated_ids[st.sent_tokens:]
+        lps = seq.output_logprobs[st.sent_tokens:] if seq.params.logprobs is not None else None
+        reason = seq.finish_reason.value if done and seq.finish_reason else None
+        if error is not None:
+            reason = FinishReason.ABORT.value
+        delta = StreamDelta(st.index, text[st.sent_chars:upto], new_tokens, lps, reason,
+                            seq.num_prompt_tokens, seq.num_generated)
+        st.sent_tokens = seq.num_generated
+        st.sent_chars = upto
+        if done:
+            self.llm.forget(seq)
+        st.loop.call_soon_threadsafe(st.queue.put_nowait, delta)
