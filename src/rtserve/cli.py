@@ -1,4 +1,4 @@
-"""Command line: ``rtserve serve | models | infer | bench``."""
+"""Command line: ``rtserve serve | models | infer | bench | generate``."""
 from __future__ import annotations
 
 import argparse
@@ -140,6 +140,47 @@ def cmd_bench(args) -> int:
     return 0 if s["unanswered"] == 0 else 1
 
 
+def cmd_generate(args) -> int:
+    import asyncio
+
+    from .llm.async_engine import AsyncLLM
+    from .llm.engine import LLM
+    from .llm.sampling_params import SamplingParams
+
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k, seed=args.seed, stop=tuple(args.stop or ()))
+        llm = LLM(args.model_dir, dtype=args.dtype, device=args.device, num_blocks=args.num_blocks)
+    except ValueError as e:
+        print(f"rtserve generate: {e}", file=sys.stderr)
+        return 2
+    prompt = args.prompt
+    if args.chat:
+        if llm.tokenizer is None:
+            print("rtserve generate: --chat needs a tokenizer", file=sys.stderr)
+            return 2
+        prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    engine = AsyncLLM(llm)
+
+    async def run() -> str | None:
+        reason = None
+        async for d in engine.generate(prompt, params):
+            sys.stdout.write(d.text)
+            sys.stdout.flush()
+            reason = d.finish_reason or reason
+        return reason
+
+    try:
+        reason = asyncio.run(run())
+    except ValueError as e:
+        print(f"rtserve generate: {e}", file=sys.stderr)
+        return 2
+    finally:
+        engine.shutdown()
+    print(f"\n[finish: {reason}]", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="rtserve", description="Real-time inference serving")
     sub = p.add_subparsers(dest="command", required=True)
@@ -184,6 +225,21 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--json", help="write the results as JSON here")
     client_args(b)
     b.set_defaults(func=cmd_bench)
+
+    g = sub.add_parser("generate", help="generate text offline with a Hugging Face decoder folder, streaming")
+    g.add_argument("model_dir")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--num-blocks", type=int, default=512)
+    g.set_defaults(func=cmd_generate)
 
     args = p.parse_args(argv)
     if getattr(args, "api_key", None) is None and hasattr(args, "api_key"):

@@ -143,3 +143,18 @@ def test_async_engine_streams_cancels_and_stops(model_dir):
     finally:
         engine.shutdown()
     llm.scheduler.bm.check_integrity()
+
+
+def test_rtserve_generate_cli_streams_the_same_text(model_dir):
+    import subprocess
+    import sys
+
+    llm = LLM(model_dir, num_blocks=64, block_size=4)
+    ref = llm.generate(["The quick brown"], SamplingParams(max_tokens=12, temperature=0))
+    out = subprocess.run([sys.executable, "-m", "rtserve", "generate", str(model_dir), "--prompt", "The quick brown",
+                          "--max-tokens", "12"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == ref[0].outputs[0].text and f"[finish: {ref[0].outputs[0].finish_reason}]" in out.stderr
+    bad = subprocess.run([sys.executable, "-m", "rtserve", "generate", str(model_dir), "--prompt", "x",
+                          "--temperature", "-1"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "temperature" in bad.stderr
