@@ -177,10 +177,11 @@ class ModelConfig:
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
     backend_options: dict = field(default_factory=dict)
     warmup: bool = True
+    engine: dict = field(default_factory=dict)  # backend llm: LLM engine limits
 
     KEYS = {
         "backend", "device", "instances", "max_batch_size", "batching", "inputs", "outputs",
-        "labels", "version_policy", "backend_options", "warmup", "name",
+        "labels", "version_policy", "backend_options", "warmup", "name", "engine",
     }
 
     def __post_init__(self) -> None:
@@ -199,6 +200,9 @@ class ModelConfig:
         options = data.get("backend_options", {}) or {}
         if not isinstance(options, dict):
             raise ConfigError("backend_options: expected a mapping")
+        engine = data.get("engine", {}) or {}
+        if not isinstance(engine, dict):
+            raise ConfigError("engine: expected a mapping")
         labels = data.get("labels")
         if labels is not None and not isinstance(labels, str):
             raise ConfigError("labels: expected a file name relative to the model folder")
@@ -215,6 +219,7 @@ class ModelConfig:
             version_policy=VersionPolicy.from_value(data.get("version_policy")),
             backend_options=dict(options),
             warmup=bool(data.get("warmup", True)),
+            engine=dict(engine),
         )
 
 

@@ -108,6 +108,11 @@ class LoadedModel:
             except Exception as e:
                 raise ConfigError(f"{where}: warm-up run failed: {type(e).__name__}: {e}") from None
 
+    kind = "tensor"
+
+    def start(self) -> None:
+        self.batcher.start()
+
     @property
     def all_outputs(self) -> list[TensorSpec]:
         outs = list(self.outputs)

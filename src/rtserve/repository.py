@@ -128,7 +128,7 @@ class ModelRepository:
                 self.entries[name] = ModelEntry(name, ModelState.UNAVAILABLE, e.message)
                 raise
             for m in versions.values():
-                m.batcher.start()
+                m.start()
             self.entries[name] = ModelEntry(name, ModelState.READY, "", versions)
             if old is not None and old.versions:
                 await self._close_versions(old.versions, keep=versions)
@@ -137,7 +137,7 @@ class ModelRepository:
 
     def _load_versions(self, model_dir: Path) -> dict[int, LoadedModel]:
         config = read_config(model_dir)
-        backend_cls = get_backend(config.backend)
+        backend_cls = None if config.backend == "llm" else get_backend(config.backend)
         available = list_versions(model_dir)
         chosen = config.version_policy.select(available)
         if not chosen:
@@ -147,6 +147,14 @@ class ModelRepository:
         try:
             for v in chosen:
                 vdir = model_dir / str(v)
+                if backend_cls is None:
+                    from .llm_model import LLMModel
+
+                    try:
+                        loaded[v] = LLMModel(config, model_dir, v)
+                    except ConfigError as e:
+                        raise ConfigError(f"model '{config.name}' version {v}: {e.message}") from None
+                    continue
                 try:
                     path = backend_cls.find_file(vdir)
                 except ConfigError as e:

@@ -8,40 +8,15 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
 
+from models import write_text_lm  # noqa: E402
 from rtserve.llm.engine import LLM  # noqa: E402
 from rtserve.llm.sampling_params import SamplingParams  # noqa: E402
 from rtserve.llm.tokenizer import IncrementalDetokenizer, Tokenizer, find_stop  # noqa: E402
 
-TEXT = ["The quick brown fox jumps over the lazy dog.", "Héllo wörld, ça va? Ünïcödé ☃ snow ✓ done.",
-        "def serve(model): return model.infer(batch)", "rtserve batches requests in real time."] * 20
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("textlm")
-    tok = HFTok(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "</s>"],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": {"content": "</s>"}, "chat_template": TEMPLATE}))
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=112,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=256, tie_word_embeddings=True, eos_token_id=1)
-    m = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.3)
-    m.save_pretrained(path, safe_serialization=True)
-    return path
+    return write_text_lm(tmp_path_factory.mktemp("textlm"))
 
 
 def test_encode_decode_round_trip_and_special_tokens(model_dir):

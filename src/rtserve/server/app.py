@@ -21,6 +21,7 @@ from ..repository import ModelRepository
 from .auth import check_api_key
 from .openapi import openapi_document
 from .protocols import kserve_v2
+from .protocols import openai as oai
 
 log = logging.getLogger("rtserve.server")
 
@@ -95,7 +96,14 @@ class App:
 
     async def _http(self, scope, receive, send) -> None:
         try:
-            resp = await self._route(scope, receive)
+            if scope["path"].startswith("/v1/"):
+                resp = await self._openai(scope, receive, send)
+                if resp is None:  # streamed, or the client went away
+                    return
+            else:
+                resp = await self._route(scope, receive)
+        except oai.OpenAIError as e:
+            resp = Response(e.status, e.body(), JSON)
         except RtserveError as e:
             resp = error_response(e)
         except ClientGone:
@@ -188,6 +196,103 @@ class App:
             return Response(200, b"{}", JSON)
         raise NotFound(f"no route for {method} {scope['path']}")
 
+    # -- OpenAI-compatible API ----------------------------------------------------------------
+    async def _openai(self, scope, receive, send) -> Response | None:
+        method, path = scope["method"], scope["path"].rstrip("/")
+        try:
+            if path == "/v1/models":
+                self._method(method, "GET")
+                data = [{"id": m.name, "object": "model", "created": 0, "owned_by": "rtserve"}
+                        for m in self.repository.ready_models() if m.kind == "llm"]
+                return json_response({"object": "list", "data": data})
+            if path in ("/v1/completions", "/v1/chat/completions"):
+                self._method(method, "POST")
+                return await self._generate(scope, receive, send, chat=path.endswith("chat/completions"))
+            raise NotFound(f"no route for {method} {scope['path']}")
+        except oai.OpenAIError:
+            raise
+        except RtserveError as e:
+            raise oai.OpenAIError(e.message, status=e.status,
+                                  type_="invalid_request_error" if e.status < 500 else "server_error") from None
+
+    async def _generate(self, scope, receive, send, chat: bool) -> Response | None:
+        from ..llm.scheduler import RequestTooLarge
+
+        headers = dict(scope["headers"])
+        if self.config.protect_inference:
+            check_api_key(self.config.api_key, headers)
+        body = await self._read_body(scope, receive, headers)
+        req = oai.parse(body, chat)
+        try:
+            model = self.repository.get(req.model)
+        except NotFound:
+            raise oai.OpenAIError(f"The model '{req.model}' does not exist", status=404, param="model") from None
+        if model.kind != "llm":
+            raise oai.OpenAIError(f"model '{req.model}' is a tensor model: use /v2/models/{req.model}/infer",
+                                  param="model")
+        llm = model.llm
+        try:
+            if chat:
+                if llm.tokenizer is None:
+                    raise ValueError("this model has no tokenizer, so it cannot chat")
+                prompt = llm.tokenizer.apply_chat_template(req.messages)
+            else:
+                prompt = req.prompt
+            prompt_ids = llm.encode(prompt)
+            if any(t >= llm.runner.config.vocab_size for t in prompt_ids):
+                raise ValueError(f"prompt token ids must be below the vocabulary size {llm.runner.config.vocab_size}")
+        except ValueError as e:
+            raise oai.OpenAIError(str(e), param="messages" if chat else "prompt") from None
+        builder = oai.ResponseBuilder(req, llm.tokenizer)
+        gen = model.engine.generate(prompt_ids, req.params)
+        task = asyncio.current_task()
+        done = False
+        watcher = asyncio.ensure_future(receive())
+        watcher.add_done_callback(lambda w: task.cancel() if not done and not w.cancelled() else None)
+        try:
+            try:
+                first = await gen.__anext__()
+            except RequestTooLarge as e:
+                raise oai.OpenAIError(str(e), param="messages" if chat else "prompt") from None
+            if req.stream:
+                await send({"type": "http.response.start", "status": 200, "headers": [
+                    (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
+                started, completion = set(), 0
+                d = first
+                while d is not None:
+                    await send({"type": "http.response.body", "more_body": True, "body": builder.chunk(
+                        d.index, d.text, d.token_ids, d.logprobs, d.finish_reason, d.index not in started)})
+                    started.add(d.index)
+                    if d.finish_reason is not None:
+                        completion += d.num_generated
+                    d = await anext(gen, None)
+                tail = builder.usage_chunk(first.num_prompt_tokens, completion) if req.include_usage else b""
+                await send({"type": "http.response.body", "body": tail + oai.DONE})
+                return None
+            choices: dict[int, dict] = {}
+            completion = 0
+            d = first
+            while d is not None:
+                c = choices.setdefault(d.index, {"index": d.index, "text": "", "token_ids": [], "logprobs": None,
+                                                 "finish_reason": None})
+                c["text"] += d.text
+                c["token_ids"] += d.token_ids
+                if d.logprobs is not None:
+                    c["logprobs"] = (c["logprobs"] or []) + d.logprobs
+                if d.finish_reason is not None:
+                    c["finish_reason"] = d.finish_reason
+                    completion += d.num_generated
+                d = await anext(gen, None)
+            return Response(200, builder.final(list(choices.values()), first.num_prompt_tokens, completion), JSON)
+        except asyncio.CancelledError:
+            if done or watcher.cancelled() or not watcher.done():
+                raise
+            return None  # the client went away; the stream's cleanup aborted its sequences
+        finally:
+            done = True
+            watcher.cancel()
+            await gen.aclose()
+
     # -- body ---------------------------------------------------------------------------------
     async def _read_body(self, scope, receive, headers: dict) -> bytes:
         limit = self.config.max_body_bytes
@@ -228,6 +333,8 @@ class App:
     # -- inference ----------------------------------------------------------------------------
     async def _infer(self, scope, receive, headers: dict, name: str, version: str | None) -> Response:
         model = self.repository.get(name, version)
+        if model.kind != "tensor":
+            raise InvalidInput(f"model '{name}' is a language model: use /v1/completions or /v1/chat/completions")
         m = model.metrics
         if model.batcher.queue.full:  # shed load before paying for the body's decoding
             model.batcher.reject_full()

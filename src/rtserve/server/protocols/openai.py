@@ -1,0 +1,188 @@
+"""OpenAI-compatible API codec: /v1/completions and /v1/chat/completions requests into the
+engine's terms, responses and SSE chunks back, errors in OpenAI's format. No HTTP, no engine."""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+import orjson
+
+from ...errors import RtserveError
+from ...llm.sampling_params import SamplingParams
+
+
+class OpenAIError(RtserveError):
+    """Rendered as {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None,
+                 type_: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.param, self.type = status, param, type_
+
+    def body(self) -> bytes:
+        return orjson.dumps({"error": {"message": self.message, "type": self.type, "param": self.param,
+                                       "code": None}})
+
+
+@dataclass
+class GenerationRequest:
+    model: str
+    prompt: str | list[int] | None  # completions
+    messages: list[dict] | None     # chat
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+    chat: bool
+    top_logprobs: int = 0
+
+
+def _get(doc: dict, key: str, kinds, default=None):
+    v = doc.get(key, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
+        raise OpenAIError(f"'{key}' must be {_kind_name(kinds)}", param=key)
+    if not isinstance(v, kinds):
+        raise OpenAIError(f"'{key}' must be {_kind_name(kinds)}", param=key)
+    return v
+
+
+def _kind_name(kinds) -> str:
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "a list", dict: "an object"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def parse(body: bytes, chat: bool) -> GenerationRequest:
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise OpenAIError(f"the body is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise OpenAIError("the body must be a JSON object")
+    model = _get(doc, "model", str)
+    if not model:
+        raise OpenAIError("'model' is required", param="model")
+    prompt = messages = None
+    if chat:
+        messages = _get(doc, "messages", list)
+        if not messages:
+            raise OpenAIError("'messages' must be a non-empty list", param="messages")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise OpenAIError(f"messages[{i}] must be an object with a 'role'", param="messages")
+            content = m.get("content")
+            if isinstance(content, list):  # content parts: keep the text ones
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+                m = {**m, "content": content}
+                messages[i] = m
+            if not isinstance(m.get("content", ""), str):
+                raise OpenAIError(f"messages[{i}].content must be a string", param="messages")
+    else:
+        prompt = doc.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]
+        if isinstance(prompt, list):
+            if not prompt or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
+                raise OpenAIError("'prompt' must be a string, or a non-empty list of token ids "
+                                  "(one prompt per request)", param="prompt")
+        elif not isinstance(prompt, str) or not prompt:
+            raise OpenAIError("'prompt' must be a non-empty string", param="prompt")
+    stop = doc.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop)):
+        raise OpenAIError("'stop' must be a string or a list of non-empty strings", param="stop")
+    top_logprobs = 0
+    if chat:
+        want = _get(doc, "logprobs", bool, False)
+        top_logprobs = _get(doc, "top_logprobs", int, 0)
+        logprobs = top_logprobs if want else None
+        max_tokens = _get(doc, "max_completion_tokens", int) or _get(doc, "max_tokens", int)
+    else:
+        logprobs = _get(doc, "logprobs", int)
+        max_tokens = _get(doc, "max_tokens", int, 16)
+    stream_options = _get(doc, "stream_options", dict, {})
+    try:
+        params = SamplingParams(
+            max_tokens=max_tokens if max_tokens is not None else 16 if not chat else 256,
+            temperature=float(_get(doc, "temperature", (int, float), 1.0)),
+            top_p=float(_get(doc, "top_p", (int, float), 1.0)),
+            top_k=_get(doc, "top_k", int, 0) if doc.get("top_k") != -1 else 0,
+            min_p=float(_get(doc, "min_p", (int, float), 0.0)),
+            repetition_penalty=float(_get(doc, "repetition_penalty", (int, float), 1.0)),
+            presence_penalty=float(_get(doc, "presence_penalty", (int, float), 0.0)),
+            frequency_penalty=float(_get(doc, "frequency_penalty", (int, float), 0.0)),
+            seed=_get(doc, "seed", int), stop=tuple(stop or ()),
+            stop_token_ids=tuple(_get(doc, "stop_token_ids", list, [])),
+            ignore_eos=_get(doc, "ignore_eos", bool, False), logprobs=logprobs, n=_get(doc, "n", int, 1))
+    except ValueError as e:
+        field = str(e).split(":", 1)[0]
+        raise OpenAIError(str(e), param=field) from None
+    return GenerationRequest(model=model, prompt=prompt, messages=messages, params=params,
+                             stream=_get(doc, "stream", bool, False),
+                             include_usage=bool(stream_options.get("include_usage", False)), chat=chat,
+                             top_logprobs=top_logprobs)
+
+
+class ResponseBuilder:
+    """Builds the response or the stream chunks of one request."""
+
+    def __init__(self, req: GenerationRequest, tokenizer) -> None:
+        self.req, self.tok = req, tokenizer
+        self.id = ("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.object = "chat.completion" if req.chat else "text_completion"
+
+    def _logprobs(self, token_ids: list[int], lps: list | None):
+        if lps is None:
+            return None
+        decode = (lambda t: self.tok.decode([t], skip_special_tokens=False)) if self.tok else str
+        if self.req.chat:
+            return {"content": [{"token": decode(t), "logprob": lp[0], "bytes": list(decode(t).encode()),
+                                 "top_logprobs": [{"token": decode(a), "logprob": v, "bytes": list(decode(a).encode())}
+                                                  for a, v in lp[1]]} for t, lp in zip(token_ids, lps)]}
+        return {"tokens": [decode(t) for t in token_ids], "token_logprobs": [lp[0] for lp in lps],
+                "top_logprobs": [{decode(a): v for a, v in lp[1]} for lp in lps], "text_offset": None}
+
+    @staticmethod
+    def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    def final(self, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> bytes:
+        out = []
+        for c in sorted(choices, key=lambda c: c["index"]):
+            lp = self._logprobs(c["token_ids"], c["logprobs"])
+            if self.req.chat:
+                out.append({"index": c["index"], "message": {"role": "assistant", "content": c["text"]},
+                            "logprobs": lp, "finish_reason": c["finish_reason"]})
+            else:
+                out.append({"index": c["index"], "text": c["text"], "logprobs": lp, "finish_reason": c["finish_reason"]})
+        return orjson.dumps({"id": self.id, "object": self.object, "created": self.created, "model": self.req.model,
+                             "choices": out, "usage": self.usage(prompt_tokens, completion_tokens)})
+
+    def chunk(self, index: int, text: str, token_ids: list[int], lps, finish_reason: str | None,
+              first: bool) -> bytes:
+        lp = self._logprobs(token_ids, lps)
+        if self.req.chat:
+            delta: dict = {"role": "assistant", "content": text} if first else {"content": text}
+            choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
+            obj = "chat.completion.chunk"
+        else:
+            choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason}
+            obj = "text_completion"
+        doc = {"id": self.id, "object": obj, "created": self.created, "model": self.req.model, "choices": [choice]}
+        if self.req.include_usage:
+            doc["usage"] = None
+        return b"data: " + orjson.dumps(doc) + b"\n\n"
+
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+        obj = "chat.completion.chunk" if self.req.chat else "text_completion"
+        return b"data: " + orjson.dumps({"id": self.id, "object": obj, "created": self.created,
+                                         "model": self.req.model, "choices": [],
+                                         "usage": self.usage(prompt_tokens, completion_tokens)}) + b"\n\n"
+
+
+DONE = b"data: [DONE]\n\n"
