@@ -64,16 +64,22 @@ class _Metric:
 
 
 class _CounterChild:
-    __slots__ = ("value",)
+    __slots__ = ("value", "fn")
 
     def __init__(self) -> None:
         self.value = 0.0
+        self.fn: Callable[[], float] | None = None
 
     def inc(self, amount: float = 1.0) -> None:
         self.value += amount
 
+    def set_function(self, fn: Callable[[], float]) -> None:
+        """Read a monotonic count kept elsewhere (e.g. the block manager's) at scrape time."""
+        self.fn = fn
+
     def render(self, name, names, values):
-        return [f"{name}{_fmt_labels(names, values)} {_num(self.value)}"]
+        v = self.fn() if self.fn is not None else self.value
+        return [f"{name}{_fmt_labels(names, values)} {_num(v)}"]
 
 
 class Counter(_Metric):
@@ -207,3 +213,42 @@ class ModelMetrics:
 
     def failed(self, reason: str) -> None:
         self.fam.failure.labels(*self.labels, reason).inc()
+
+
+TOKEN_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class LLMMetrics:
+    """The generative path's metric families, labelled by model."""
+
+    def __init__(self, registry: Registry) -> None:
+        r, m = registry, ("model",)
+        self.ttft = r.add(Histogram("rtserve_llm_time_to_first_token_seconds", "Time to first token", m, TOKEN_BUCKETS_S))
+        self.itl = r.add(Histogram("rtserve_llm_inter_token_latency_seconds", "Time between streamed deltas", m,
+                                   TOKEN_BUCKETS_S))
+        self.e2e = r.add(Histogram("rtserve_llm_e2e_request_latency_seconds", "Request latency, arrival to last token", m,
+                                   TOKEN_BUCKETS_S))
+        self.queue = r.add(Histogram("rtserve_llm_request_queue_time_seconds", "Arrival to first scheduled", m,
+                                     TOKEN_BUCKETS_S))
+        self.running = r.add(Gauge("rtserve_llm_num_requests_running", "Sequences running", m))
+        self.waiting = r.add(Gauge("rtserve_llm_num_requests_waiting", "Sequences waiting", m))
+        self.kv_usage = r.add(Gauge("rtserve_llm_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", m))
+        self.prefix_queries = r.add(Counter("rtserve_llm_prefix_cache_queries_total", "Full prompt blocks looked up", m))
+        self.prefix_hits = r.add(Counter("rtserve_llm_prefix_cache_hits_total", "Full prompt blocks found cached", m))
+        self.prompt_tokens = r.add(Counter("rtserve_llm_prompt_tokens_total", "Prompt tokens of finished requests", m))
+        self.generation_tokens = r.add(Counter("rtserve_llm_generation_tokens_total", "Generated tokens", m))
+        self.requests = r.add(Counter("rtserve_llm_request_success_total", "Finished requests by reason", m +
+                                      ("finished_reason",)))
+        self._bound: dict[int, object] = {}
+
+    def bind(self, name: str, scheduler) -> None:
+        """Point the gauges and cache counters of ``name`` at a scheduler (once per engine)."""
+        if self._bound.get(id(scheduler)) is not None:
+            return
+        self._bound[id(scheduler)] = scheduler
+        bm = scheduler.bm
+        self.running.labels(name).set_function(lambda: len(scheduler.running))
+        self.waiting.labels(name).set_function(lambda: len(scheduler.waiting))
+        self.kv_usage.labels(name).set_function(lambda: bm.usage)
+        self.prefix_queries.labels(name).set_function(lambda: bm.num_prefix_queries)
+        self.prefix_hits.labels(name).set_function(lambda: bm.num_prefix_hits)

@@ -141,3 +141,25 @@ def test_closing_the_stream_cancels_the_request(lm_server):
     t0 = time.perf_counter()
     client.completions.create(model="lm", prompt="x", max_tokens=2)
     assert time.perf_counter() - t0 < 5
+
+
+def test_llm_metrics(lm_server):
+    client, _, url = lm_server
+    client.completions.create(model="lm", prompt="The quick brown", max_tokens=6, temperature=0,
+                              extra_body={"ignore_eos": True})
+    text = httpx.get(url + "/metrics").text
+
+    def value(name):
+        line = next(ln for ln in text.splitlines() if ln.startswith(name + " ") or ln.startswith(name + "{"))
+        return float(line.rsplit(" ", 1)[1])
+
+    assert value('rtserve_llm_time_to_first_token_seconds_count{model="lm"}') >= 1
+    assert value('rtserve_llm_inter_token_latency_seconds_count{model="lm"}') >= 5
+    assert value('rtserve_llm_e2e_request_latency_seconds_count{model="lm"}') >= 1
+    assert value('rtserve_llm_request_queue_time_seconds_count{model="lm"}') >= 1
+    assert value('rtserve_llm_generation_tokens_total{model="lm"}') >= 6
+    assert value('rtserve_llm_prompt_tokens_total{model="lm"}') >= 4
+    assert value('rtserve_llm_prefix_cache_queries_total{model="lm"}') >= value('rtserve_llm_prefix_cache_hits_total{model="lm"}')
+    assert value('rtserve_llm_request_success_total{model="lm",finished_reason="length"}') >= 1
+    assert value('rtserve_llm_num_requests_running{model="lm"}') == 0
+    assert value('rtserve_llm_kv_cache_usage_ratio{model="lm"}') == 0

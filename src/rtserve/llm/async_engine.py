@@ -27,6 +27,7 @@ class StreamDelta:
     finish_reason: str | None  # set on the choice's last delta
     num_prompt_tokens: int
     num_generated: int
+    queue_s: float = 0.0       # arrival to first scheduled
 
 
 class _Stream:
@@ -119,7 +120,8 @@ class AsyncLLM:
         if error is not None:
             reason = FinishReason.ABORT.value
         delta = StreamDelta(st.index, text[st.sent_chars:upto], new_tokens, lps, reason,
-                            seq.num_prompt_tokens, seq.num_generated)
+                            seq.num_prompt_tokens, seq.num_generated,
+                            max(0.0, seq.first_scheduled - seq.arrival) if seq.first_scheduled else 0.0)
         st.sent_tokens = seq.num_generated
         st.sent_chars = upto
         if done:

@@ -6,6 +6,7 @@ are checked on the new text. Streaming and the async engine the server drives ar
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,7 +62,8 @@ class LLM:
             gen = None
             if params.seed is not None:
                 gen = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)
-            seq = Sequence(list(prompt), params.max_tokens, stop_token_ids=stops, params=params, generator=gen)
+            seq = Sequence(list(prompt), params.max_tokens, stop_token_ids=stops, params=params, generator=gen,
+                           arrival=time.monotonic())
             if self.tokenizer is not None:
                 self._detok[seq.seq_id] = IncrementalDetokenizer(self.tokenizer)
             seqs.append(seq)

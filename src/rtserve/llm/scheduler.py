@@ -11,6 +11,7 @@ Invariant: the tokens scheduled in a step add up to at most ``max_num_batched_to
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -145,6 +146,8 @@ class Scheduler:
                 seq.num_computed_tokens = seq.num_cached_tokens = 0
                 break
             self.waiting.popleft()
+            if not seq.first_scheduled:
+                seq.first_scheduled = time.monotonic()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, n))

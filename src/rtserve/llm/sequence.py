@@ -43,6 +43,7 @@ class Sequence:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0
     num_preemptions: int = 0
+    first_scheduled: float = 0.0  # time.monotonic() when it first ran (0 = not yet)
     block_table: list[int] = field(default_factory=list)
     params: Any = None  # SamplingParams (kept opaque here: this module imports no torch)
     generator: Any = None  # torch.Generator for a seeded request

@@ -15,7 +15,7 @@ import orjson
 from .. import __version__
 from ..config import ServerConfig
 from ..errors import InvalidInput, NotFound, PayloadTooLarge, RtserveError, Unavailable
-from ..metrics import Registry, TensorMetrics
+from ..metrics import LLMMetrics, Registry, TensorMetrics
 from ..model import LABEL_OUTPUT
 from ..repository import ModelRepository
 from .auth import check_api_key
@@ -31,6 +31,28 @@ _EMPTY: list = []
 
 class ClientGone(Exception):
     pass
+
+
+async def _timed(gen, lm: LLMMetrics, name: str, t_arrival: float):
+    """Pass deltas through, recording TTFT, inter-token latency, queue time, e2e and token counts."""
+    last, first = t_arrival, True
+    try:
+        async for d in gen:
+            now = time.perf_counter()
+            if d.token_ids:
+                (lm.ttft if first else lm.itl).labels(name).observe(now - last)
+                if first:
+                    lm.queue.labels(name).observe(d.queue_s)
+                first = False
+                last = now
+                lm.generation_tokens.labels(name).inc(len(d.token_ids))
+            if d.finish_reason is not None:
+                lm.requests.labels(name, d.finish_reason).inc()
+                lm.prompt_tokens.labels(name).inc(d.num_prompt_tokens)
+                lm.e2e.labels(name).observe(now - t_arrival)
+            yield d
+    finally:
+        await gen.aclose()
 
 
 class Response:
@@ -56,6 +78,7 @@ class App:
         self.config = config
         self.registry = Registry()
         self.tensor_metrics = TensorMetrics(self.registry)
+        self.llm_metrics = LLMMetrics(self.registry)
         self.repository = repository or ModelRepository(config.repository, self.tensor_metrics)
         if self.repository.metrics is None:
             self.repository.metrics = self.tensor_metrics
@@ -244,7 +267,10 @@ class App:
         except ValueError as e:
             raise oai.OpenAIError(str(e), param="messages" if chat else "prompt") from None
         builder = oai.ResponseBuilder(req, llm.tokenizer)
-        gen = model.engine.generate(prompt_ids, req.params)
+        lm = self.llm_metrics
+        lm.bind(model.name, llm.scheduler)
+        t_arrival = time.perf_counter()
+        gen = _timed(model.engine.generate(prompt_ids, req.params), lm, model.name, t_arrival)
         task = asyncio.current_task()
         done = False
         watcher = asyncio.ensure_future(receive())
