@@ -23,6 +23,7 @@ def load_decoder(path: Path, dtype: torch.dtype, device: torch.device) -> LlamaF
     tied = ("lm_head.weight", "model.embed_tokens.weight") if config.tie_word_embeddings else None
     load_weights(model, path, dtype, device, tied)
     model.tie_weights()
+    model.prepare_for_inference()
     return model.eval()
 
 

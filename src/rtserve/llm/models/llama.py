@@ -38,16 +38,35 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.scale = c.head_dim ** -0.5
 
+    def fuse(self) -> None:
+        """CPU: one (hidden, (Hq + 2 Hkv) D) matmul instead of three, on a transposed contiguous
+        weight; the unfused modules are dropped so memory does not double."""
+        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]).detach()
+        self.qkv_t = w.t().contiguous()
+        self.qkv_b = (torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]).detach()
+                      if self.q_proj.bias is not None else None)
+        self.o_t = self.o_proj.weight.detach().t().contiguous()
+        self.q_proj = self.k_proj = self.v_proj = self.o_proj = None
+
     def forward(self, x, positions, kv_cache, meta: AttentionMetadata):
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.nh, self.hd)     # (T, Hq, D)
-        k = self.k_proj(x).view(t, self.nkv, self.hd)    # (T, Hkv, D)
-        v = self.v_proj(x).view(t, self.nkv, self.hd)
+        if self.q_proj is None:  # fused
+            qkv = x @ self.qkv_t
+            if self.qkv_b is not None:
+                qkv = qkv + self.qkv_b
+            nq, nkv = self.nh * self.hd, self.nkv * self.hd
+            q = qkv[:, :nq].reshape(t, self.nh, self.hd)
+            k = qkv[:, nq:nq + nkv].reshape(t, self.nkv, self.hd)
+            v = qkv[:, nq + nkv:].reshape(t, self.nkv, self.hd)
+        else:
+            q = self.q_proj(x).view(t, self.nh, self.hd)     # (T, Hq, D)
+            k = self.k_proj(x).view(t, self.nkv, self.hd)    # (T, Hkv, D)
+            v = self.v_proj(x).view(t, self.nkv, self.hd)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
-        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
-        return self.o_proj(out.reshape(t, self.nh * self.hd))
+        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale).reshape(t, self.nh * self.hd)
+        return out @ self.o_t if self.o_proj is None else self.o_proj(out)
 
 
 class MLP(nn.Module):
@@ -57,7 +76,17 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
 
+    def fuse(self) -> None:
+        """CPU: gate and up in one matmul on a transposed contiguous weight."""
+        self.inter = self.gate_proj.weight.shape[0]
+        self.gate_up_t = torch.cat([self.gate_proj.weight, self.up_proj.weight]).detach().t().contiguous()
+        self.down_t = self.down_proj.weight.detach().t().contiguous()
+        self.gate_proj = self.up_proj = self.down_proj = None
+
     def forward(self, x):
+        if self.gate_proj is None:  # fused
+            gu = x @ self.gate_up_t
+            return (nn.functional.silu(gu[:, :self.inter]) * gu[:, self.inter:]) @ self.down_t
         return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -97,9 +126,21 @@ class LlamaForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def prepare_for_inference(self) -> None:
+        """On CPU, keep the LM head as a contiguous (hidden, vocab) matrix: ``x @ W_t`` streams it at
+        ~30 GB/s here where ``F.linear`` on the (vocab, hidden) layout reaches ~14 GB/s (measured:
+        2.3x at batch 1, 1.15x at batch 64). Costs one more vocab x hidden matrix of memory."""
+        w = self.lm_head.weight
+        self._head_t = w.detach().t().contiguous() if w.device.type == "cpu" else None
+        if w.device.type == "cpu":
+            for layer in self.model.layers:
+                layer.self_attn.fuse()
+                layer.mlp.fuse()
+
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata, logits_index):
         x = self.model.embed_tokens(input_ids)
         for layer, cache in zip(self.model.layers, kv_caches):
             x = layer(x, positions, cache, meta)
         x = self.model.norm(x[logits_index])
-        return self.lm_head(x).float()
+        head_t = getattr(self, "_head_t", None)
+        return (x @ head_t if head_t is not None else self.lm_head(x)).float()
