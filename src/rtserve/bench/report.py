@@ -1,6 +1,7 @@
 """Percentiles, plain text tables and JSON output for benchmark results."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -25,6 +26,7 @@ def _cell(v) -> str:
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:
+    """A plain text table, one column per name in ``columns``, right-aligned; missing cells are blank."""
     cells = [[_cell(r.get(c, "")) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
     lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
@@ -32,7 +34,25 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _jsonable(o):
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if dataclasses.is_dataclass(o) and not isinstance(o, type):
+        return dataclasses.asdict(o)
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, (set, frozenset)):
+        return sorted(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
 def write_json(path, obj) -> None:
+    """Write ``obj`` as indented JSON (numpy scalars and arrays, dataclasses and paths allowed),
+    creating the parent folder."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+    p.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n")
