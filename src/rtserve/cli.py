@@ -85,8 +85,8 @@ def cmd_infer(args) -> int:
         except ClientError as e:
             print(f"rtserve infer: {e}", file=sys.stderr)
             return 1
-    printable = {k: (v.astype(str) if v.dtype == object else v).tolist() if v.dtype != object
-                 else [x.decode(errors="replace") for x in v.reshape(-1)] for k, v in out.items()}
+    printable = {k: v.tolist() if v.dtype != object else [x.decode(errors="replace") for x in v.reshape(-1)]
+                 for k, v in out.items()}
     print(json.dumps(printable))
     return 0
 

@@ -25,8 +25,6 @@ V2_TO_NUMPY: dict[str, np.dtype] = {
     "BYTES": np.dtype(object),
 }
 NUMPY_TO_V2: dict[np.dtype, str] = {v: k for k, v in V2_TO_NUMPY.items()}
-NUMPY_TO_V2[np.dtype("S")] = "BYTES"
-NUMPY_TO_V2[np.dtype("U")] = "BYTES"
 
 
 def v2_to_numpy(datatype: str) -> np.dtype:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from functools import cached_property
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,8 +37,9 @@ class InferRequest:
     seq: int = 0
     timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
-    @property
+    @cached_property
     def signature(self) -> tuple:
+        """Inputs never change once queued: computed once, compared on every pop."""
         return tuple((k, v.shape[1:], v.dtype.str) for k, v in self.inputs.items())
 
     def finish(self, outputs: dict[str, np.ndarray]) -> None:

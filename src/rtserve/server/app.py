@@ -196,8 +196,6 @@ class App:
         if action == "ready":
             try:
                 self.repository.get(name, version)
-            except NotFound:
-                raise
             except Unavailable:
                 return Response(503)
             return Response(200)
