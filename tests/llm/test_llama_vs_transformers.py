@@ -1,4 +1,5 @@
-"""Our Llama-family decoder against the transformers reference, on tiny random checkpoints."""
+"""Our decoders (the Llama family and GPT-2) against the transformers reference, on tiny random
+checkpoints."""
 from __future__ import annotations
 
 import pytest
@@ -22,21 +23,26 @@ ARCHS = {
                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
     "qwen2-qkv-bias": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=False)),
     "qwen3-qk-norm": ("Qwen3Config", "Qwen3ForCausalLM", dict(tie_word_embeddings=True, head_dim=32)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", None),
 }
+GPT2 = dict(vocab_size=97, n_embd=64, n_inner=112, n_layer=2, n_head=4, n_positions=256)
+# a tensor to damage in test_bad_checkpoints_name_the_problem
+UP_PROJ = {"gpt2": "transformer.h.1.mlp.c_fc.weight"}
 
 
 @pytest.fixture(scope="module", params=sorted(ARCHS))
 def checkpoint(request, tmp_path_factory):
     cfg_name, model_name, extra = ARCHS[request.param]
     torch.manual_seed(0)
-    cfg = getattr(transformers, cfg_name)(**COMMON, **extra)
+    cfg = getattr(transformers, cfg_name)(**COMMON, **extra) if extra is not None else \
+        getattr(transformers, cfg_name)(**GPT2)
     ref = getattr(transformers, model_name)(cfg).eval()
     with torch.no_grad():  # random, not-too-small weights so differences would show
         for p in ref.parameters():
             p.normal_(0, 0.2)
     path = tmp_path_factory.mktemp(request.param)
     ref.save_pretrained(path, safe_serialization=True)
-    return path, ref
+    return path, ref, request.param
 
 
 def ref_greedy(ref, prompt, n):
@@ -47,7 +53,7 @@ def ref_greedy(ref, prompt, n):
 
 
 def test_logits_match_for_prefill_and_each_decode_step(checkpoint):
-    path, ref = checkpoint
+    path, ref, _ = checkpoint
     runner = ModelRunner(path, num_blocks=32, block_size=4)
     sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64), BlockManager(32, 4))
     prompt = [5, 17, 3, 88, 42, 7, 7, 19, 60]
@@ -63,7 +69,7 @@ def test_logits_match_for_prefill_and_each_decode_step(checkpoint):
 
 
 def test_greedy_batched_ragged_and_chunked_matches(checkpoint):
-    path, ref = checkpoint
+    path, ref, _ = checkpoint
     prompts = [[3, 9, 27], list(range(10, 47)), [1], list(range(60, 80)), [42] * 11, list(range(2, 30, 3))]
     expected = [ref_greedy(ref, p, 8) for p in prompts]
     # small blocks and a small token budget: prefill is chunked and mixed with decode steps
@@ -77,7 +83,7 @@ def test_greedy_batched_ragged_and_chunked_matches(checkpoint):
 
 
 def test_preemption_under_a_small_cache_keeps_outputs(checkpoint):
-    path, ref = checkpoint
+    path, ref, _ = checkpoint
     prompts = [list(range(i, i + 12)) for i in (1, 20, 40)]
     expected = [ref_greedy(ref, p, 10) for p in prompts]
     llm = LLM(path, num_blocks=12, block_size=4, max_num_batched_tokens=64, enable_prefix_caching=False)
@@ -90,18 +96,18 @@ def test_bad_checkpoints_name_the_problem(checkpoint, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    path, _ = checkpoint
+    path, _, arch = checkpoint
     bad = tmp_path / "bad"
     shutil.copytree(path, bad)
     tensors = load_file(bad / "model.safetensors")
-    name = "model.layers.1.mlp.up_proj.weight"
+    name = UP_PROJ.get(arch, "model.layers.1.mlp.up_proj.weight")
     tensors[name] = tensors[name][:, :-1].contiguous()
     save_file(tensors, bad / "model.safetensors")
-    with pytest.raises(ValueError, match="up_proj.weight' has shape"):
+    with pytest.raises(ValueError, match=f"{name}' has shape"):
         ModelRunner(bad, 8, 4)
     del tensors[name]
     save_file(tensors, bad / "model.safetensors")
-    with pytest.raises(ValueError, match="lacks tensor 'model.layers.1.mlp.up_proj.weight'"):
+    with pytest.raises(ValueError, match=f"lacks tensor '{name}'"):
         ModelRunner(bad, 8, 4)
     cfg = json.loads((bad / "config.json").read_text())
     cfg["architectures"] = ["FalconForCausalLM"]
@@ -113,7 +119,7 @@ def test_bad_checkpoints_name_the_problem(checkpoint, tmp_path):
 def test_sampling_seed_n_stop_tokens_and_logprobs(checkpoint):
     from rtserve.llm.sampling_params import SamplingParams
 
-    path, ref = checkpoint
+    path, ref, _ = checkpoint
     llm = LLM(path, num_blocks=64, block_size=4)
     prompt = [4, 8, 15, 16, 23, 42]
     seeded = SamplingParams(max_tokens=12, temperature=1.5, seed=123, ignore_eos=True)
@@ -139,3 +145,22 @@ def test_sampling_seed_n_stop_tokens_and_logprobs(checkpoint):
     assert chosen == pytest.approx(float(ref_lp.max()), abs=1e-4)
     assert alts[0][0] == lp.token_ids[0] and len(alts) == 2
     assert llm.scheduler.bm.num_used == 0
+
+
+def test_gpt2_checkpoint_in_the_original_layout_loads(tmp_path):
+    """The hub's original GPT-2 checkpoints name tensors without ``transformer.`` and carry the
+    causal-mask buffers ``attn.bias``; both load, with the same logits."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    ref = transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2)).eval()
+    ref.save_pretrained(tmp_path / "new", safe_serialization=True)
+    shutil.copytree(tmp_path / "new", tmp_path / "old")
+    tensors = {k.removeprefix("transformer."): v for k, v in load_file(tmp_path / "new" / "model.safetensors").items()}
+    tensors["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 256, 256))
+    save_file(tensors, tmp_path / "old" / "model.safetensors")
+    prompts = [[1, 2, 3, 4], list(range(30, 50))]
+    expected = [ref_greedy(ref, p, 6) for p in prompts]
+    assert LLM(tmp_path / "old", num_blocks=32, block_size=4).generate_greedy(prompts, max_tokens=6) == expected

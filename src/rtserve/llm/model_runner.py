@@ -9,6 +9,7 @@ import torch
 
 from .attention import AttentionMetadata
 from .config import DecoderConfig
+from .models.gpt2 import GPT2LMHeadModel
 from .models.llama import LlamaForCausalLM
 from .scheduler import SchedulerOutput
 from .weights import load_weights
@@ -16,12 +17,17 @@ from .weights import load_weights
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_decoder(path: Path, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+def model_class(config: DecoderConfig) -> type[torch.nn.Module]:
+    return GPT2LMHeadModel if config.family == "gpt2" else LlamaForCausalLM
+
+
+def load_decoder(path: Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
     config = DecoderConfig.from_dir(path)
+    cls = model_class(config)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config, device=device)
-    tied = ("lm_head.weight", "model.embed_tokens.weight") if config.tie_word_embeddings else None
-    load_weights(model, path, dtype, device, tied)
+        model = cls(config, device=device)
+    tied = cls.tied_weights if config.tie_word_embeddings else None
+    load_weights(model, path, dtype, device, tied, rename=getattr(cls, "checkpoint_name", None))
     model.tie_weights()
     model.prepare_for_inference()
     return model.eval()

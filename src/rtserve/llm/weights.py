@@ -3,6 +3,7 @@ memory-mapped and assigned name by name with shape checks. No pickle is ever loa
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,23 +22,27 @@ def checkpoint_files(path: Path) -> list[Path]:
 
 
 def load_weights(model: torch.nn.Module, path: Path, dtype: torch.dtype, device: torch.device,
-                 tied: tuple[str, str] | None = None) -> None:
+                 tied: tuple[str, str] | None = None, rename: Callable[[str], str | None] | None = None) -> None:
     """Fill ``model`` (on the meta device) from the checkpoint at ``path``.
 
     ``tied`` = (target, source): a parameter that may be absent from the checkpoint and then
-    shares the source's tensor (tied embeddings). Raises ValueError naming a missing, unexpected
+    shares the source's tensor (tied embeddings). ``rename`` maps a checkpoint name to the model's
+    (None: not a weight, skip it). Raises ValueError naming a missing, unexpected
     or mis-shaped tensor.
     """
     expected = dict(model.named_parameters())
     loaded: dict[str, torch.Tensor] = {}
     for f in checkpoint_files(path):
         with safe_open(str(f), framework="pt") as st:
-            for name in st.keys():
+            for stored in st.keys():
+                name = rename(stored) if rename is not None else stored
+                if name is None:
+                    continue
                 if name not in expected:
                     if name.endswith("rotary_emb.inv_freq"):
                         continue
                     raise ValueError(f"{f.name}: unexpected tensor '{name}' for {type(model).__name__}")
-                t = st.get_tensor(name)
+                t = st.get_tensor(stored)
                 if tuple(t.shape) != tuple(expected[name].shape):
                     raise ValueError(f"{f.name}: tensor '{name}' has shape {list(t.shape)}, "
                                      f"the model needs {list(expected[name].shape)}")

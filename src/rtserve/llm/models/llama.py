@@ -115,6 +115,8 @@ class LlamaForCausalLM(nn.Module):
     """forward(input_ids (T,), positions (T,), kv_caches [(2, blocks, block_size, Hkv, D)] per layer,
     meta, logits_index (N,)) -> logits (N, vocab) for the tokens that are sampled."""
 
+    tied_weights = ("lm_head.weight", "model.embed_tokens.weight")
+
     def __init__(self, c: DecoderConfig, device: torch.device | str = "cpu") -> None:
         super().__init__()
         self.config = c
