@@ -164,3 +164,18 @@ def test_gpt2_checkpoint_in_the_original_layout_loads(tmp_path):
     prompts = [[1, 2, 3, 4], list(range(30, 50))]
     expected = [ref_greedy(ref, p, 6) for p in prompts]
     assert LLM(tmp_path / "old", num_blocks=32, block_size=4).generate_greedy(prompts, max_tokens=6) == expected
+
+
+def test_bfloat16_on_cpu_tracks_float32(checkpoint):
+    """bfloat16 weights and KV cache on CPU: logits close to float32's (cosine), same argmax."""
+    path, _, _ = checkpoint
+    prompt = [5, 17, 3, 88, 42, 7, 7, 19, 60]
+    logits = {}
+    for dtype in ("float32", "bfloat16"):
+        runner = ModelRunner(path, num_blocks=8, block_size=4, dtype=dtype)
+        sched = Scheduler(SchedulerConfig(), BlockManager(8, 4))
+        sched.add(Sequence(list(prompt), max_tokens=1))
+        logits[dtype] = runner.run(sched.schedule())[0]
+        assert runner.kv_caches[0].dtype == getattr(torch, dtype)
+    cos = torch.nn.functional.cosine_similarity(logits["float32"], logits["bfloat16"], dim=0)
+    assert cos > 0.99 and logits["float32"].argmax() == logits["bfloat16"].argmax()

@@ -38,10 +38,16 @@ class RequestOutput:
 
 
 class LLM:
-    def __init__(self, path: Path | str, *, dtype: str = "float32", device: str = "cpu", num_blocks: int = 256,
+    def __init__(self, path: Path | str, *, dtype: str = "float32", device: str = "cpu",
+                 num_blocks: int | None = None, kv_cache_memory_fraction: float | None = None,
                  block_size: int = 16, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  max_model_len: int | None = None, enable_prefix_caching: bool = True) -> None:
-        self.runner = ModelRunner(path, num_blocks, block_size, dtype, device)
+        """``num_blocks`` sizes the KV cache directly; without it ``kv_cache_memory_fraction`` does
+        (see ``cache_size.py``; defaults 0.9 of a GPU, 0.1 of available CPU memory)."""
+        self.runner = ModelRunner(path, num_blocks, block_size, dtype, device,
+                                  memory_fraction=kv_cache_memory_fraction, max_num_seqs=max_num_seqs,
+                                  max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len)
+        num_blocks = self.runner.num_blocks
         c = self.runner.config
         self.tokenizer = Tokenizer(path) if (Path(path) / "tokenizer.json").is_file() else None
         eos = set(c.eos_token_ids)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from .attention import AttentionMetadata
+from .cache_size import plan_cache
 from .config import DecoderConfig
 from .models.gpt2 import GPT2LMHeadModel
 from .models.llama import LlamaForCausalLM
@@ -34,8 +35,9 @@ def load_decoder(path: Path, dtype: torch.dtype, device: torch.device) -> torch.
 
 
 class ModelRunner:
-    def __init__(self, path: Path | str, num_blocks: int, block_size: int, dtype: str = "float32",
-                 device: str = "cpu") -> None:
+    def __init__(self, path: Path | str, num_blocks: int | None, block_size: int, dtype: str = "float32",
+                 device: str = "cpu", *, memory_fraction: float | None = None, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 2048, max_model_len: int | None = None) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
         self.device = torch.device(device)
@@ -44,6 +46,11 @@ class ModelRunner:
         c = self.model.config
         self.config = c
         self.block_size = block_size
+        self.cache = plan_cache(c, block_size=block_size, dtype=self.dtype, device=self.device,
+                                num_blocks=num_blocks, memory_fraction=memory_fraction, max_num_seqs=max_num_seqs,
+                                max_num_batched_tokens=max_num_batched_tokens,
+                                max_model_len=max_model_len or c.max_position_embeddings)
+        num_blocks = self.num_blocks = self.cache.num_blocks
         # one (2, blocks, block_size, Hkv, D) tensor per layer: K and V
         self.kv_caches = [torch.zeros(2, num_blocks, block_size, c.num_kv_heads, c.head_dim, dtype=self.dtype,
                                       device=self.device) for _ in range(c.num_layers)]
