@@ -71,26 +71,38 @@ class ModelRunner:
         num_seqs, q_max = len(q_lens), max(q_lens)
         ctx = [st + n for st, n in zip(starts, q_lens)]
         c_max = max(ctx)
-        q_index = np.zeros((num_seqs, q_max), np.int64)
-        q_valid = np.zeros((num_seqs, q_max), bool)
+        dev = self.device
         kv_slots = np.zeros((num_seqs, c_max), np.int64)
-        mask = np.zeros((num_seqs, 1, q_max, c_max), bool)
-        logits_index, offset = [], 0
-        for i, (n, st, c, table) in enumerate(zip(q_lens, starts, ctx, tables)):
-            q_index[i, :n] = np.arange(offset, offset + n)
-            q_valid[i, :n] = True
+        for i, (c, table) in enumerate(zip(ctx, tables)):
             cp = np.arange(c)
             kv_slots[i, :c] = table[cp // bs] * bs + cp % bs
-            mask[i, 0, :n, :c] = cp[None, :] <= (st + np.arange(n))[:, None]  # causal
-            mask[i, 0, n:, 0] = True  # padded query rows attend somewhere (no NaN); dropped later
-            offset += n
-            if out.scheduled[i].completes:
-                logits_index.append(offset - 1)
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
-            q_index=torch.from_numpy(q_index).to(dev), q_valid=torch.from_numpy(q_valid).to(dev),
-            kv_slots=torch.from_numpy(kv_slots).to(dev), mask=torch.from_numpy(mask).to(dev))
+        if q_max == 1:  # decode only: queries are the step's rows; mask only ragged contexts
+            mask = None
+            if min(ctx) != c_max:
+                mask = torch.from_numpy(np.arange(c_max)[None, None, None, :] <
+                                        np.asarray(ctx)[:, None, None, None]).to(dev)
+            meta = AttentionMetadata(slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
+                                     q_index=None, q_valid=None, kv_slots=torch.from_numpy(kv_slots).to(dev),
+                                     mask=mask, decode_only=True)
+            logits_index = [i for i, s in enumerate(out.scheduled) if s.completes]
+        else:
+            q_index = np.zeros((num_seqs, q_max), np.int64)
+            q_valid = np.zeros((num_seqs, q_max), bool)
+            mask = np.zeros((num_seqs, 1, q_max, c_max), bool)
+            logits_index, offset = [], 0
+            for i, (n, st, c) in enumerate(zip(q_lens, starts, ctx)):
+                q_index[i, :n] = np.arange(offset, offset + n)
+                q_valid[i, :n] = True
+                cp = np.arange(c)
+                mask[i, 0, :n, :c] = cp[None, :] <= (st + np.arange(n))[:, None]  # causal
+                mask[i, 0, n:, 0] = True  # padded query rows attend somewhere (no NaN); dropped later
+                offset += n
+                if out.scheduled[i].completes:
+                    logits_index.append(offset - 1)
+            meta = AttentionMetadata(
+                slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
+                q_index=torch.from_numpy(q_index).to(dev), q_valid=torch.from_numpy(q_valid).to(dev),
+                kv_slots=torch.from_numpy(kv_slots).to(dev), mask=torch.from_numpy(mask).to(dev))
         return (torch.tensor(ids, dtype=torch.long, device=dev), torch.from_numpy(np.concatenate(pos)).to(dev),
                 meta, torch.tensor(logits_index, dtype=torch.long, device=dev))
 

@@ -18,6 +18,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if dtype == torch.float32:  # one fused op; same maths as below when no cast is involved
+            return torch.nn.functional.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
@@ -48,23 +50,27 @@ class Attention(nn.Module):
         self.o_t = self.o_proj.weight.detach().t().contiguous()
         self.q_proj = self.k_proj = self.v_proj = self.o_proj = None
 
-    def forward(self, x, positions, kv_cache, meta: AttentionMetadata):
+    def forward(self, x, rope, kv_cache, meta: AttentionMetadata):
+        """rope: the step's (cos, sin) tables from ``Rotary.tables``."""
         t = x.shape[0]
         if self.q_proj is None:  # fused
             qkv = x @ self.qkv_t
             if self.qkv_b is not None:
                 qkv = qkv + self.qkv_b
             nq, nkv = self.nh * self.hd, self.nkv * self.hd
-            q = qkv[:, :nq].reshape(t, self.nh, self.hd)
-            k = qkv[:, nq:nq + nkv].reshape(t, self.nkv, self.hd)
             v = qkv[:, nq + nkv:].reshape(t, self.nkv, self.hd)
+            qk = qkv[:, :nq + nkv].reshape(t, self.nh + self.nkv, self.hd)
+            if self.qk_norm:
+                qk = torch.cat([self.q_norm(qk[:, :self.nh]), self.k_norm(qk[:, self.nh:])], dim=1)
+            qk = self.rotary.rotate(qk, rope)  # q and k rotated in one pass
+            q, k = qk[:, :self.nh], qk[:, self.nh:]
         else:
             q = self.q_proj(x).view(t, self.nh, self.hd)     # (T, Hq, D)
             k = self.k_proj(x).view(t, self.nkv, self.hd)    # (T, Hkv, D)
             v = self.v_proj(x).view(t, self.nkv, self.hd)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.rotary.rotate(q, rope), self.rotary.rotate(k, rope)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale).reshape(t, self.nh * self.hd)
         return out @ self.o_t if self.o_proj is None else self.o_proj(out)
 
@@ -98,8 +104,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x, positions, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
+    def forward(self, x, rope, kv_cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -141,8 +147,9 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata, logits_index):
         x = self.model.embed_tokens(input_ids)
+        rope = self.rotary.tables(positions, x.dtype)
         for layer, cache in zip(self.model.layers, kv_caches):
-            x = layer(x, positions, cache, meta)
+            x = layer(x, rope, cache, meta)
         x = self.model.norm(x[logits_index])
         head_t = getattr(self, "_head_t", None)
         return (x @ head_t if head_t is not None else self.lm_head(x)).float()
