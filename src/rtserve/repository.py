@@ -137,7 +137,7 @@ class ModelRepository:
 
     def _load_versions(self, model_dir: Path) -> dict[int, LoadedModel]:
         config = read_config(model_dir)
-        backend_cls = None if config.backend == "llm" else get_backend(config.backend)
+        backend_cls = None if config.backend in ("llm", "embedding") else get_backend(config.backend)
         available = list_versions(model_dir)
         chosen = config.version_policy.select(available)
         if not chosen:
@@ -147,11 +147,14 @@ class ModelRepository:
         try:
             for v in chosen:
                 vdir = model_dir / str(v)
-                if backend_cls is None:
-                    from .llm_model import LLMModel
+                if backend_cls is None:  # served through the OpenAI-compatible API
+                    if config.backend == "llm":
+                        from .llm_model import LLMModel as language_model
+                    else:
+                        from .embedding_model import EmbeddingModel as language_model
 
                     try:
-                        loaded[v] = LLMModel(config, model_dir, v)
+                        loaded[v] = language_model(config, model_dir, v)
                     except ConfigError as e:
                         raise ConfigError(f"model '{config.name}' version {v}: {e.message}") from None
                     continue

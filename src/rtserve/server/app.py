@@ -14,6 +14,7 @@ import orjson
 
 from .. import __version__
 from ..config import ServerConfig
+from ..embedding_model import EmbeddingMetrics
 from ..errors import InvalidInput, NotFound, PayloadTooLarge, RtserveError, Unavailable
 from ..metrics import LLMMetrics, Registry, TensorMetrics
 from ..model import LABEL_OUTPUT
@@ -79,6 +80,7 @@ class App:
         self.registry = Registry()
         self.tensor_metrics = TensorMetrics(self.registry)
         self.llm_metrics = LLMMetrics(self.registry)
+        self.embedding_metrics = EmbeddingMetrics(self.registry)
         self.repository = repository or ModelRepository(config.repository, self.tensor_metrics)
         if self.repository.metrics is None:
             self.repository.metrics = self.tensor_metrics
@@ -224,11 +226,14 @@ class App:
             if path == "/v1/models":
                 self._method(method, "GET")
                 data = [{"id": m.name, "object": "model", "created": 0, "owned_by": "rtserve"}
-                        for m in self.repository.ready_models() if m.kind == "llm"]
+                        for m in self.repository.ready_models() if m.kind in ("llm", "embedding")]
                 return json_response({"object": "list", "data": data})
             if path in ("/v1/completions", "/v1/chat/completions"):
                 self._method(method, "POST")
                 return await self._generate(scope, receive, send, chat=path.endswith("chat/completions"))
+            if path == "/v1/embeddings":
+                self._method(method, "POST")
+                return await self._embeddings(scope, receive)
             raise NotFound(f"no route for {method} {scope['path']}")
         except oai.OpenAIError:
             raise
@@ -248,6 +253,8 @@ class App:
             model = self.repository.get(req.model)
         except NotFound:
             raise oai.OpenAIError(f"The model '{req.model}' does not exist", status=404, param="model") from None
+        if model.kind == "embedding":
+            raise oai.OpenAIError(f"model '{req.model}' is an embedding model: use /v1/embeddings", param="model")
         if model.kind != "llm":
             raise oai.OpenAIError(f"model '{req.model}' is a tensor model: use /v2/models/{req.model}/infer",
                                   param="model")
@@ -317,6 +324,42 @@ class App:
             watcher.cancel()
             await gen.aclose()
 
+    async def _embeddings(self, scope, receive) -> Response:
+        """Tokenize (or take token ids), check lengths, await the model's batcher, encode."""
+        headers = dict(scope["headers"])
+        if self.config.protect_inference:
+            check_api_key(self.config.api_key, headers)
+        req = oai.parse_embeddings(await self._read_body(scope, receive, headers))
+        try:
+            model = self.repository.get(req.model)
+        except NotFound:
+            raise oai.OpenAIError(f"The model '{req.model}' does not exist", status=404, param="model") from None
+        if model.kind != "embedding":
+            use = "/v1/completions or /v1/chat/completions" if model.kind == "llm" else f"/v2/models/{req.model}/infer"
+            raise oai.OpenAIError(f"model '{req.model}' is not an embedding model: use {use}", param="model")
+        em = self.embedding_metrics
+        em.bind(model)
+        t0 = time.perf_counter()
+        try:
+            if req.dimensions is not None and req.dimensions != model.dimensions:
+                raise oai.OpenAIError(f"'dimensions' must be {model.dimensions} for model '{req.model}' (its vectors "
+                                      "are not trained to be truncated)", param="dimensions")
+            try:
+                token_ids = model.tokenize(req.texts) if req.texts is not None else req.token_ids
+                model.check(token_ids)
+            except ValueError as e:
+                raise oai.OpenAIError(str(e), param="input") from None
+            vectors = await model.embed(token_ids)
+        except RtserveError:
+            em.requests.labels(model.name, "error").inc()
+            raise
+        num_tokens = sum(len(ids) for ids in token_ids)
+        body = oai.embeddings_response(req, vectors, num_tokens)
+        em.requests.labels(model.name, "success").inc()
+        em.prompt_tokens.labels(model.name).inc(num_tokens)
+        em.latency.labels(model.name).observe(time.perf_counter() - t0)
+        return Response(200, body, JSON)
+
     # -- body ---------------------------------------------------------------------------------
     async def _read_body(self, scope, receive, headers: dict) -> bytes:
         limit = self.config.max_body_bytes
@@ -358,7 +401,8 @@ class App:
     async def _infer(self, scope, receive, headers: dict, name: str, version: str | None) -> Response:
         model = self.repository.get(name, version)
         if model.kind != "tensor":
-            raise InvalidInput(f"model '{name}' is a language model: use /v1/completions or /v1/chat/completions")
+            use = "/v1/embeddings" if model.kind == "embedding" else "/v1/completions or /v1/chat/completions"
+            raise InvalidInput(f"model '{name}' is a language model: use {use}")
         m = model.metrics
         if model.batcher.queue.full:  # shed load before paying for the body's decoding
             model.batcher.reject_full()

