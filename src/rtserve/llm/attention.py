@@ -24,6 +24,9 @@ class AttentionMetadata:
     kv_slots: torch.Tensor       # (S, C) cache slot of each context position (padding: 0)
     mask: torch.Tensor | None    # (S, 1, Q, C) bool, True = attend (causal within the context); None: all
     decode_only: bool = False    # every sequence has exactly one query (T == S, Q == 1)
+    # the kernel path (CUDA, decode only): read the cache through block tables, no gather
+    block_tables: torch.Tensor | None = None  # (S, max_blocks) int32
+    context_lens: torch.Tensor | None = None  # (S,) int32
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -33,6 +36,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     kc, vc = k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d)
     kc.index_copy_(0, meta.slot_mapping, k)
     vc.index_copy_(0, meta.slot_mapping, v)
+    if meta.block_tables is not None:
+        from .triton_attention import paged_decode_attention
+
+        return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
     keys = kc[meta.kv_slots].transpose(1, 2)      # (S, Hkv, C, D)
     values = vc[meta.kv_slots].transpose(1, 2)
     if meta.decode_only:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import triton_attention
 from .attention import AttentionMetadata
 from .cache_size import plan_cache
 from .config import DecoderConfig
@@ -35,9 +36,14 @@ def load_decoder(path: Path, dtype: torch.dtype, device: torch.device) -> torch.
 
 
 class ModelRunner:
+    """Owns the weights and the KV cache. ``decode_kernel``: "gather" (portable: gather the context
+    into a padded batch for SDPA) or "triton" (CUDA default: the paged decode kernel reads the cache
+    through block tables). ``cuda_graphs``: replay captured decode steps on CUDA (needs "triton")."""
+
     def __init__(self, path: Path | str, num_blocks: int | None, block_size: int, dtype: str = "float32",
                  device: str = "cpu", *, memory_fraction: float | None = None, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 2048, max_model_len: int | None = None) -> None:
+                 max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
+                 decode_kernel: str | None = None, cuda_graphs: bool | None = None) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
         self.device = torch.device(device)
@@ -46,17 +52,61 @@ class ModelRunner:
         c = self.model.config
         self.config = c
         self.block_size = block_size
+        self.max_model_len = max_model_len or c.max_position_embeddings
         self.cache = plan_cache(c, block_size=block_size, dtype=self.dtype, device=self.device,
                                 num_blocks=num_blocks, memory_fraction=memory_fraction, max_num_seqs=max_num_seqs,
-                                max_num_batched_tokens=max_num_batched_tokens,
-                                max_model_len=max_model_len or c.max_position_embeddings)
+                                max_num_batched_tokens=max_num_batched_tokens, max_model_len=self.max_model_len)
         num_blocks = self.num_blocks = self.cache.num_blocks
-        # one (2, blocks, block_size, Hkv, D) tensor per layer: K and V
-        self.kv_caches = [torch.zeros(2, num_blocks, block_size, c.num_kv_heads, c.head_dim, dtype=self.dtype,
+        cuda = self.device.type == "cuda"
+        if decode_kernel is None:
+            decode_kernel = "triton" if cuda and triton_attention.available() else "gather"
+        if decode_kernel not in ("gather", "triton"):
+            raise ValueError(f"decode_kernel '{decode_kernel}' is not one of gather, triton")
+        if decode_kernel == "triton" and not triton_attention.available():
+            raise ValueError("decode_kernel 'triton' needs the triton package")
+        self.decode_kernel = decode_kernel
+        # one (2, blocks + 1, block_size, Hkv, D) tensor per layer: K and V. The extra last block is
+        # scratch that padded rows of a captured CUDA graph write to; the block manager never hands it out.
+        self.scratch_block = num_blocks
+        self.kv_caches = [torch.zeros(2, num_blocks + 1, block_size, c.num_kv_heads, c.head_dim, dtype=self.dtype,
                                       device=self.device) for _ in range(c.num_layers)]
+        self.max_blocks_per_seq = -(-self.max_model_len // block_size)
+        self.graphs = None
+        if cuda_graphs is None:
+            cuda_graphs = cuda and decode_kernel == "triton"
+        if cuda_graphs:
+            if not cuda or decode_kernel != "triton":
+                raise ValueError("cuda_graphs needs device cuda and the triton decode kernel")
+            from .cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self, max_num_seqs)
+
+    def prepare_decode(self, out: SchedulerOutput):
+        """Host tensors for a decode-only step on the kernel path: ids, positions, slots, block
+        tables (S, max_blocks_per_seq) int32 and context lengths (S,) int32."""
+        bs, n = self.block_size, len(out.scheduled)
+        ids = np.empty(n, np.int64)
+        pos = np.empty(n, np.int64)
+        tables = np.zeros((n, self.max_blocks_per_seq), np.int32)
+        for i, s in enumerate(out.scheduled):
+            seq = s.seq
+            p = seq.num_computed_tokens
+            ids[i] = seq.token_ids[p]
+            pos[i] = p
+            tables[i, :len(seq.block_table)] = seq.block_table
+        slots = tables[np.arange(n), pos // bs].astype(np.int64) * bs + pos % bs
+        return (torch.from_numpy(ids), torch.from_numpy(pos), torch.from_numpy(slots), torch.from_numpy(tables),
+                torch.from_numpy((pos + 1).astype(np.int32)))
 
     def prepare(self, out: SchedulerOutput):
         bs = self.block_size
+        dev = self.device
+        if self.decode_kernel == "triton" and all(s.num_tokens == 1 for s in out.scheduled):
+            ids, pos, slots, tables, lens = (t.to(dev, non_blocking=True) for t in self.prepare_decode(out))
+            meta = AttentionMetadata(slot_mapping=slots, q_index=None, q_valid=None, kv_slots=None, mask=None,
+                                     decode_only=True, block_tables=tables, context_lens=lens)
+            logits_index = [i for i, s in enumerate(out.scheduled) if s.completes]
+            return ids, pos, meta, torch.tensor(logits_index, dtype=torch.long, device=dev)
         ids, pos, slots, q_lens, starts, tables = [], [], [], [], [], []
         for s in out.scheduled:
             seq, start, n = s.seq, s.seq.num_computed_tokens, s.num_tokens
@@ -71,7 +121,6 @@ class ModelRunner:
         num_seqs, q_max = len(q_lens), max(q_lens)
         ctx = [st + n for st, n in zip(starts, q_lens)]
         c_max = max(ctx)
-        dev = self.device
         kv_slots = np.zeros((num_seqs, c_max), np.int64)
         for i, (c, table) in enumerate(zip(ctx, tables)):
             cp = np.arange(c)
@@ -109,5 +158,7 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, out: SchedulerOutput) -> torch.Tensor:
         """Logits (N, vocab) for ``out.to_sample``, in that order."""
+        if self.graphs is not None and self.graphs.can_run(out):
+            return self.graphs.run(out)
         ids, pos, meta, logits_index = self.prepare(out)
         return self.model(ids, pos, self.kv_caches, meta, logits_index)
