@@ -30,7 +30,8 @@ def get_backend(name: str) -> type["Backend"]:
     try:
         return BACKENDS[name]
     except KeyError:
-        raise ConfigError(f"backend: '{name}' is not one of {', '.join(sorted(BACKENDS))}") from None
+        known = sorted({*BACKENDS, "llm", "embedding"})  # the last two are served by their own engines
+        raise ConfigError(f"backend: '{name}' is not one of {', '.join(known)}") from None
 
 
 def _import_builtin() -> None:

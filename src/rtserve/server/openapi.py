@@ -50,6 +50,30 @@ def _model_paths() -> dict:
     return paths
 
 
+def _openai_paths() -> dict:
+    """The OpenAI-compatible routes; their bodies follow OpenAI's API reference (not repeated here)."""
+    oai_err = {"description": "OpenAI error format", "content": {"application/json": {"schema": {
+        "type": "object", "properties": {"error": {"type": "object", "properties": {
+            "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": ["string", "null"]},
+            "code": {"type": ["string", "null"]}}}}}}}}
+
+    def post(summary: str, streams: bool) -> dict:
+        ok = {"description": "result", "content": {"application/json": {"schema": {"type": "object"}}}}
+        if streams:
+            ok["content"]["text/event-stream"] = {"schema": {"type": "string"}}
+        return {"post": {"summary": summary, "requestBody": {"required": True, "content": {
+            "application/json": {"schema": {"type": "object", "required": ["model"]}}}},
+            "responses": {"200": ok, "400": oai_err, "401": oai_err, "404": oai_err, "503": oai_err}}}
+
+    return {
+        "/v1/models": {"get": {"summary": "Language and embedding models (OpenAI list format)",
+                               "responses": {"200": {"description": "list"}}}},
+        "/v1/completions": post("Text completion; SSE chunks when stream is true", True),
+        "/v1/chat/completions": post("Chat completion with the model's chat template; SSE when stream is true", True),
+        "/v1/embeddings": post("Embeddings of a string, strings or token ids (float or base64)", False),
+    }
+
+
 def openapi_document() -> dict:
     paths = {
         "/v2/health/live": {"get": {"summary": "Server liveness", "responses": {"200": {"description": "live"}}}},
@@ -69,10 +93,12 @@ def openapi_document() -> dict:
         "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.1"}}}},
     }
     paths.update(_model_paths())
+    paths.update(_openai_paths())
     return {
         "openapi": "3.1.0",
         "info": {"title": "rtserve", "version": __version__,
-                 "description": "KServe v2 / Open Inference Protocol with Triton's binary tensor extension."},
+                 "description": "KServe v2 / Open Inference Protocol with Triton's binary tensor extension, "
+                                "and an OpenAI-compatible API for language and embedding models."},
         "paths": paths,
         "components": {"schemas": {
             "Error": _ERROR,
