@@ -120,6 +120,10 @@ def build_infer_body(meta: dict, batch: int, binary: bool, seed: int = 0) -> tup
 
 
 def cmd_bench(args) -> int:
+    if args.openai:
+        return cmd_bench_openai(args)
+    if args.chat:
+        raise SystemExit("rtserve bench: --chat needs --openai")
     from .bench.loadgen import RequestSpec, run_load_sync
     from .bench.report import format_table, write_json
 
@@ -138,6 +142,50 @@ def cmd_bench(args) -> int:
     if args.json:
         write_json(args.json, {"args": {k: v for k, v in vars(args).items() if k != "func"}, "result": s})
     return 0 if s["unanswered"] == 0 else 1
+
+
+def _len_range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition(":")
+    try:
+        return int(lo), int(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or MIN:MAX, got '{text}'") from None
+
+
+def _slo(text: str) -> tuple[str, float]:
+    key, _, value = text.partition("=")
+    try:
+        return key, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected KEY=MS (e.g. ttft_ms=200), got '{text}'") from None
+
+
+def cmd_bench_openai(args) -> int:
+    """``rtserve bench MODEL --openai``: streaming load on /v1/completions (or chat), LLM metrics."""
+    from .bench.openai_load import OpenAIBenchConfig, format_summary, plot, run_openai_load_sync, to_json
+    from .bench.report import write_json
+
+    try:
+        cfg = OpenAIBenchConfig(
+            args.model, chat=args.chat, rate=args.rate, concurrency=args.concurrency,
+            num_requests=args.num_requests, duration_s=None if args.num_requests else args.duration,
+            input_len=args.input_len, output_len=args.output_len, prompts_file=args.prompts_file,
+            vocab_size=args.vocab_size, temperature=args.temperature, seed=args.seed, slos=dict(args.slo or ()),
+            warmup_requests=args.warmup_requests, timeout_s=args.timeout, api_key=args.api_key)
+    except (ValueError, OSError) as e:
+        print(f"rtserve bench: {e}", file=sys.stderr)
+        return 2
+    u = urlparse(args.url)
+    result = run_openai_load_sync(u.hostname or "127.0.0.1", u.port or 80, cfg)
+    summary = result.summary()
+    load = f"{cfg.rate:g} req/s Poisson" if cfg.rate else f"concurrency {cfg.concurrency}"
+    print(f"{cfg.model} {cfg.path}, {load}")
+    print(format_summary(summary))
+    if args.json:
+        write_json(args.json, to_json(result))
+    if args.plot:
+        plot(result, args.plot)
+    return 0 if summary["failed"] == 0 else 1
 
 
 def cmd_generate(args) -> int:
@@ -223,6 +271,23 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--binary", action="store_true", help="binary tensors instead of JSON")
     b.add_argument("--version")
     b.add_argument("--json", help="write the results as JSON here")
+    o = b.add_argument_group("OpenAI mode (--openai): streaming /v1/completions or /v1/chat/completions")
+    o.add_argument("--openai", action="store_true", help="load the OpenAI API; MODEL is the served LLM")
+    o.add_argument("--chat", action="store_true", help="/v1/chat/completions (text prompts)")
+    o.add_argument("--num-requests", type=int, help="stop after N requests (default: after --duration)")
+    o.add_argument("--input-len", "--input-len-range", dest="input_len", type=_len_range, default=(32, 32),
+                   metavar="N|MIN:MAX", help="random prompt length, uniform (tokens; words with --chat)")
+    o.add_argument("--output-len", "--output-len-range", dest="output_len", type=_len_range, default=(128, 128),
+                   metavar="N|MIN:MAX", help="max_tokens with ignore_eos, uniform")
+    o.add_argument("--prompts-file", help="one prompt per line, or JSONL with 'prompt' fields")
+    o.add_argument("--vocab-size", type=int, default=256, help="random token ids are drawn below this")
+    o.add_argument("--temperature", type=float, default=0.0)
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--slo", type=_slo, action="append", metavar="KEY=MS",
+                   help="goodput bound, repeatable: ttft_ms, tpot_ms, e2e_ms")
+    o.add_argument("--warmup-requests", type=int, default=2, help="unmeasured requests sent first")
+    o.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take")
+    o.add_argument("--plot", metavar="PATH.png", help="CDFs of TTFT/TPOT/ITL and latency over time")
     client_args(b)
     b.set_defaults(func=cmd_bench)
 

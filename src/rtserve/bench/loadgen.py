@@ -108,8 +108,9 @@ class _BadResponse(Exception):
     pass
 
 
-# A job is one request: (t0 for its latency, counted?, request bytes, already resent once?).
-_Job = tuple  # (float, bool, bytes, bool)
+# A job is one request: (t0 for its latency, counted?, request bytes, already resent once?). "counted"
+# is True/False here; a subclass of _Runner may put a (truthy) per-request record there instead.
+_Job = tuple  # (float, bool | object, bytes, bool)
 
 
 class _Conn(asyncio.Protocol):
@@ -263,6 +264,8 @@ class _Conn(asyncio.Protocol):
 
 
 class _Runner:
+    conn_class: type[_Conn] = _Conn  # the protocol of each connection (a subclass may parse bodies)
+
     def __init__(self, addr: str, host: str, port: int, request: RequestSource, res: LoadResult, *,
                  closed_loop: bool, t_measure: float, t_end: float, timeout_s: float, max_connections: int) -> None:
         self.loop = asyncio.get_running_loop()
@@ -337,7 +340,7 @@ class _Runner:
     async def connect(self) -> None:
         try:
             _, conn = await asyncio.wait_for(
-                self.loop.create_connection(lambda: _Conn(self), self.addr, self.port), self.timeout_s)
+                self.loop.create_connection(lambda: self.conn_class(self), self.addr, self.port), self.timeout_s)
         except (OSError, asyncio.TimeoutError) as e:
             self.connecting -= 1
             if not self.stopped and self.backlog:

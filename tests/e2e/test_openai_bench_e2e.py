@@ -1,0 +1,76 @@
+"""``rtserve bench --openai`` against the real server with a tiny LM on loopback: the counts add up."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+pytest.importorskip("transformers")
+
+from models import write_text_lm  # noqa: E402
+from rtserve.cli import main  # noqa: E402
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def lm_url(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("benchrepo")
+    write_text_lm(repo / "lm" / "1")
+    (repo / "lm" / "model.yaml").write_text(
+        "backend: llm\ndevice: cpu\nengine:\n  num_blocks: 256\n  block_size: 4\n  max_model_len: 200\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "rtserve", "serve", "--repo", str(repo), "--port", str(port),
+                             "--log-level", "warning"], env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        end = time.time() + 90
+        while True:
+            try:
+                if httpx.get(url + "/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.time() < end, proc.stdout.read().decode()[-3000:]
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.mark.parametrize("mode", [["--rate", "20"], ["--concurrency", "3", "--chat"]])
+def test_bench_openai_counts_add_up(lm_url, tmp_path, capsys, mode):
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    rc = main(["bench", "lm", "--openai", *mode, "--num-requests", "10", "--input-len", "8:16",
+               "--output-len", "4:24", "--slo", "ttft_ms=5000", "--slo", "tpot_ms=1000", "--url", lm_url,
+               "--json", str(out), "--plot", str(png)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert "10 completed, 0 failed" in printed and "ttft_ms" in printed and "goodput" in printed
+    doc = json.loads(out.read_text())
+    reqs, s = doc["requests"], doc["summary"]
+    assert len(reqs) == 10 and all(r["ok"] for r in reqs)
+    # ignore_eos: every request generates exactly max_tokens, one chunk per token
+    assert s["output_tokens"] == sum(r["max_tokens"] for r in reqs)
+    assert all(r["output_tokens"] == r["max_tokens"] == sum(r["chunk_tokens"]) == len(r["chunk_times_s"])
+               for r in reqs)
+    assert all(r["start_s"] <= r["chunk_times_s"][0] <= r["end_s"] for r in reqs)  # TTFT <= E2E
+    assert s["ttft_ms"]["p99"] <= s["e2e_ms"]["p99"] and s["ttft_ms"]["mean"] <= s["e2e_ms"]["mean"]
+    if "--chat" not in mode:
+        assert all(8 <= r["prompt_tokens"] <= 16 for r in reqs)  # token-id prompts, counted by the server
+    assert s["completed"] == 10 and s["failed"] == 0 and s["goodput"]["fraction"] == 1.0
+    assert s["output_token_throughput"] == pytest.approx(s["output_tokens"] / s["duration_s"])
+    assert png.stat().st_size > 10_000
