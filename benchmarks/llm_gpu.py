@@ -28,7 +28,6 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 from rtserve.llm.engine import LLM  # noqa: E402
 from rtserve.llm.sampling_params import SamplingParams  # noqa: E402
-from rtserve.llm.sequence import Sequence  # noqa: E402
 
 CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 2048,
           "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,

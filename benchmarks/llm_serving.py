@@ -28,7 +28,8 @@ import httpx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from rtserve.bench.openai_load import OpenAIBenchConfig, format_summary, plot, run_openai_load_sync  # noqa: E402
+from rtserve.bench.openai_load import OpenAIBenchConfig, run_openai_load_sync  # noqa: E402
+from rtserve.bench.openai_report import format_summary, plot  # noqa: E402
 from rtserve.bench.report import format_table, write_json  # noqa: E402
 
 ENGINE = {"num_blocks": 2048, "block_size": 16, "max_num_seqs": 64, "max_num_batched_tokens": 2048,

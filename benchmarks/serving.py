@@ -13,7 +13,6 @@ overload (Poisson arrivals at 3x the measured capacity for 30 s).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import socket

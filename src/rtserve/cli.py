@@ -162,7 +162,8 @@ def _slo(text: str) -> tuple[str, float]:
 
 def cmd_bench_openai(args) -> int:
     """``rtserve bench MODEL --openai``: streaming load on /v1/completions (or chat), LLM metrics."""
-    from .bench.openai_load import OpenAIBenchConfig, format_summary, plot, run_openai_load_sync, to_json
+    from .bench.openai_load import OpenAIBenchConfig, run_openai_load_sync
+    from .bench.openai_report import format_summary, plot, to_json
     from .bench.report import write_json
 
     try:

@@ -2,10 +2,7 @@
 is trained here)."""
 from __future__ import annotations
 
-import json
-
 import pytest
-import torch
 
 transformers = pytest.importorskip("transformers")
 

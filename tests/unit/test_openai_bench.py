@@ -10,8 +10,8 @@ import orjson
 import pytest
 
 from rtserve.bench.openai_load import (
-    OpenAIBenchConfig, RequestPlanner, RequestRecord, SSEParser, arrival_times, load_prompts, meets_slos,
-    read_stream, run_openai_load, summarize)
+    OpenAIBenchConfig, RequestPlanner, RequestRecord, SSEParser, arrival_times, load_prompts, run_openai_load)
+from rtserve.bench.openai_report import meets_slos, summarize
 
 
 def rec(t_start, chunk_times, t_end, tokens=None, error=None) -> RequestRecord:
