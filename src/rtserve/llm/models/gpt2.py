@@ -1,8 +1,8 @@
 """GPT-2 written for ragged batches over a paged KV cache: learned absolute positions, pre-LayerNorm
 blocks, fused qkv (``c_attn``), tanh-approximated GELU, LM head tied to the token embedding.
 
-Hugging Face stores GPT-2's projections as ``Conv1D`` with weights laid out (in, out), which is
-already the ``x @ W`` layout that streams fastest on CPU, so no fusing or transposing is needed.
+Hugging Face stores GPT-2's projections as ``Conv1D`` with weights laid out (in, out), qkv already
+fused; for inference each becomes a ``FrozenLinear``.
 Module names follow Hugging Face's so weights map by name.
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ from torch import nn
 
 from ..attention import AttentionMetadata, paged_attention
 from ..config import DecoderConfig
+from ..frozen_linear import FrozenLinear
 
 
 class Conv1D(nn.Module):
@@ -22,8 +23,14 @@ class Conv1D(nn.Module):
         self.weight = nn.Parameter(torch.empty(n_in, n_out))
         self.bias = nn.Parameter(torch.zeros(n_out))
 
+    def freeze(self) -> None:
+        """Inference from here on: a ``FrozenLinear`` (oneDNN-packed on CPU); the parameters go."""
+        self.frozen = FrozenLinear(self.weight.t(), self.bias)
+        self.weight = self.bias = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addmm(self.bias, x, self.weight)
+        frozen = getattr(self, "frozen", None)
+        return frozen(x) if frozen is not None else torch.addmm(self.bias, x, self.weight)
 
 
 class GPT2Attention(nn.Module):
@@ -101,9 +108,12 @@ class GPT2LMHeadModel(nn.Module):
             self.lm_head.weight = self.transformer.wte.weight
 
     def prepare_for_inference(self) -> None:
-        """On CPU the LM head as a contiguous (hidden, vocab) matrix (see the Llama module)."""
+        """Freeze the matmuls; on CPU the LM head as a packed copy too (see the Llama module)."""
+        for m in self.modules():
+            if isinstance(m, Conv1D):
+                m.freeze()
         w = self.lm_head.weight
-        self._head_t = w.detach().t().contiguous() if w.device.type == "cpu" else None
+        self._head = FrozenLinear(w) if w.device.type == "cpu" else None
 
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata, logits_index):
         body = self.transformer
@@ -111,5 +121,5 @@ class GPT2LMHeadModel(nn.Module):
         for block, cache in zip(body.h, kv_caches):
             x = block(x, cache, meta)
         x = body.ln_f(x[logits_index])
-        head_t = getattr(self, "_head_t", None)
-        return (x @ head_t if head_t is not None else self.lm_head(x)).float()
+        head = getattr(self, "_head", None)
+        return (head(x) if head is not None else self.lm_head(x)).float()

@@ -7,6 +7,7 @@ from torch import nn
 
 from ..attention import AttentionMetadata, paged_attention
 from ..config import DecoderConfig
+from ..frozen_linear import FrozenLinear
 from ..rope import Rotary
 
 
@@ -41,23 +42,20 @@ class Attention(nn.Module):
         self.scale = c.head_dim ** -0.5
 
     def fuse(self) -> None:
-        """One (hidden, (Hq + 2 Hkv) D) matmul instead of three, on a transposed contiguous weight
-        (the layout that streams fastest on CPU); the unfused modules are dropped so memory does not
-        double."""
-        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]).detach()
-        self.qkv_t = w.t().contiguous()
-        self.qkv_b = (torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]).detach()
-                      if self.q_proj.bias is not None else None)
-        self.o_t = self.o_proj.weight.detach().t().contiguous()
+        """One (hidden, (Hq + 2 Hkv) D) matmul instead of three, as a ``FrozenLinear`` (oneDNN-packed
+        on CPU); the unfused modules are dropped so memory does not double."""
+        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        b = (torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+             if self.q_proj.bias is not None else None)
+        self.qkv = FrozenLinear(w, b)
+        self.o = FrozenLinear(self.o_proj.weight)
         self.q_proj = self.k_proj = self.v_proj = self.o_proj = None
 
     def forward(self, x, rope, kv_cache, meta: AttentionMetadata):
         """rope: the step's (cos, sin) tables from ``Rotary.tables``."""
         t = x.shape[0]
         if self.q_proj is None:  # fused
-            qkv = x @ self.qkv_t
-            if self.qkv_b is not None:
-                qkv = qkv + self.qkv_b
+            qkv = self.qkv(x)
             nq, nkv = self.nh * self.hd, self.nkv * self.hd
             v = qkv[:, nq + nkv:].reshape(t, self.nkv, self.hd)
             qk = qkv[:, :nq + nkv].reshape(t, self.nh + self.nkv, self.hd)
@@ -73,7 +71,7 @@ class Attention(nn.Module):
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = self.rotary.rotate(q, rope), self.rotary.rotate(k, rope)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale).reshape(t, self.nh * self.hd)
-        return out @ self.o_t if self.o_proj is None else self.o_proj(out)
+        return self.o(out) if self.o_proj is None else self.o_proj(out)
 
 
 class MLP(nn.Module):
@@ -84,16 +82,16 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
 
     def fuse(self) -> None:
-        """Gate and up in one matmul on a transposed contiguous weight."""
+        """Gate and up in one matmul; both as ``FrozenLinear``s."""
         self.inter = self.gate_proj.weight.shape[0]
-        self.gate_up_t = torch.cat([self.gate_proj.weight, self.up_proj.weight]).detach().t().contiguous()
-        self.down_t = self.down_proj.weight.detach().t().contiguous()
+        self.gate_up = FrozenLinear(torch.cat([self.gate_proj.weight, self.up_proj.weight]))
+        self.down = FrozenLinear(self.down_proj.weight)
         self.gate_proj = self.up_proj = self.down_proj = None
 
     def forward(self, x):
         if self.gate_proj is None:  # fused
-            gu = x @ self.gate_up_t
-            return (nn.functional.silu(gu[:, :self.inter]) * gu[:, self.inter:]) @ self.down_t
+            gu = self.gate_up(x)
+            return self.down(nn.functional.silu(gu[:, :self.inter]) * gu[:, self.inter:])
         return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -136,11 +134,11 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def prepare_for_inference(self) -> None:
-        """On CPU, keep the LM head as a contiguous (hidden, vocab) matrix: ``x @ W_t`` streams it at
-        ~30 GB/s here where ``F.linear`` on the (vocab, hidden) layout reaches ~14 GB/s (measured:
-        2.3x at batch 1, 1.15x at batch 64). Costs one more vocab x hidden matrix of memory."""
+        """Freeze the matmuls for inference (see ``frozen_linear``). On CPU the LM head becomes a
+        oneDNN-packed copy too (``F.linear`` on the (vocab, hidden) layout streams at ~14 GB/s
+        here, the packed one at ~45), at the cost of one more vocab x hidden matrix of memory."""
         w = self.lm_head.weight
-        self._head_t = w.detach().t().contiguous() if w.device.type == "cpu" else None
+        self._head = FrozenLinear(w) if w.device.type == "cpu" else None
         for layer in self.model.layers:  # everywhere: fewer, larger matmuls (and kernel launches on CUDA)
             layer.self_attn.fuse()
             layer.mlp.fuse()
@@ -151,5 +149,5 @@ class LlamaForCausalLM(nn.Module):
         for layer, cache in zip(self.model.layers, kv_caches):
             x = layer(x, rope, cache, meta)
         x = self.model.norm(x[logits_index])
-        head_t = getattr(self, "_head_t", None)
-        return (x @ head_t if head_t is not None else self.lm_head(x)).float()
+        head = getattr(self, "_head", None)
+        return (head(x) if head is not None else self.lm_head(x)).float()
