@@ -42,9 +42,7 @@ def write_model(repo: Path, name: str, backend: str, yaml_text: str, versions=(1
     return mdir
 
 
-def write_slow_onnx(path: Path, width: int = 1024, depth: int = 150) -> Path:
-    """An ONNX model y = tanh-chain of ``depth`` MatMuls on (B, width): slow enough to hold an
-    instance busy (a batch of 64 rows takes about 0.2 s on one thread here), tiny on disk (one shared weight)."""
+def _slow_graph(width: int, depth: int):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -63,8 +61,33 @@ def write_slow_onnx(path: Path, width: int = 1024, depth: int = 150) -> Path:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
+    return model
+
+
+def write_slow_onnx(path: Path, width: int = 1024, batch_seconds: float = 0.25) -> Path:
+    """An ONNX model y = tanh-chain of MatMuls on (B, width), tiny on disk (one shared weight), deep
+    enough that a batch of 64 rows holds an instance busy for about ``batch_seconds`` on one thread
+    of *this* machine: the depth is calibrated here, so the deadline and queue tests hold on fast
+    and slow machines alike."""
+    import time
+
+    import onnx
+    import onnxruntime as ort
+
+    probe_depth = 20
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(_slow_graph(width, probe_depth).SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+    x = np.ones((64, width), np.float32)
+    sess.run(None, {"x": x})
+    t0 = time.perf_counter()
+    for _ in range(3):
+        sess.run(None, {"x": x})
+    per_layer = (time.perf_counter() - t0) / 3 / probe_depth
+    depth = int(min(2000, max(50, batch_seconds / per_layer)))
     path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
+    onnx.save(_slow_graph(width, depth), str(path))
     return path
 
 
