@@ -3,7 +3,9 @@ its deltas through an asyncio queue; a request whose consumer goes away is abort
 freed at the next step).
 
 The event loop never takes a lock: new requests and aborts go through a thread-safe inbox that
-the engine thread drains before each step, and deltas come back with ``call_soon_threadsafe``.
+the engine thread drains before each step, and deltas come back with ``call_soon_threadsafe`` --
+once per step and loop, not once per sequence: each such call wakes the loop through its self-pipe,
+and at 64 running sequences per-sequence calls cost the loop (and the GIL the engine needs) dearly.
 """
 from __future__ import annotations
 
@@ -102,15 +104,32 @@ class AsyncLLM:
                     llm.scheduler.abort(s)
                     self._emit(s, error=f"{type(e).__name__}: {e}")
                 continue
-            for s in stepped:
-                self._emit(s)
+            self._deliver([d for d in (self._delta(s) for s in stepped) if d is not None])
+
+    @staticmethod
+    def _put_all(items: list) -> None:
+        for queue, delta in items:
+            queue.put_nowait(delta)
+
+    def _deliver(self, deltas: list[tuple["_Stream", StreamDelta]]) -> None:
+        """One loop callback per step and loop, carrying every delta of that loop's streams."""
+        by_loop: dict = {}
+        for st, delta in deltas:
+            by_loop.setdefault(st.loop, []).append((st.queue, delta))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(self._put_all, items)
 
     def _emit(self, seq: Sequence, error: str | None = None) -> None:
+        d = self._delta(seq, error)
+        if d is not None:
+            self._deliver([d])
+
+    def _delta(self, seq: Sequence, error: str | None = None) -> tuple["_Stream", StreamDelta] | None:
         st = self._streams.get(seq.seq_id)
         if st is None:
             if seq.is_finished:
                 self.llm.forget(seq)
-            return
+            return None
         text = self.llm.text_of(seq)
         done = seq.is_finished
         upto = len(text) if done else max(st.sent_chars, len(text) - st.hold)
@@ -126,4 +145,4 @@ class AsyncLLM:
         st.sent_chars = upto
         if done:
             self.llm.forget(seq)
-        st.loop.call_soon_threadsafe(st.queue.put_nowait, delta)
+        return st, delta

@@ -1,32 +1,65 @@
 """Paged attention over a block KV cache for ragged batches (prefill chunks and decode mixed).
 
 The portable path: write the step's K/V into the cache by slot, gather each sequence's context
-through its block table, and run one padded ``scaled_dot_product_attention`` for the batch.
-A step where every sequence decodes one token skips the query gather and scatter: the step's
-queries already are the batch, one row per sequence, and the mask is needed only when the
-contexts differ in length.
+through its block table, and run a padded ``scaled_dot_product_attention`` per *group*:
+
+- the decode group: every sequence with one query this step. Its queries are rows of the step,
+  one per sequence, so there is no query padding; a mask is needed only when contexts differ.
+- the prefill group: sequences with several queries (prefill chunks), padded to the longest.
+
+Keeping them apart matters: padded together, one 32-token prefill chunk in a step of 64 decoding
+sequences makes every sequence attend with 32 query rows (measured: serving steps 2x slower).
+
+The CUDA kernel path (decode-only steps): block tables and context lengths instead of gathers.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 
 @dataclass
-class AttentionMetadata:
-    """Per step. T = tokens in the step, S = sequences, Q = longest query, C = longest context."""
+class AttentionGroup:
+    """S sequences of one kind. C = longest context; Q = longest query (prefill)."""
 
-    slot_mapping: torch.Tensor   # (T,) cache slot (block * block_size + offset) of each new token
-    q_index: torch.Tensor | None  # (S, Q) index into T of each sequence's queries (padding: 0)
-    q_valid: torch.Tensor | None  # (S, Q) bool
-    kv_slots: torch.Tensor       # (S, C) cache slot of each context position (padding: 0)
-    mask: torch.Tensor | None    # (S, 1, Q, C) bool, True = attend (causal within the context); None: all
-    decode_only: bool = False    # every sequence has exactly one query (T == S, Q == 1)
+    kv_slots: torch.Tensor              # (S, C) cache slot of each context position (padding: 0)
+    mask: torch.Tensor | None           # (S, 1, Q or 1, C) bool, True = attend; None: attend to all
+    rows: torch.Tensor | None = None    # decode: (S,) the step row of each sequence's query; None: all T
+    q_index: torch.Tensor | None = None  # prefill: (S, Q) step rows of each sequence's queries (pad: 0)
+    q_valid: torch.Tensor | None = None  # prefill: (S, Q) bool
+    out_rows: torch.Tensor | None = None  # prefill: step rows of q_index[q_valid]; None: all T in order
+
+    @property
+    def is_decode(self) -> bool:
+        return self.q_index is None
+
+
+@dataclass
+class AttentionMetadata:
+    """Per step. T = tokens in the step."""
+
+    slot_mapping: torch.Tensor  # (T,) cache slot (block * block_size + offset) of each new token
+    groups: list[AttentionGroup] = field(default_factory=list)
     # the kernel path (CUDA, decode only): read the cache through block tables, no gather
     block_tables: torch.Tensor | None = None  # (S, max_blocks) int32
     context_lens: torch.Tensor | None = None  # (S,) int32
+
+
+def _group_attention(q, kc, vc, g: AttentionGroup, scale: float) -> torch.Tensor:
+    hkv = kc.shape[1]
+    keys = kc[g.kv_slots].transpose(1, 2)          # (S, Hkv, C, D)
+    values = vc[g.kv_slots].transpose(1, 2)
+    if g.is_decode:
+        queries = (q if g.rows is None else q[g.rows]).unsqueeze(2)   # (S, Hq, 1, D)
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=g.mask, scale=scale,
+                                             enable_gqa=q.shape[1] != hkv)
+        return out.squeeze(2)                      # (S, Hq, D)
+    queries = q[g.q_index].transpose(1, 2)         # (S, Hq, Q, D)
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=g.mask, scale=scale,
+                                         enable_gqa=q.shape[1] != hkv)
+    return out.transpose(1, 2)[g.q_valid]          # (sum of query lengths, Hq, D)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -40,13 +73,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         from .triton_attention import paged_decode_attention
 
         return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
-    keys = kc[meta.kv_slots].transpose(1, 2)      # (S, Hkv, C, D)
-    values = vc[meta.kv_slots].transpose(1, 2)
-    if meta.decode_only:
-        out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=meta.mask, scale=scale,
-                                             enable_gqa=q.shape[1] != hkv)
-        return out.squeeze(2)                     # (S, Hq, D) == (T, Hq, D)
-    queries = q[meta.q_index].transpose(1, 2)     # (S, Hq, Q, D)
-    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.mask, scale=scale,
-                                         enable_gqa=q.shape[1] != hkv)
-    return out.transpose(1, 2)[meta.q_valid]      # (T, Hq, D), in step order
+    if len(meta.groups) == 1:  # one kind of sequence: its output rows are the step's, in order
+        return _group_attention(q, kc, vc, meta.groups[0], scale)
+    out = torch.empty_like(q)
+    for g in meta.groups:
+        out[g.rows if g.is_decode else g.out_rows] = _group_attention(q, kc, vc, g, scale)
+    return out

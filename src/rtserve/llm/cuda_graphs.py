@@ -41,8 +41,8 @@ class DecodeGraphs:
         self._capture()
 
     def _forward(self, b: int) -> torch.Tensor:
-        meta = AttentionMetadata(slot_mapping=self.slots[:b], q_index=None, q_valid=None, kv_slots=None, mask=None,
-                                 decode_only=True, block_tables=self.tables[:b], context_lens=self.lens[:b])
+        meta = AttentionMetadata(slot_mapping=self.slots[:b], block_tables=self.tables[:b],
+                                 context_lens=self.lens[:b])
         return self.runner.model(self.ids[:b], self.pos[:b], self.runner.kv_caches, meta, self.logits_index[:b])
 
     @torch.inference_mode()

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from . import triton_attention
-from .attention import AttentionMetadata
+from .attention import AttentionGroup, AttentionMetadata
 from .cache_size import plan_cache
 from .config import DecoderConfig
 from .models.gpt2 import GPT2LMHeadModel
@@ -103,57 +103,68 @@ class ModelRunner:
         dev = self.device
         if self.decode_kernel == "triton" and all(s.num_tokens == 1 for s in out.scheduled):
             ids, pos, slots, tables, lens = (t.to(dev, non_blocking=True) for t in self.prepare_decode(out))
-            meta = AttentionMetadata(slot_mapping=slots, q_index=None, q_valid=None, kv_slots=None, mask=None,
-                                     decode_only=True, block_tables=tables, context_lens=lens)
+            meta = AttentionMetadata(slot_mapping=slots, block_tables=tables, context_lens=lens)
             logits_index = [i for i, s in enumerate(out.scheduled) if s.completes]
             return ids, pos, meta, torch.tensor(logits_index, dtype=torch.long, device=dev)
-        ids, pos, slots, q_lens, starts, tables = [], [], [], [], [], []
-        for s in out.scheduled:
+        ids, pos, slots, tables, logits_index = [], [], [], [], []
+        decode, prefill = [], []  # (sequence i, first step row, queries, context)
+        offset = 0
+        for i, s in enumerate(out.scheduled):
             seq, start, n = s.seq, s.seq.num_computed_tokens, s.num_tokens
             table = np.asarray(seq.block_table, dtype=np.int64)
             p = np.arange(start, start + n)
             ids.extend(seq.token_ids[start:start + n])
             pos.append(p)
             slots.append(table[p // bs] * bs + p % bs)
-            q_lens.append(n)
-            starts.append(start)
             tables.append(table)
-        num_seqs, q_max = len(q_lens), max(q_lens)
-        ctx = [st + n for st, n in zip(starts, q_lens)]
-        c_max = max(ctx)
-        kv_slots = np.zeros((num_seqs, c_max), np.int64)
-        for i, (c, table) in enumerate(zip(ctx, tables)):
-            cp = np.arange(c)
-            kv_slots[i, :c] = table[cp // bs] * bs + cp % bs
-        if q_max == 1:  # decode only: queries are the step's rows; mask only ragged contexts
-            mask = None
-            if min(ctx) != c_max:
-                mask = torch.from_numpy(np.arange(c_max)[None, None, None, :] <
-                                        np.asarray(ctx)[:, None, None, None]).to(dev)
-            meta = AttentionMetadata(slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
-                                     q_index=None, q_valid=None, kv_slots=torch.from_numpy(kv_slots).to(dev),
-                                     mask=mask, decode_only=True)
-            logits_index = [i for i, s in enumerate(out.scheduled) if s.completes]
-        else:
-            q_index = np.zeros((num_seqs, q_max), np.int64)
-            q_valid = np.zeros((num_seqs, q_max), bool)
-            mask = np.zeros((num_seqs, 1, q_max, c_max), bool)
-            logits_index, offset = [], 0
-            for i, (n, st, c) in enumerate(zip(q_lens, starts, ctx)):
-                q_index[i, :n] = np.arange(offset, offset + n)
-                q_valid[i, :n] = True
-                cp = np.arange(c)
-                mask[i, 0, :n, :c] = cp[None, :] <= (st + np.arange(n))[:, None]  # causal
-                mask[i, 0, n:, 0] = True  # padded query rows attend somewhere (no NaN); dropped later
-                offset += n
-                if out.scheduled[i].completes:
-                    logits_index.append(offset - 1)
-            meta = AttentionMetadata(
-                slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
-                q_index=torch.from_numpy(q_index).to(dev), q_valid=torch.from_numpy(q_valid).to(dev),
-                kv_slots=torch.from_numpy(kv_slots).to(dev), mask=torch.from_numpy(mask).to(dev))
+            (decode if n == 1 else prefill).append((i, offset, n, start + n))
+            offset += n
+            if s.completes:
+                logits_index.append(offset - 1)
+        single = not decode or not prefill
+        groups = []
+        if decode:
+            groups.append(self._decode_group(decode, tables, rows=not single))
+        if prefill:
+            groups.append(self._prefill_group(prefill, tables, out_rows=not single))
+        meta = AttentionMetadata(slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev), groups=groups)
         return (torch.tensor(ids, dtype=torch.long, device=dev), torch.from_numpy(np.concatenate(pos)).to(dev),
                 meta, torch.tensor(logits_index, dtype=torch.long, device=dev))
+
+    def _kv_slots(self, members, tables) -> np.ndarray:
+        bs = self.block_size
+        kv = np.zeros((len(members), max(m[3] for m in members)), np.int64)
+        for j, (i, _, _, c) in enumerate(members):
+            cp = np.arange(c)
+            kv[j, :c] = tables[i][cp // bs] * bs + cp % bs
+        return kv
+
+    def _decode_group(self, members, tables, rows: bool) -> AttentionGroup:
+        """One query per sequence; a mask only when the contexts differ in length."""
+        dev = self.device
+        ctx = np.asarray([m[3] for m in members])
+        mask = None
+        if ctx.min() != ctx.max():
+            mask = torch.from_numpy(np.arange(ctx.max())[None, None, None, :] < ctx[:, None, None, None]).to(dev)
+        return AttentionGroup(kv_slots=torch.from_numpy(self._kv_slots(members, tables)).to(dev), mask=mask,
+                              rows=torch.tensor([m[1] for m in members], device=dev) if rows else None)
+
+    def _prefill_group(self, members, tables, out_rows: bool) -> AttentionGroup:
+        """Queries padded to the longest chunk; causal within each sequence's context."""
+        dev = self.device
+        q_max, c_max = max(m[2] for m in members), max(m[3] for m in members)
+        q_index = np.zeros((len(members), q_max), np.int64)
+        q_valid = np.zeros((len(members), q_max), bool)
+        mask = np.zeros((len(members), 1, q_max, c_max), bool)
+        for j, (_, first, n, c) in enumerate(members):
+            q_index[j, :n] = np.arange(first, first + n)
+            q_valid[j, :n] = True
+            mask[j, 0, :n, :c] = np.arange(c)[None, :] <= (c - n + np.arange(n))[:, None]  # causal
+            mask[j, 0, n:, 0] = True  # padded query rows attend somewhere (no NaN); dropped later
+        return AttentionGroup(
+            kv_slots=torch.from_numpy(self._kv_slots(members, tables)).to(dev), mask=torch.from_numpy(mask).to(dev),
+            q_index=torch.from_numpy(q_index).to(dev), q_valid=torch.from_numpy(q_valid).to(dev),
+            out_rows=torch.from_numpy(q_index[q_valid]).to(dev) if out_rows else None)
 
     @torch.inference_mode()
     def run(self, out: SchedulerOutput) -> torch.Tensor:

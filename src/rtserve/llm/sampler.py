@@ -68,12 +68,19 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> SampleResult:
                 probs[j, order[drop]] = 0.0
             if p.min_p > 0.0:
                 probs[j][probs[j] < p.min_p * probs[j].max()] = 0.0
-        # Exponential-race draw (argmax p / E): one multinomial draw per row; seeded rows use
-        # their own generator so they are reproducible in any batch.
-        noise = torch.empty_like(probs)
-        for j, i in enumerate(random_rows):
-            noise[j].exponential_(generator=rows[i].generator)
-        tokens[idx] = (probs / noise).argmax(dim=-1)
+        # Inverse-CDF draw: one uniform per row against the row's cumulative probabilities. Seeded
+        # rows draw from their own generator, so they are reproducible in any batch. (An
+        # exponential race needs a random number per vocabulary entry: 29 ms for 64 x 32k here.)
+        u = torch.empty(len(random_rows), 1, device=logits.device)
+        seeded = [j for j, i in enumerate(random_rows) if rows[i].generator is not None]
+        if len(seeded) < len(random_rows):
+            u.uniform_()
+        for j in seeded:
+            u[j].uniform_(generator=rows[random_rows[j]].generator)
+        cdf = probs.cumsum(dim=-1)
+        # 1 - u is in (0, 1]: the target is above 0, so a zero-probability token is never chosen
+        target = (1.0 - u) * cdf[:, -1:]
+        tokens[idx] = torch.searchsorted(cdf, target).squeeze(1).clamp_(max=probs.shape[1] - 1)
     out_lp: list = []
     for i, r in enumerate(rows):
         k = r.params.logprobs
