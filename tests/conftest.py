@@ -22,3 +22,25 @@ def affine_repo(tmp_path_factory) -> Path:
     write_slow_onnx(repo / "slow" / "1" / "model.onnx")
     (repo / "slow" / "model.yaml").write_text(SLOW_YAML.format(queue=2))
     return repo
+
+
+@pytest.fixture(autouse=True)
+def _kv_blocks_balance(monkeypatch):
+    """After every test, every KV-cache block manager the test made (in this process) still holds
+    free + used == total blocks, with consistent reference counts: nothing leaked, nothing freed twice."""
+    try:
+        from rtserve.llm.block_manager import BlockManager
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    made = []
+    init = BlockManager.__init__
+
+    def tracking_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(BlockManager, "__init__", tracking_init)
+    yield
+    for bm in made:
+        bm.check_integrity()
