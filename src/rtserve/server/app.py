@@ -271,6 +271,11 @@ class App:
                 raise ValueError(f"prompt token ids must be below the vocabulary size {llm.runner.config.vocab_size}")
         except ValueError as e:
             raise oai.OpenAIError(str(e), param="messages" if chat else "prompt") from None
+        limit = model.max_model_len
+        if req.max_tokens_given and len(prompt_ids) + req.params.max_tokens > limit:
+            raise oai.OpenAIError(
+                f"this model's maximum context is {limit} tokens; the prompt has {len(prompt_ids)} and max_tokens "
+                f"asks for {req.params.max_tokens} more", param="max_tokens")
         builder = oai.ResponseBuilder(req, llm.tokenizer)
         lm = self.llm_metrics
         lm.bind(model.name, llm.scheduler)

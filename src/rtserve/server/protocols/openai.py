@@ -36,6 +36,7 @@ class GenerationRequest:
     include_usage: bool
     chat: bool
     top_logprobs: int = 0
+    max_tokens_given: bool = False  # asked for explicitly: over the context it is a 400, not a cap
 
 
 def _get(doc: dict, key: str, kinds, default=None):
@@ -124,7 +125,8 @@ def parse(body: bytes, chat: bool) -> GenerationRequest:
     return GenerationRequest(model=model, prompt=prompt, messages=messages, params=params,
                              stream=_get(doc, "stream", bool, False),
                              include_usage=bool(stream_options.get("include_usage", False)), chat=chat,
-                             top_logprobs=top_logprobs)
+                             top_logprobs=top_logprobs,
+                             max_tokens_given=any(doc.get(k) is not None for k in ("max_tokens", "max_completion_tokens")))
 
 
 class ResponseBuilder:
