@@ -307,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--num-blocks", type=int, default=512)
     g.set_defaults(func=cmd_generate)
 
+    from .compress.convert_cli import add_convert_parser
+
+    add_convert_parser(sub)
+
     args = p.parse_args(argv)
     if getattr(args, "api_key", None) is None and hasattr(args, "api_key"):
         args.api_key = os.environ.get("RTSERVE_API_KEY")
