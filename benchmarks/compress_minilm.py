@@ -5,8 +5,9 @@ sentences -- taken from the help topics that ship with Python, so nothing is dow
 
     python benchmarks/compress_minilm.py [--sentences 300] [--threads 1] [--out benchmarks/results/compress_minilm.json]
 
-Steps: ``rtserve.compress.convert`` (HF folder -> ONNX, verified), then ONNX Runtime dynamic int8
-(weights int8 per output channel, activations uint8 quantized at run time). fp32 and int8 run in
+Steps: ``rtserve.compress.convert`` (HF folder -> ONNX, verified), then ``quantize_onnx(...,
+"int8-dynamic")`` as ``rtserve compress`` runs it (ORT dynamic int8: weights int8 per output channel,
+activations uint8 quantized at run time). fp32 and int8 run in
 turns on the same sentences, one ORT thread each.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 from rtserve.bench.report import format_table, write_json  # noqa: E402
 from rtserve.compress.convert import convert  # noqa: E402
+from rtserve.compress.onnx_quant import quantize_onnx  # noqa: E402
 from rtserve.embedding_model import minilm_source  # noqa: E402
 
 
@@ -51,7 +53,6 @@ def main() -> int:
     ap.add_argument("--out", default=str(HERE / "results" / "compress_minilm.json"))
     args = ap.parse_args()
     import onnxruntime as ort
-    from onnxruntime.quantization import QuantType, quantize_dynamic
     from tokenizers import Tokenizer
 
     src = minilm_source()
@@ -66,7 +67,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         conv = convert(src, "onnx", fp32)
-        quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8, per_channel=True)
+        recipe = quantize_onnx(fp32, int8, "int8-dynamic")  # what `rtserve compress --quantize int8-dynamic` does
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = args.threads
         opts.log_severity_level = 3
@@ -100,7 +101,7 @@ def main() -> int:
           f"min {summary['min_cosine']:.4f}) over {len(sentences)} sentences of {summary['mean_tokens']:.0f} tokens "
           f"on average; {args.threads} thread(s)")
     write_json(args.out, {"date": time.strftime("%Y-%m-%d"), "threads": args.threads, "rows": rows,
-                          "summary": summary, "quantization": "ORT dynamic, int8 weights per channel, uint8 activations"})
+                          "summary": summary, "quantization": recipe})
     return 0
 
 

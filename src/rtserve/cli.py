@@ -307,9 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--num-blocks", type=int, default=512)
     g.set_defaults(func=cmd_generate)
 
+    from .compress.cli import add_compress_parser
     from .compress.convert_cli import add_convert_parser
 
     add_convert_parser(sub)
+    add_compress_parser(sub)
 
     args = p.parse_args(argv)
     if getattr(args, "api_key", None) is None and hasattr(args, "api_key"):
