@@ -17,11 +17,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..llm.config import DecoderConfig
-from ..llm.quant_linear import METHODS, pack_int4, quantize
+from ..llm.quant_linear import METHODS, SIDECAR, pack_int4, quantize
 from ..llm.weights import checkpoint_files
 
 QUANTIZED = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
-SIDECAR = "quantization.json"
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
           "special_tokens_map.json")
 
@@ -65,26 +64,3 @@ def quantize_checkpoint(src: Path | str, dst: Path | str, method: str, group_siz
               "bytes_before": before, "bytes_after": after}
     (dst / SIDECAR).write_text(json.dumps(recipe, indent=2) + "\n")
     return recipe
-
-
-def read_quantized(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[dict | None, dict]:
-    """For a quantized folder: (recipe, {weight name: (q int8, scales)}); (None, {}) otherwise."""
-    from ..llm.quant_linear import unpack_int4
-
-    side = Path(path) / SIDECAR
-    if not side.is_file():
-        return None, {}
-    recipe = json.loads(side.read_text())
-    tensors = {}
-    for f in checkpoint_files(Path(path)):
-        with safe_open(str(f), framework="pt") as st:
-            keys = set(st.keys())
-            for name in recipe["modules"]:
-                if name + ".qweight" in keys:
-                    q = st.get_tensor(name + ".qweight")
-                    q = q if recipe["bits"] == 8 else unpack_int4(q)
-                    tensors[name] = (q.to(device), st.get_tensor(name + ".scales").to(device))
-    missing = [m for m in recipe["modules"] if m not in tensors]
-    if missing:
-        raise ValueError(f"{path}: quantized tensor '{missing[0]}.qweight' is missing")
-    return recipe, tensors

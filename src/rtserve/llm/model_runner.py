@@ -9,6 +9,7 @@ import torch
 
 from . import triton_attention
 from .attention import AttentionGroup, AttentionMetadata
+from .quant_linear import read_quantized
 from .cache_size import plan_cache
 from .config import DecoderConfig
 from .models.gpt2 import GPT2LMHeadModel
@@ -29,9 +30,24 @@ def load_decoder(path: Path, dtype: torch.dtype, device: torch.device) -> torch.
     with torch.device("meta"):
         model = cls(config, device=device)
     tied = cls.tied_weights if config.tie_word_embeddings else None
-    load_weights(model, path, dtype, device, tied, rename=getattr(cls, "checkpoint_name", None))
+    recipe, qtensors = read_quantized(path, device)
+    rename = getattr(cls, "checkpoint_name", None)
+    extra = None
+    if recipe is not None:
+        if config.family == "gpt2":
+            raise ValueError(f"{path}: weight-only quantized GPT-2 checkpoints are not supported")
+        base = rename
+
+        def rename(name):  # the .qweight/.scales pairs are read by read_quantized
+            if name.endswith((".qweight", ".scales")):
+                return None
+            return base(name) if base is not None else name
+
+        # stand-ins that take no memory: the fused quantized layers replace them in prepare_for_inference
+        extra = {name: torch.zeros((), dtype=dtype, device=device).expand(q.shape) for name, (q, _) in qtensors.items()}
+    load_weights(model, path, dtype, device, tied, rename=rename, extra=extra)
     model.tie_weights()
-    model.prepare_for_inference()
+    model.prepare_for_inference(quantized=(recipe["bits"], qtensors) if recipe is not None else None)
     return model.eval()
 
 

@@ -22,12 +22,14 @@ def checkpoint_files(path: Path) -> list[Path]:
 
 
 def load_weights(model: torch.nn.Module, path: Path, dtype: torch.dtype, device: torch.device,
-                 tied: tuple[str, str] | None = None, rename: Callable[[str], str | None] | None = None) -> None:
+                 tied: tuple[str, str] | None = None, rename: Callable[[str], str | None] | None = None,
+                 extra: dict[str, torch.Tensor] | None = None) -> None:
     """Fill ``model`` (on the meta device) from the checkpoint at ``path``.
 
     ``tied`` = (target, source): a parameter that may be absent from the checkpoint and then
     shares the source's tensor (tied embeddings). ``rename`` maps a checkpoint name to the model's
-    (None: not a weight, skip it). Raises ValueError naming a missing, unexpected
+    (None: not a weight, skip it). ``extra``: tensors provided by the caller (quantized layers'
+    stand-ins). Raises ValueError naming a missing, unexpected
     or mis-shaped tensor.
     """
     expected = dict(model.named_parameters())
@@ -47,6 +49,10 @@ def load_weights(model: torch.nn.Module, path: Path, dtype: torch.dtype, device:
                     raise ValueError(f"{f.name}: tensor '{name}' has shape {list(t.shape)}, "
                                      f"the model needs {list(expected[name].shape)}")
                 loaded[name] = t.to(device=device, dtype=dtype)
+    for name, t in (extra or {}).items():
+        if name not in expected or tuple(t.shape) != tuple(expected[name].shape):
+            raise ValueError(f"{path}: quantized tensor '{name}' does not fit {type(model).__name__}")
+        loaded[name] = t
     if tied is not None and tied[0] not in loaded and tied[1] in loaded:
         loaded[tied[0]] = loaded[tied[1]]
     missing = sorted(set(expected) - set(loaded))

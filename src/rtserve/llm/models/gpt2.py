@@ -107,7 +107,7 @@ class GPT2LMHeadModel(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
 
-    def prepare_for_inference(self) -> None:
+    def prepare_for_inference(self, quantized=None) -> None:
         """Freeze the matmuls; on CPU the LM head as a packed copy too (see the Llama module)."""
         for m in self.modules():
             if isinstance(m, Conv1D):

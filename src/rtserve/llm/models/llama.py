@@ -8,6 +8,7 @@ from torch import nn
 from ..attention import AttentionMetadata, paged_attention
 from ..config import DecoderConfig
 from ..frozen_linear import FrozenLinear
+from ..quant_linear import QuantLinear
 from ..rope import Rotary
 
 
@@ -41,14 +42,22 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.scale = c.head_dim ** -0.5
 
-    def fuse(self) -> None:
+    def fuse(self, quant: tuple[int, dict] | None = None) -> None:
         """One (hidden, (Hq + 2 Hkv) D) matmul instead of three, as a ``FrozenLinear`` (oneDNN-packed
-        on CPU); the unfused modules are dropped so memory does not double."""
-        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        on CPU), or a ``QuantLinear`` when ``quant`` = (bits, {"q"|"k"|"v"|"o": (q, scales)}) gives
+        the weight-only quantized tensors; the unfused modules are dropped so memory does not double."""
         b = (torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
              if self.q_proj.bias is not None else None)
-        self.qkv = FrozenLinear(w, b)
-        self.o = FrozenLinear(self.o_proj.weight)
+        if quant is not None:
+            bits, t = quant
+            dtype = self.o_proj.weight.dtype
+            self.qkv = QuantLinear(torch.cat([t[k][0] for k in "qkv"]), torch.cat([t[k][1] for k in "qkv"]), bits, b,
+                                   dtype)
+            self.o = QuantLinear(*t["o"], bits, dtype=dtype)
+        else:
+            w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+            self.qkv = FrozenLinear(w, b)
+            self.o = FrozenLinear(self.o_proj.weight)
         self.q_proj = self.k_proj = self.v_proj = self.o_proj = None
 
     def forward(self, x, rope, kv_cache, meta: AttentionMetadata):
@@ -81,11 +90,18 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
 
-    def fuse(self) -> None:
-        """Gate and up in one matmul; both as ``FrozenLinear``s."""
+    def fuse(self, quant: tuple[int, dict] | None = None) -> None:
+        """Gate and up in one matmul; ``FrozenLinear``s, or ``QuantLinear``s from ``quant`` (see Attention)."""
         self.inter = self.gate_proj.weight.shape[0]
-        self.gate_up = FrozenLinear(torch.cat([self.gate_proj.weight, self.up_proj.weight]))
-        self.down = FrozenLinear(self.down_proj.weight)
+        if quant is not None:
+            bits, t = quant
+            dtype = self.down_proj.weight.dtype
+            self.gate_up = QuantLinear(torch.cat([t["gate"][0], t["up"][0]]), torch.cat([t["gate"][1], t["up"][1]]),
+                                       bits, dtype=dtype)
+            self.down = QuantLinear(*t["down"], bits, dtype=dtype)
+        else:
+            self.gate_up = FrozenLinear(torch.cat([self.gate_proj.weight, self.up_proj.weight]))
+            self.down = FrozenLinear(self.down_proj.weight)
         self.gate_proj = self.up_proj = self.down_proj = None
 
     def forward(self, x):
@@ -133,15 +149,21 @@ class LlamaForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def prepare_for_inference(self) -> None:
+    def prepare_for_inference(self, quantized: tuple[int, dict] | None = None) -> None:
         """Freeze the matmuls for inference (see ``frozen_linear``). On CPU the LM head becomes a
         oneDNN-packed copy too (``F.linear`` on the (vocab, hidden) layout streams at ~14 GB/s
         here, the packed one at ~45), at the cost of one more vocab x hidden matrix of memory."""
         w = self.lm_head.weight
         self._head = FrozenLinear(w) if w.device.type == "cpu" else None
-        for layer in self.model.layers:  # everywhere: fewer, larger matmuls (and kernel launches on CUDA)
-            layer.self_attn.fuse()
-            layer.mlp.fuse()
+        for i, layer in enumerate(self.model.layers):  # everywhere: fewer, larger matmuls and launches
+            qa = qm = None
+            if quantized is not None:
+                bits, t = quantized
+                p = f"model.layers.{i}."
+                qa = (bits, {k: t[f"{p}self_attn.{k}_proj.weight"] for k in "qkvo"})
+                qm = (bits, {k: t[f"{p}mlp.{k}_proj.weight"] for k in ("gate", "up", "down")})
+            layer.self_attn.fuse(qa)
+            layer.mlp.fuse(qm)
 
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata, logits_index):
         x = self.model.embed_tokens(input_ids)

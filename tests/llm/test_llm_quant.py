@@ -1,0 +1,106 @@
+"""Weight-only int8 / int4 quantization of native-engine checkpoints: format, loading, fidelity,
+memory, and errors before any work."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from rtserve.compress.llm_quant import quantize_checkpoint  # noqa: E402
+from rtserve.llm.engine import LLM  # noqa: E402
+from rtserve.llm.quant_linear import QuantLinear, dequantize, pack_int4, quantize, unpack_int4  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    ref = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.1)
+    path = tmp_path_factory.mktemp("llama")
+    ref.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def test_quantize_roundtrip_and_packing():
+    w = torch.randn(8, 64)
+    q8, s8 = quantize(w, 8)
+    assert q8.dtype == torch.int8 and s8.shape == (8,)
+    assert (dequantize(q8, s8) - w).abs().max() <= s8.max() / 2 + 1e-6
+    q4, s4 = quantize(w, 4, group_size=16)
+    assert s4.shape == (8, 4) and int(q4.min()) >= -8 and int(q4.max()) <= 7
+    assert (dequantize(q4, s4) - w).abs().max() <= s4.max() / 2 + 1e-6
+    assert torch.equal(unpack_int4(pack_int4(q4)), q4) and pack_int4(q4).shape == (8, 32)
+
+
+@pytest.mark.parametrize("method,group,min_cos,min_agree,ratio", [
+    ("int8-weight", 128, 0.9999, 0.97, 0.27), ("int4-weight", 16, 0.999, 0.90, 0.20)])
+def test_quantized_checkpoint_serves_close_to_the_original(llama, tmp_path, method, group, min_cos, min_agree, ratio):
+    recipe = quantize_checkpoint(llama, tmp_path / "q", method, group_size=group)
+    side = json.loads((tmp_path / "q" / "quantization.json").read_text())
+    assert side["method"] == method and len(side["modules"]) == 2 * 7 and side["bytes_after"] < side["bytes_before"]
+    assert recipe["bits"] == (8 if method == "int8-weight" else 4)
+    base = LLM(llama, num_blocks=64, block_size=4)
+    quant = LLM(tmp_path / "q", num_blocks=64, block_size=4)
+    layer = quant.runner.model.model.layers[0]
+    assert isinstance(layer.mlp.gate_up, QuantLinear) and isinstance(layer.self_attn.qkv, QuantLinear)
+    # the projections' memory at rest against float32
+    qbytes = sum(m.weight_bytes for l in quant.runner.model.model.layers
+                 for m in (l.self_attn.qkv, l.self_attn.o, l.mlp.gate_up, l.mlp.down))
+    fbytes = 2 * 4 * (64 * (64 + 2 * 32) + 64 * 64 + 64 * 256 + 128 * 64)
+    assert qbytes <= ratio * fbytes, (qbytes, fbytes)
+    # next-token distributions along random texts: top-1 agreement at every position, logit cosine
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(1, 97, (8, 24), generator=g).tolist()
+    assert _top1_agreement(base, quant, prompts) >= min_agree
+    lb, lq = _last_logits(base, prompts[0]), _last_logits(quant, prompts[0])
+    assert torch.nn.functional.cosine_similarity(lb, lq, dim=0) > min_cos
+
+
+def _last_logits(llm, prompt):
+    from rtserve.llm.block_manager import BlockManager
+    from rtserve.llm.scheduler import Scheduler, SchedulerConfig
+    from rtserve.llm.sequence import Sequence
+
+    sched = Scheduler(SchedulerConfig(), BlockManager(llm.runner.num_blocks, llm.runner.block_size))
+    sched.add(Sequence(list(prompt), max_tokens=1))
+    return llm.runner.run(sched.schedule())[0]
+
+
+def _top1_agreement(base, quant, prompts) -> float:
+    """Per position: the argmax of every prefix's next-token distribution."""
+    same = total = 0
+    for p in prompts:
+        for n in range(4, len(p) + 1):
+            same += int(_last_logits(base, p[:n]).argmax() == _last_logits(quant, p[:n]).argmax())
+            total += 1
+    return same / total
+
+
+@pytest.mark.parametrize("method,kw,needle", [
+    ("int3-weight", {}, "is not one of"),
+    ("int4-weight", {"group_size": 48}, "multiples of the group size 48"),
+])
+def test_bad_llm_quantization_requests(llama, tmp_path, method, kw, needle):
+    with pytest.raises(ValueError, match=needle):
+        quantize_checkpoint(llama, tmp_path / "q", method, **kw)
+    assert not (tmp_path / "q").exists()
+
+
+def test_quantizing_twice_and_a_damaged_checkpoint_are_errors(llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    quantize_checkpoint(llama, tmp_path / "q", "int8-weight")
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_checkpoint(tmp_path / "q", tmp_path / "q2", "int8-weight")
+    t = load_file(tmp_path / "q" / "model.safetensors")
+    del t["model.layers.1.mlp.down_proj.weight.qweight"]
+    save_file(t, tmp_path / "q" / "model.safetensors")
+    with pytest.raises(ValueError, match="down_proj.weight.qweight' .* is missing"):
+        LLM(tmp_path / "q", num_blocks=8, block_size=4)
