@@ -24,6 +24,7 @@ from .report import (CompressionReport, accuracy, compare_outputs, format_report
                      model_stats, plot_versions, read_report, write_report)
 
 DEFAULT_MAX_BATCH = 64
+LLM_METHODS = ("int8-weight", "int4-weight")
 DEFAULT_EVAL_SAMPLES = 256
 
 
@@ -182,12 +183,40 @@ def run_job(job: CompressJob) -> tuple[CompressionReport, OutputTarget]:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    try:
-        job = prepare(args)
-    except CompressError as e:
-        print(f"rtserve compress: {e}", file=sys.stderr)
+    chosen = [m for m, on in (("--quantize", args.quantize), ("--prune", args.prune is not None),
+                              ("--distill", args.distill)) if on]
+    if len(chosen) != 1:
+        print("rtserve compress: give exactly one of --quantize, --prune, --distill"
+              + (f" (got {', '.join(chosen)}; chain them through repository versions)" if chosen else ""),
+              file=sys.stderr)
         return 2
-    report, target = run_job(job)
+    if args.quantize in LLM_METHODS:
+        from .llm_job import format_llm_report, run_llm_quantization
+
+        try:
+            r = run_llm_quantization(Path(args.src), Path(args.out), args.quantize, args.group_size)
+        except CompressError as e:
+            print(f"rtserve compress: {e}", file=sys.stderr)
+            return 2
+        print(format_llm_report(r))
+        print(f"wrote {r['result']['path']}")
+        return 0
+    if args.prune is not None or args.distill:
+        from .torch_jobs import prepare_torch_job, run_torch_job
+
+        try:
+            tjob = prepare_torch_job(args)
+        except CompressError as e:
+            print(f"rtserve compress: {e}", file=sys.stderr)
+            return 2
+        report, target = run_torch_job(tjob)
+    else:
+        try:
+            job = prepare(args)
+        except CompressError as e:
+            print(f"rtserve compress: {e}", file=sys.stderr)
+            return 2
+        report, target = run_job(job)
     print(format_report(report))
     where = f"version {target.version} of {target.path.parent.parent}" if target.version else str(target.path)
     print(f"wrote {where} and {target.report_path}")
@@ -196,11 +225,24 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 def add_compress_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``compress`` on an ``argparse`` subparsers object (``set_defaults(func=cmd_compress)``)."""
-    c = subparsers.add_parser("compress", help="quantize an ONNX model (int8) and report size, latency, fidelity")
-    c.add_argument("src", help="an .onnx file, or a repository model folder (its latest version)")
+    c = subparsers.add_parser("compress", help="quantize, prune or distill a model; report size, latency, fidelity")
+    c.add_argument("src", help="an .onnx file or a repository model folder (--quantize int8-*), a Hugging Face "
+                               "decoder folder (--quantize int*-weight), a spec model folder (--prune, --distill)")
     c.add_argument("--out", required=True,
                    help="a repository model folder (-> new version N+1), a folder, or an .onnx file path")
-    c.add_argument("--quantize", required=True, metavar="METHOD", help=" | ".join(METHODS))
+    c.add_argument("--quantize", metavar="METHOD", help=" | ".join((*METHODS, *LLM_METHODS)))
+    t = c.add_argument_group("pruning and distillation (PyTorch spec models: model.spec.json + model.safetensors)")
+    t.add_argument("--prune", type=float, metavar="RATIO", help="share of channels (or weights) to remove")
+    t.add_argument("--structured", action="store_true", help="remove whole channels/neurons (real speedup)")
+    t.add_argument("--distill", action="store_true", help="train --student on the source's softened outputs")
+    t.add_argument("--student", metavar="SPEC.json", help="the student's layers (see compress/spec.py)")
+    t.add_argument("--data", metavar="FILE.npz", help="training inputs (+ 'labels'): fine-tuning, distillation")
+    t.add_argument("--epochs", type=int, help="default: 5 fine-tuning epochs with --data, 30 for distillation")
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--temperature", type=float, default=4.0)
+    t.add_argument("--alpha", type=float, default=0.7, help="weight of the teacher's soft targets")
+    t.add_argument("--checkpoint-dir", help="resumable training checkpoints")
+    c.add_argument("--group-size", type=int, default=128, help="int4-weight: weights per scale")
     calib = c.add_argument_group("calibration (int8-static)")
     calib.add_argument("--calibration", metavar="FILE.npz", help="input name -> array (.npy for one input)")
     calib.add_argument("--calibration-samples", type=int, metavar="N", help="generate N random samples instead")

@@ -56,6 +56,11 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor | None, labels: to
 
 
 def _progress(epoch: int, epochs: int, step: int, steps: int, loss: float, t0: float) -> None:
+    """A bar redrawn in place on a terminal; one line per epoch into a log."""
+    if not sys.stderr.isatty():
+        if step == steps:
+            sys.stderr.write(f"epoch {epoch}/{epochs} loss {loss:.4f} {time.perf_counter() - t0:5.1f} s\n")
+        return
     width = 24
     done = int(width * step / steps)
     sys.stderr.write(f"\repoch {epoch}/{epochs} [{'#' * done}{'.' * (width - done)}] loss {loss:.4f} "
