@@ -29,9 +29,21 @@ def quantize(w: torch.Tensor, bits: int, group_size: int = 128) -> tuple[torch.T
         if in_f % group_size:
             raise ValueError(f"int4: input size {in_f} is not a multiple of the group size {group_size}")
         wg = w.reshape(out_f, in_f // group_size, group_size)
-        scales = (wg.abs().amax(-1) / 7.0).clamp(min=1e-12)
-        q = torch.round(wg / scales[..., None]).clamp(-8, 7).reshape(out_f, in_f).to(torch.int8)
-        return q, scales
+        amax = wg.abs().amax(-1).clamp(min=1e-12)
+        # per group, the scale (a clipped range) that minimises the squared error: with 16 levels,
+        # clipping a few outliers buys finer steps for everything else
+        best_err = best_scale = None
+        for r in torch.linspace(1.0, 0.5, 11).tolist():
+            sc = amax * r / 7.0
+            err = (torch.round(wg / sc[..., None]).clamp(-8, 7) * sc[..., None] - wg).pow(2).sum(-1)
+            if best_err is None:
+                best_err, best_scale = err, sc
+            else:
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_scale = torch.where(better, sc, best_scale)
+        q = torch.round(wg / best_scale[..., None]).clamp(-8, 7).reshape(out_f, in_f).to(torch.int8)
+        return q, best_scale
     raise ValueError(f"bits must be 8 or 4, got {bits}")
 
 
