@@ -89,3 +89,40 @@ def test_llm_weight_quantization_through_the_cli(tmp_path, capsys):
     assert main(["compress", str(tmp_path / "lm" / "1"), "--quantize", "int4-weight", "--group-size", "48",
                  "--out", str(tmp_path / "lm")]) == 2
     assert "group size 48" in capsys.readouterr().err and not (tmp_path / "lm" / "3").exists()
+
+
+def test_lm_distillation_through_the_cli(tmp_path, capsys):
+    """A random-weight teacher, token ids as data: the student gets closer to the teacher (KL falls),
+    and the engine serves the student folder."""
+    transformers = pytest.importorskip("transformers")
+    from rtserve.llm.engine import LLM
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    teacher = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # peaked next-token distributions, unlike the near-uniform default init
+        for n, p in teacher.named_parameters():
+            if "norm" not in n:
+                p.normal_(0, 0.5)
+    teacher.save_pretrained(tmp_path / "teacher", safe_serialization=True)
+    with torch.no_grad():  # text the teacher itself would write, so there is something to learn
+        ids = teacher.generate(torch.randint(1, 61, (160, 2)), max_new_tokens=40, do_sample=True, top_k=0,
+                               pad_token_id=0).reshape(-1).numpy()
+    np.savez(tmp_path / "ids.npz", ids=ids)
+    student = json.loads((tmp_path / "teacher" / "config.json").read_text())
+    student.update(hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    (tmp_path / "student.json").write_text(json.dumps(student))
+    assert main(["compress", str(tmp_path / "teacher"), "--distill", "--student", str(tmp_path / "student.json"),
+                 "--data", str(tmp_path / "ids.npz"), "--seq-len", "31", "--epochs", "10", "--lr", "3e-3", "--temperature", "1", "--alpha", "1",
+                 "--out", str(tmp_path / "student")]) == 0
+    r = json.loads((tmp_path / "student" / "report.json").read_text())
+    assert r["student_params"] < r["teacher_params"] / 3
+    assert r["fidelity"]["mean_kl"] < 0.9 * r["fidelity_before"]["mean_kl"]
+    out = LLM(tmp_path / "student", num_blocks=32, block_size=4).generate_greedy([[1, 2, 3]], max_tokens=5)
+    assert len(out[0]) == 5 and "top-1 agreement" in capsys.readouterr().out
+    student["vocab_size"] = 60
+    (tmp_path / "bad.json").write_text(json.dumps(student))
+    assert main(["compress", str(tmp_path / "teacher"), "--distill", "--student", str(tmp_path / "bad.json"),
+                 "--data", str(tmp_path / "ids.npz"), "--out", str(tmp_path / "s2")]) == 2
+    assert "vocab_size 60 differs" in capsys.readouterr().err

@@ -201,6 +201,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         print(format_llm_report(r))
         print(f"wrote {r['result']['path']}")
         return 0
+    if args.distill and (Path(args.src) / "config.json").is_file():  # a causal LM teacher
+        return _distill_lm(args)
     if args.prune is not None or args.distill:
         from .torch_jobs import prepare_torch_job, run_torch_job
 
@@ -223,6 +225,36 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _distill_lm(args) -> int:
+    from .lm_distill import distill_lm
+    from .output import is_repository_model, repository_versions
+    from .train import TrainConfig
+
+    if not args.student or not args.data:
+        print("rtserve compress: --distill of a language model needs --student CONFIG.json and --data TEXT|IDS.npz",
+              file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    if is_repository_model(out):
+        out = out / str((repository_versions(out) or [0])[-1] + 1)
+    elif out.exists() and any(out.iterdir()):
+        print(f"rtserve compress: --out {out} exists and is not empty", file=sys.stderr)
+        return 2
+    cfg = TrainConfig(epochs=args.epochs or 3, lr=args.lr, temperature=args.temperature, alpha=args.alpha,
+                      batch_size=16, checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None)
+    try:
+        r = distill_lm(Path(args.src), Path(args.student), Path(args.data), out, cfg, seq_len=args.seq_len)
+    except CompressError as e:
+        print(f"rtserve compress: {e}", file=sys.stderr)
+        return 2
+    f0, f1 = r["fidelity_before"], r["fidelity"]
+    print(f"student {r['student_params']:,} parameters (teacher {r['teacher_params']:,}); on held-out text: top-1 "
+          f"agreement with the teacher {f0['top1_agreement']:.1%} -> {f1['top1_agreement']:.1%}, mean KL "
+          f"{f0['mean_kl']:.3f} -> {f1['mean_kl']:.3f}; next-token accuracy {f1['student_next_token_accuracy']:.1%} "
+          f"(teacher {f1['teacher_next_token_accuracy']:.1%})\nwrote {out}")
+    return 0
+
+
 def add_compress_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``compress`` on an ``argparse`` subparsers object (``set_defaults(func=cmd_compress)``)."""
     c = subparsers.add_parser("compress", help="quantize, prune or distill a model; report size, latency, fidelity")
@@ -235,7 +267,8 @@ def add_compress_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--prune", type=float, metavar="RATIO", help="share of channels (or weights) to remove")
     t.add_argument("--structured", action="store_true", help="remove whole channels/neurons (real speedup)")
     t.add_argument("--distill", action="store_true", help="train --student on the source's softened outputs")
-    t.add_argument("--student", metavar="SPEC.json", help="the student's layers (see compress/spec.py)")
+    t.add_argument("--student", metavar="SPEC.json",
+                   help="the student: layers (compress/spec.py), or a Hugging Face config.json for an LM teacher")
     t.add_argument("--data", metavar="FILE.npz", help="training inputs (+ 'labels'): fine-tuning, distillation")
     t.add_argument("--epochs", type=int, help="default: 5 fine-tuning epochs with --data, 30 for distillation")
     t.add_argument("--lr", type=float, default=3e-3)
@@ -243,6 +276,7 @@ def add_compress_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--alpha", type=float, default=0.7, help="weight of the teacher's soft targets")
     t.add_argument("--checkpoint-dir", help="resumable training checkpoints")
     c.add_argument("--group-size", type=int, default=128, help="int4-weight: weights per scale")
+    c.add_argument("--seq-len", type=int, default=128, help="LM distillation: tokens per training sequence")
     calib = c.add_argument_group("calibration (int8-static)")
     calib.add_argument("--calibration", metavar="FILE.npz", help="input name -> array (.npy for one input)")
     calib.add_argument("--calibration-samples", type=int, metavar="N", help="generate N random samples instead")

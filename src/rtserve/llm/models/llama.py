@@ -165,6 +165,28 @@ class LlamaForCausalLM(nn.Module):
             layer.self_attn.fuse(qa)
             layer.mlp.fuse(qm)
 
+    def forward_dense(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Training and teacher scoring: (B, T) token ids -> (B, T, vocab) logits with plain causal
+        attention and no KV cache, on the unfused modules (call it before ``prepare_for_inference``)."""
+        b, t = input_ids.shape
+        x = self.model.embed_tokens(input_ids)
+        rope = self.rotary.tables(torch.arange(t, device=input_ids.device), x.dtype)  # (T, 1, D)
+        for layer in self.model.layers:
+            a = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = a.q_proj(h).view(b, t, a.nh, a.hd)
+            k = a.k_proj(h).view(b, t, a.nkv, a.hd)
+            v = a.v_proj(h).view(b, t, a.nkv, a.hd)
+            if a.qk_norm:
+                q, k = a.q_norm(q), a.k_norm(k)
+            q, k = a.rotary.rotate(q, rope), a.rotary.rotate(k, rope)
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=a.scale,
+                enable_gqa=a.nh != a.nkv)
+            x = x + a.o_proj(o.transpose(1, 2).reshape(b, t, a.nh * a.hd))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.lm_head(self.model.norm(x))
+
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata, logits_index):
         x = self.model.embed_tokens(input_ids)
         rope = self.rotary.tables(positions, x.dtype)
