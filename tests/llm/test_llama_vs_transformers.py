@@ -179,3 +179,22 @@ def test_bfloat16_on_cpu_tracks_float32(checkpoint):
         assert runner.kv_caches[0].dtype == getattr(torch, dtype)
     cos = torch.nn.functional.cosine_similarity(logits["float32"], logits["bfloat16"], dim=0)
     assert cos > 0.99 and logits["float32"].argmax() == logits["bfloat16"].argmax()
+
+
+def test_dense_forward_for_training_matches_transformers(checkpoint):
+    """``forward_dense`` (distillation and training: no KV cache) gives transformers' logits."""
+    from rtserve.llm.config import DecoderConfig
+    from rtserve.llm.models.llama import LlamaForCausalLM
+    from rtserve.llm.weights import load_weights
+
+    path, ref, arch = checkpoint
+    if arch == "gpt2":
+        pytest.skip("forward_dense is for the Llama family")
+    c = DecoderConfig.from_dir(path)
+    with torch.device("meta"):
+        m = LlamaForCausalLM(c)
+    load_weights(m, path, torch.float32, torch.device("cpu"), m.tied_weights if c.tie_word_embeddings else None)
+    m.tie_weights()
+    ids = torch.randint(0, 97, (3, 13), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(m.forward_dense(ids), ref(ids).logits, atol=2e-4, rtol=1e-4)
