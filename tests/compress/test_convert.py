@@ -85,7 +85,7 @@ def test_onnx_optimize_and_fp16_are_verified(bert_dir, tmp_path):
     (lambda p: (p / "m.bin").write_bytes(b"x") and p / "m.bin", "onnx", {}, "unknown source format"),
     (lambda p: (p / "cfg").mkdir() or (p / "cfg" / "config.json").write_text(json.dumps(
         {"model_type": "llama", "architectures": ["LlamaForCausalLM"]})) and p / "cfg", "onnx", {}, "cannot be converted"),
-    (lambda p: p, "tflite", {}, "is not one of"),
+    (lambda p: p, "tensorrt", {}, "is not one of"),
 ])
 def test_bad_input_is_a_clear_error(tmp_path, make, target, kw, needle):
     with pytest.raises(ConversionError, match=needle):
@@ -102,3 +102,21 @@ def test_cli_writes_a_new_repository_version_and_fails_cleanly(bert_dir, tmp_pat
     assert "verified on 3 input sets" in capsys.readouterr().out
     assert main(["convert", str(model / "2" / "model.onnx"), "--to", "pt2", "--out", str(tmp_path / "x.pt2")]) == 2
     assert "converts only to optimized ONNX" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target", ["tflite", "onnx", "pt2"])
+def test_spec_model_converts_to_every_format_verified(tmp_path, target):
+    """The digits CNN as a PyTorch spec model -> TFLite (the built-in writer, run by LiteRT), ONNX, .pt2."""
+    from rtserve.compress.torch_model import SpecModel, save_spec_model
+    from rtserve.demo import digits_cnn
+
+    torch.manual_seed(0)
+    save_spec_model(SpecModel(digits_cnn().eval(), (1, 8, 8), "image", "logits"), tmp_path / "spec")
+    r = convert(tmp_path / "spec", target, tmp_path / f"m.{target}")
+    assert r.source_kind == "spec" and r.verification.ok and r.verification.samples == 3
+    assert (tmp_path / f"m.{target}").stat().st_size > 1000
+
+
+def test_tflite_needs_a_spec_model(bert_dir, tmp_path):
+    with pytest.raises(ConversionError, match="--to tflite takes a PyTorch spec model"):
+        convert(bert_dir[0], "tflite", tmp_path / "x.tflite")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-TARGETS = ("onnx", "pt2")
+TARGETS = ("onnx", "pt2", "tflite")
 
 
 class ConversionError(ValueError):
@@ -55,6 +55,8 @@ class ConversionResult:
 
 
 def source_kind(src: Path) -> str:
+    if src.is_dir() and (src / "model.spec.json").is_file():
+        return "spec"  # a PyTorch spec model (compress/torch_model.py)
     if src.is_dir():
         cfg = src / "config.json"
         if not cfg.is_file():
@@ -209,6 +211,9 @@ def convert(src: Path | str, target: str, out: Path | str, *, optimize: bool = F
     if target not in TARGETS:
         raise ConversionError(f"--to '{target}' is not one of {', '.join(TARGETS)}")
     kind = source_kind(src)
+    if target == "tflite" and kind != "spec":
+        raise ConversionError("--to tflite takes a PyTorch spec model folder (model.spec.json + model.safetensors); "
+                              "the built-in writer covers Conv2d, Linear, pooling, ReLU, Softmax and Flatten")
     if kind == "onnx" and target != "onnx":
         raise ConversionError("an ONNX source converts only to optimized ONNX (--to onnx --optimize)")
     if kind == "onnx" and not (optimize or fp16):
@@ -228,6 +233,8 @@ def convert(src: Path | str, target: str, out: Path | str, *, optimize: bool = F
                 _export_onnx(module, ex, staged, names, outs, _encoder_dims(cfg.max_position_embeddings))
             else:
                 _save_pt2(module, ex, staged, names, outs, _encoder_dims(cfg.max_position_embeddings))
+        elif kind == "spec":
+            names, outs, samples, reference = _convert_spec(src, target, staged)
         elif kind == "pt2":
             ep, names, outs = _pt2_meta(src)
             samples = _pt2_samples(ep, names)
@@ -248,7 +255,12 @@ def convert(src: Path | str, target: str, out: Path | str, *, optimize: bool = F
             from .optimize import optimize_onnx
 
             optimize_onnx(staged, staged, fp16=fp16)
-        converted = _run_onnx(staged, samples) if target == "onnx" else _run_pt2(staged, samples, names)
+        if target == "onnx":
+            converted = _run_onnx(staged, samples)
+        elif target == "tflite":
+            converted = _run_tflite(staged, samples, names)
+        else:
+            converted = _run_pt2(staged, samples, names)
         tol = atol if atol is not None else (2e-2 if fp16 else 1e-4)
         check = compare(reference, converted, tol)
         if not check.ok:
@@ -295,3 +307,42 @@ def _onnx_io_and_samples(src: Path):
                 feeds[i.name] = rng.integers(0, 2, shape).astype(np.int64)
         samples.append(feeds)
     return [i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()], samples
+
+
+def _convert_spec(src: Path, target: str, staged: Path):
+    """A spec model to ONNX / .pt2 / .tflite; returns names, outputs, samples and the torch reference."""
+    import torch
+
+    from ..export.tflite_writer import write_tflite
+    from ..export.torch_export import export_pt2
+    from .torch_model import export_spec_onnx, load_spec_model
+
+    try:
+        sm = load_spec_model(src)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
+    names, outs = [sm.input_name], [sm.output_name]
+    rng = np.random.default_rng(0)
+    samples = [{sm.input_name: rng.random((b, *sm.input_shape), dtype=np.float32)} for b in (1, 3, 8)]
+    reference = _run_torch(sm.model, samples, names)
+    if target == "onnx":
+        export_spec_onnx(sm, staged)
+    elif target == "pt2":
+        export_pt2(sm.model, sm.example(), staged, names, outs)
+    else:
+        try:
+            write_tflite(sm.model, sm.example(1), staged, input_name=names[0], output_name=outs[0])
+        except ValueError as e:
+            raise ConversionError(f"{src}: {e}") from None
+    return names, outs, samples, reference
+
+
+def _run_tflite(path: Path, samples, names) -> list[list[np.ndarray]]:
+    from ..backends.tflite import TFLiteBackend
+
+    backend = TFLiteBackend(path, "cpu", {}, 1)
+    outs = []
+    for s in samples:
+        res = backend.run({n: s[n] for n in names})
+        outs.append([np.asarray(v) for v in res.values()])
+    return outs
