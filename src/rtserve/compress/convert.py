@@ -311,8 +311,6 @@ def _onnx_io_and_samples(src: Path):
 
 def _convert_spec(src: Path, target: str, staged: Path):
     """A spec model to ONNX / .pt2 / .tflite; returns names, outputs, samples and the torch reference."""
-    import torch
-
     from ..export.tflite_writer import write_tflite
     from ..export.torch_export import export_pt2
     from .torch_model import export_spec_onnx, load_spec_model
