@@ -1,4 +1,4 @@
-"""``rtserve convert SRC --to onnx|pt2 --out DST [--optimize] [--fp16]``."""
+"""``rtserve convert SRC --to onnx|pt2|tflite --out DST [--optimize] [--fp16]``."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ from .convert import TARGETS, ConversionError, convert
 def add_convert_parser(sub) -> None:
     c = sub.add_parser("convert", help="convert a model (HF encoder folder, .pt2, .onnx) to ONNX or .pt2, verified")
     c.add_argument("src", help="a Hugging Face encoder folder, a .pt2 program or an .onnx model")
-    c.add_argument("--to", required=True, choices=TARGETS)
+    c.add_argument("--to", required=True, choices=TARGETS, help="tflite: from a PyTorch spec model folder")
     c.add_argument("--out", required=True, help="output file, or a repository model folder (a new version)")
     c.add_argument("--optimize", action="store_true", help="ONNX Runtime offline optimization and fusions")
     c.add_argument("--fp16", action="store_true", help="float16 weights (for GPUs), float32 inputs/outputs")
