@@ -126,3 +126,39 @@ def test_lm_distillation_through_the_cli(tmp_path, capsys):
     assert main(["compress", str(tmp_path / "teacher"), "--distill", "--student", str(tmp_path / "bad.json"),
                  "--data", str(tmp_path / "ids.npz"), "--out", str(tmp_path / "s2")]) == 2
     assert "vocab_size 60 differs" in capsys.readouterr().err
+
+
+def test_lm_structured_pruning_then_distillation_from_the_original(tmp_path, capsys):
+    """FFN neurons and head groups go (smaller matrices, a config the engine serves); distilling the
+    pruned checkpoint from the original brings it back towards the teacher."""
+    transformers = pytest.importorskip("transformers")
+    from rtserve.llm.config import DecoderConfig
+    from rtserve.llm.engine import LLM
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    teacher = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in teacher.named_parameters():
+            if "norm" not in n:
+                p.normal_(0, 0.5)
+    teacher.save_pretrained(tmp_path / "t", safe_serialization=True)
+    assert main(["compress", str(tmp_path / "t"), "--prune", "0.5", "--structured", "--prune-heads",
+                 "--out", str(tmp_path / "p")]) == 0
+    c = DecoderConfig.from_dir(tmp_path / "p")
+    assert (c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim) == (64, 2, 1, 16)
+    r = json.loads((tmp_path / "p" / "report.json").read_text())
+    assert r["result_params"] < r["source_params"] and 0 <= r["fidelity"]["top1_agreement"] <= 1
+    assert len(LLM(tmp_path / "p", num_blocks=16, block_size=4).generate_greedy([[1, 2]], max_tokens=3)[0]) == 3
+    with torch.no_grad():
+        ids = teacher.generate(torch.randint(1, 61, (160, 2)), max_new_tokens=40, do_sample=True, top_k=0,
+                               pad_token_id=0).reshape(-1).numpy()
+    np.savez(tmp_path / "ids.npz", ids=ids)
+    assert main(["compress", str(tmp_path / "t"), "--distill", "--student", str(tmp_path / "p"), "--data",
+                 str(tmp_path / "ids.npz"), "--seq-len", "31", "--epochs", "5", "--lr", "1e-3", "--temperature", "1",
+                 "--alpha", "1", "--out", str(tmp_path / "d")]) == 0
+    d = json.loads((tmp_path / "d" / "report.json").read_text())
+    assert d["fidelity"]["mean_kl"] < d["fidelity_before"]["mean_kl"]
+    assert main(["compress", str(tmp_path / "t"), "--prune", "0.5", "--out", str(tmp_path / "m")]) == 2
+    assert "--structured" in capsys.readouterr().err

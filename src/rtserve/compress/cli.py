@@ -203,6 +203,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         return 0
     if args.distill and (Path(args.src) / "config.json").is_file():  # a causal LM teacher
         return _distill_lm(args)
+    if args.prune is not None and (Path(args.src) / "config.json").is_file():
+        return _prune_lm(args)
     if args.prune is not None or args.distill:
         from .torch_jobs import prepare_torch_job, run_torch_job
 
@@ -225,20 +227,63 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lm_out(out: Path) -> Path | None:
+    from .output import is_repository_model, repository_versions
+
+    if is_repository_model(out):
+        return out / str((repository_versions(out) or [0])[-1] + 1)
+    if out.exists() and any(out.iterdir()):
+        print(f"rtserve compress: --out {out} exists and is not empty", file=sys.stderr)
+        return None
+    return out
+
+
+def _prune_lm(args) -> int:
+    import json
+    import shutil
+
+    from .llm_job import compare_lms, params_in
+    from .lm_prune import prune_lm
+
+    if not args.structured:
+        print("rtserve compress: language models are pruned structurally only (--structured); magnitude pruning "
+              "would bring no speedup", file=sys.stderr)
+        return 2
+    out = _lm_out(Path(args.out))
+    if out is None:
+        return 2
+    try:
+        recipe = prune_lm(Path(args.src), out, args.prune, heads=args.prune_heads)
+    except CompressError as e:
+        print(f"rtserve compress: {e}", file=sys.stderr)
+        return 2
+    try:
+        cmp = compare_lms(Path(args.src), out)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    report = {"method": recipe["method"], "recipe": recipe, "source_params": params_in(Path(args.src)),
+              "result_params": params_in(out), **cmp,
+              "notes": ["pruned without fine-tuning: recover quality with --distill from the original"]}
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    f = cmp["fidelity"]
+    print(f"pruned {recipe['intermediate_size'][0]} -> {recipe['intermediate_size'][1]} FFN neurons, "
+          f"{recipe['attention_heads'][0]} -> {recipe['attention_heads'][1]} heads: {report['source_params']:,} -> "
+          f"{report['result_params']:,} parameters; batch-1 decode {cmp['decode_ms'][0]:.2f} -> {cmp['decode_ms'][1]:.2f} "
+          f"ms/token; top-1 agreement {f['top1_agreement']:.1%}, mean KL {f['mean_kl']:.3f}\nwrote {out}")
+    return 0
+
+
 def _distill_lm(args) -> int:
     from .lm_distill import distill_lm
-    from .output import is_repository_model, repository_versions
     from .train import TrainConfig
 
     if not args.student or not args.data:
         print("rtserve compress: --distill of a language model needs --student CONFIG.json and --data TEXT|IDS.npz",
               file=sys.stderr)
         return 2
-    out = Path(args.out)
-    if is_repository_model(out):
-        out = out / str((repository_versions(out) or [0])[-1] + 1)
-    elif out.exists() and any(out.iterdir()):
-        print(f"rtserve compress: --out {out} exists and is not empty", file=sys.stderr)
+    out = _lm_out(Path(args.out))
+    if out is None:
         return 2
     cfg = TrainConfig(epochs=args.epochs or 3, lr=args.lr, temperature=args.temperature, alpha=args.alpha,
                       batch_size=16, checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None)
@@ -266,6 +311,7 @@ def add_compress_parser(subparsers) -> argparse.ArgumentParser:
     t = c.add_argument_group("pruning and distillation (PyTorch spec models: model.spec.json + model.safetensors)")
     t.add_argument("--prune", type=float, metavar="RATIO", help="share of channels (or weights) to remove")
     t.add_argument("--structured", action="store_true", help="remove whole channels/neurons (real speedup)")
+    t.add_argument("--prune-heads", action="store_true", help="language models: prune attention head groups too")
     t.add_argument("--distill", action="store_true", help="train --student on the source's softened outputs")
     t.add_argument("--student", metavar="SPEC.json",
                    help="the student: layers (compress/spec.py), or a Hugging Face config.json for an LM teacher")

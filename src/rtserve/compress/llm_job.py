@@ -58,9 +58,42 @@ def _decode_ms(llm, prompt: list[int], tokens: int = 32) -> float:
     return (time.perf_counter() - t0) / tokens * 1e3
 
 
+def compare_lms(src: Path, other: Path, texts: int = 16) -> dict:
+    """Fidelity of ``other`` against ``src`` (top-1 agreement and mean KL of next-token
+    distributions at every position of the evaluation texts) and batch-1 decode ms/token of both."""
+    from ..llm.engine import LLM
+
+    base, cand = LLM(src, num_blocks=256), LLM(other, num_blocks=256)
+    if base.tokenizer is not None:
+        seqs = [base.tokenizer.encode(t)[:128] for t in _texts(texts)]
+    else:
+        g = np.random.default_rng(0)
+        seqs = [g.integers(1, base.runner.config.vocab_size, 64).tolist() for _ in range(texts)]
+    a = np.concatenate([_position_logits(base, s) for s in seqs])
+    b = np.concatenate([_position_logits(cand, s) for s in seqs])
+    lat: dict[str, list[float]] = {"source": [], "result": []}
+    for _ in range(3):  # in turns
+        lat["source"].append(_decode_ms(base, seqs[0][:16]))
+        lat["result"].append(_decode_ms(cand, seqs[0][:16]))
+    return {"fidelity": {"positions": int(len(a)), "top1_agreement": top1_agreement(a, b), "mean_kl": mean_kl(a, b)},
+            "decode_ms": (float(np.median(lat["source"])), float(np.median(lat["result"]))),
+            "device": str(base.runner.device)}
+
+
+def params_in(path: Path) -> int:
+    from ..llm.weights import checkpoint_files
+    from safetensors import safe_open
+
+    n = 0
+    for f in checkpoint_files(Path(path)):
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                n += int(np.prod(st.get_slice(k).get_shape()))
+    return n
+
+
 def run_llm_quantization(src: Path, out: Path, method: str, group_size: int, texts: int = 16) -> dict:
     from ..llm.config import DecoderConfig
-    from ..llm.engine import LLM
 
     try:
         DecoderConfig.from_dir(src)
@@ -78,28 +111,16 @@ def run_llm_quantization(src: Path, out: Path, method: str, group_size: int, tex
             recipe = quantize_checkpoint(src, work, method, group_size)
         except ValueError as e:
             raise CompressError(str(e)) from None
-        base, quant = LLM(src, num_blocks=256), LLM(work, num_blocks=256)
-        if base.tokenizer is not None:
-            seqs = [base.tokenizer.encode(t)[:128] for t in _texts(texts)]
-        else:
-            g = np.random.default_rng(0)
-            seqs = [g.integers(1, base.runner.config.vocab_size, 64).tolist() for _ in range(texts)]
-        a = np.concatenate([_position_logits(base, s) for s in seqs])
-        b = np.concatenate([_position_logits(quant, s) for s in seqs])
-        lat = {"source": [], "result": []}
-        for _ in range(3):  # in turns
-            lat["source"].append(_decode_ms(base, seqs[0][:16]))
-            lat["result"].append(_decode_ms(quant, seqs[0][:16]))
+        cmp = compare_lms(src, work, texts)
         report = {
             "method": method, "recipe": {k: v for k, v in recipe.items() if k != "modules"},
             "source": {"path": str(src), "weight_bytes": recipe["bytes_before"],
-                       "decode_ms_per_token_batch1": float(np.median(lat["source"]))},
+                       "decode_ms_per_token_batch1": cmp["decode_ms"][0]},
             "result": {"path": str(final), "weight_bytes": recipe["bytes_after"],
-                       "decode_ms_per_token_batch1": float(np.median(lat["result"]))},
-            "fidelity": {"positions": int(len(a)), "top1_agreement": top1_agreement(a, b), "mean_kl": mean_kl(a, b)},
-            "device": str(base.runner.device), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                       "decode_ms_per_token_batch1": cmp["decode_ms"][1]},
+            "fidelity": cmp["fidelity"], "device": cmp["device"], "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "notes": ["on CPU the quantized layers dequantize per call: memory at rest shrinks, decode does not "
-                      "get faster; the fused int8/int4 kernels are for CUDA"] if base.runner.device.type == "cpu" else [],
+                      "get faster; the fused int8/int4 kernels are for CUDA"] if cmp["device"] == "cpu" else [],
         }
         (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         final.parent.mkdir(parents=True, exist_ok=True)

@@ -69,9 +69,19 @@ def token_chunks(data: Path, tokenizer_dir: Path, seq_len: int) -> np.ndarray:
 
 
 def build_student(config_path: Path, vocab: int):
+    """A fresh student from a ``config.json``, or, given a checkpoint folder (say, a pruned copy of
+    the teacher), that checkpoint as the starting point: distillation then fine-tunes it."""
     from ..llm.config import DecoderConfig
     from ..llm.models.llama import LlamaForCausalLM
 
+    if Path(config_path).is_dir():
+        m = load_dense(Path(config_path))
+        for p in m.parameters():
+            p.requires_grad_(True)
+        if m.config.vocab_size != vocab:
+            raise CompressError(f"--student {config_path}: vocab_size {m.config.vocab_size} differs from the "
+                                f"teacher's {vocab}")
+        return m.train(), json.loads((Path(config_path) / "config.json").read_text())
     try:
         d = json.loads(Path(config_path).read_text())
         c = DecoderConfig.from_dict(d)
