@@ -26,7 +26,7 @@ def cmd_serve(args) -> int:
     from .config import ServerConfig
     from .server.runner import serve
 
-    repo = Path(args.repo) if args.repo else _default_repository()
+    repo = Path(args.repo or os.environ.get("RTSERVE_REPOSITORY") or _default_repository())
     config = ServerConfig.from_env(
         repository=str(repo), host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
         shutdown_timeout_s=args.shutdown_timeout, log_level=args.log_level,
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="serve a model repository over HTTP (KServe v2)")
-    s.add_argument("--repo", help="model repository (default: ./model_repository, else the built-in demo)")
+    s.add_argument("--repo", help="model repository (default: $RTSERVE_REPOSITORY, ./model_repository, else the built-in demo)")
     s.add_argument("--host", default=None, help="default 127.0.0.1 (RTSERVE_HOST)")
     s.add_argument("--port", type=int, default=None, help="default 8000 (RTSERVE_PORT)")
     s.add_argument("--max-body-bytes", type=int, default=None)
