@@ -178,10 +178,11 @@ class ModelConfig:
     backend_options: dict = field(default_factory=dict)
     warmup: bool = True
     engine: dict = field(default_factory=dict)  # backend llm: LLM engine limits
+    steps: tuple = ()  # backend ensemble: the steps (checked by ensemble.parse_steps)
 
     KEYS = {
         "backend", "device", "instances", "max_batch_size", "batching", "inputs", "outputs",
-        "labels", "version_policy", "backend_options", "warmup", "name", "engine",
+        "labels", "version_policy", "backend_options", "warmup", "name", "engine", "steps",
     }
 
     def __post_init__(self) -> None:
@@ -220,6 +221,7 @@ class ModelConfig:
             backend_options=dict(options),
             warmup=bool(data.get("warmup", True)),
             engine=dict(engine),
+            steps=tuple(data.get("steps") or ()),
         )
 
 

@@ -102,11 +102,20 @@ class ModelRepository:
         return out
 
     async def load_all(self) -> None:
-        for name in self.discover():
+        names = self.discover()
+        # ensembles last: their steps name models that must be loaded first
+        names.sort(key=lambda n: self._is_ensemble(n))
+        for name in names:
             try:
                 await self.load(name)
             except RtserveError:
                 pass  # recorded in entries[name].reason and logged
+
+    def _is_ensemble(self, name: str) -> bool:
+        try:
+            return read_config(self.root / name).backend == "ensemble"
+        except (ConfigError, OSError):
+            return False
 
     async def load(self, name: str) -> ModelEntry:
         """Load (or reload) ``name`` from disk without stopping the others. Raises ConfigError."""
@@ -135,8 +144,19 @@ class ModelRepository:
             log.info("loaded model '%s' versions %s", name, sorted(versions))
             return self.entries[name]
 
+    def _ready_model(self, name: str, version: str | None = None):
+        """A loaded, ready model (for ensembles); NotFound otherwise."""
+        return self.get(name, version)
+
     def _load_versions(self, model_dir: Path) -> dict[int, LoadedModel]:
         config = read_config(model_dir)
+        if config.backend == "ensemble":  # no files of its own: one version built from the loaded models
+            from .ensemble import EnsembleModel
+
+            try:
+                return {1: EnsembleModel(config, list(config.steps), self._ready_model)}
+            except ConfigError as e:
+                raise ConfigError(f"model '{config.name}' (ensemble): {e.message}") from None
         backend_cls = None if config.backend in ("llm", "embedding") else get_backend(config.backend)
         available = list_versions(model_dir)
         chosen = config.version_policy.select(available)

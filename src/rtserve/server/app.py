@@ -405,6 +405,8 @@ class App:
     # -- inference ----------------------------------------------------------------------------
     async def _infer(self, scope, receive, headers: dict, name: str, version: str | None) -> Response:
         model = self.repository.get(name, version)
+        if model.kind == "ensemble":
+            return await self._infer_ensemble(scope, receive, headers, model)
         if model.kind != "tensor":
             use = "/v1/embeddings" if model.kind == "embedding" else "/v1/completions or /v1/chat/completions"
             raise InvalidInput(f"model '{name}' is a language model: use {use}")
@@ -445,6 +447,28 @@ class App:
         if m:
             m.success.inc()
             m.request_s.observe(time.perf_counter() - t0)
+        if json_len is None:
+            return Response(200, body, JSON)
+        return Response(200, body, [(b"content-type", b"application/octet-stream"),
+                                    (b"inference-header-content-length", str(json_len).encode())])
+
+    async def _infer_ensemble(self, scope, receive, headers: dict, model) -> Response:
+        """Decode, run the step graph (each step through its own model's batcher), encode."""
+        body = await self._read_body(scope, receive, headers)
+        hl = headers.get(kserve_v2.HEADER_LENGTH.encode())
+        try:
+            header_length = int(hl) if hl is not None else None
+        except ValueError:
+            raise InvalidInput(f"{kserve_v2.HEADER_LENGTH} is not an integer") from None
+        dec = kserve_v2.decode_request(body, header_length)
+        wanted = self._wanted_outputs(model, dec)
+        try:
+            outputs = await model.infer(dec.inputs, dec.priority, dec.timeout_s)
+        except NotFound as e:  # a step's model was unloaded after the ensemble loaded
+            raise Unavailable(f"model '{model.name}': {e}") from None
+        items = [(o.name, kserve_v2.classify(outputs[o.name], o.classification, None, True) if o.classification
+                  else outputs[o.name], o.binary) for o in wanted]
+        body, json_len = kserve_v2.encode_response(model.name, "1", dec.id, items)
         if json_len is None:
             return Response(200, body, JSON)
         return Response(200, body, [(b"content-type", b"application/octet-stream"),
