@@ -179,15 +179,18 @@ class ModelConfig:
     warmup: bool = True
     engine: dict = field(default_factory=dict)  # backend llm: LLM engine limits
     steps: tuple = ()  # backend ensemble: the steps (checked by ensemble.parse_steps)
+    executor: str = "local"  # local (threads in the server) | process (a worker process per instance)
 
     KEYS = {
         "backend", "device", "instances", "max_batch_size", "batching", "inputs", "outputs",
-        "labels", "version_policy", "backend_options", "warmup", "name", "engine", "steps",
+        "labels", "version_policy", "backend_options", "warmup", "name", "engine", "steps", "executor",
     }
 
     def __post_init__(self) -> None:
         if not _DEVICE_RE.match(self.device):
             raise ConfigError(f"device: '{self.device}' is not one of auto, cpu, cuda, cuda:N")
+        if self.executor not in ("local", "process"):
+            raise ConfigError(f"executor: '{self.executor}' is not one of local, process")
 
     @classmethod
     def from_dict(cls, name: str, data: Any) -> "ModelConfig":
@@ -222,6 +225,7 @@ class ModelConfig:
             warmup=bool(data.get("warmup", True)),
             engine=dict(engine),
             steps=tuple(data.get("steps") or ()),
+            executor=str(data.get("executor", "local")),
         )
 
 

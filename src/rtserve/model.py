@@ -73,9 +73,15 @@ class LoadedModel:
         out_names = [o.name for o in config.outputs] if config.outputs else None
         where = f"model '{self.name}' version {self.version} ({files.path})"
         self.instances: list[Backend] = []
-        for _ in range(config.instances):
-            self.instances.append(backend_cls(files.path, self.device, config.backend_options,
-                                              config.instances, out_names))
+        for i in range(config.instances):
+            if config.executor == "process":  # same interface (run, file specs, close), in a worker
+                from .executors.process import ProcessInstance
+
+                self.instances.append(ProcessInstance(config.backend, files.path, self.device, config.backend_options,
+                                                      config.instances, out_names, i))
+            else:
+                self.instances.append(backend_cls(files.path, self.device, config.backend_options,
+                                                  config.instances, out_names))
         first = self.instances[0]
         self.batched = config.max_batch_size > 0
         self.inputs = _reconcile("input", config.inputs, first.file_inputs, self.batched, where)

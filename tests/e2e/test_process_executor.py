@@ -1,0 +1,70 @@
+"""``executor: process``: instances run in worker processes (tensors through shared memory); a
+worker killed with SIGKILL under load is restarted, its batch is answered with 503, nothing goes
+unanswered, and later requests succeed."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from models import AFFINE_YAML, expected, write_model
+from test_server_e2e import start_server
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def infer(url: str, x: np.ndarray, model: str = "affine") -> httpx.Response:
+    body = {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}]}
+    return httpx.post(f"{url}/v2/models/{model}/infer", json=body, timeout=30)
+
+
+def workers(server_pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(server_pid)], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "multiprocessing" in line and "resource_tracker" not in line]
+
+
+def test_worker_processes_serve_and_survive_kill_9(tmp_path):
+    repo = tmp_path / "repo"
+    write_model(repo, "affine", "onnx", AFFINE_YAML.format(backend="onnx") + "executor: process\ninstances: 2\n")
+    with start_server(repo, tmp_path) as srv:
+        x = np.arange(12, dtype=np.float32).reshape(3, 4)
+        r = infer(srv.url, x)
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(np.array(r.json()["outputs"][0]["data"]).reshape(3, 3), expected(x))
+        pids = workers(srv.proc.pid)
+        assert len(pids) == 2, pids
+
+        statuses: list[int] = []
+        stop = threading.Event()
+
+        def load():
+            while not stop.is_set():
+                statuses.append(infer(srv.url, x).status_code)
+
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        os.kill(pids[0], signal.SIGKILL)
+        t_kill = time.monotonic()
+        while time.monotonic() - t_kill < 20:  # until a new worker has replaced the dead one
+            now = workers(srv.proc.pid)
+            if len(now) == 2 and pids[0] not in now:
+                break
+            time.sleep(0.05)
+        time.sleep(0.5)
+        stop.set()
+        for t in threads:
+            t.join(30)
+        assert set(statuses) <= {200, 503}, sorted(set(statuses))
+        assert statuses.count(200) > 50
+        assert statuses.count(503) <= 4  # at most the batches the dead worker held
+        assert len(workers(srv.proc.pid)) == 2
+        assert all(infer(srv.url, x).status_code == 200 for _ in range(10))
+        assert "died" in srv.log_text()
