@@ -310,8 +310,11 @@ def main(argv: list[str] | None = None) -> int:
     from .compress.cli import add_compress_parser
     from .compress.convert_cli import add_convert_parser
 
+    from .split.cli import add_split_parser
+
     add_convert_parser(sub)
     add_compress_parser(sub)
+    add_split_parser(sub)
 
     args = p.parse_args(argv)
     if getattr(args, "api_key", None) is None and hasattr(args, "api_key"):

@@ -36,9 +36,9 @@ def get_backend(name: str) -> type["Backend"]:
 
 def _import_builtin() -> None:
     # Imported lazily so that `import rtserve` pulls in no runtime it does not use.
-    if {"onnx", "torch", "tflite"} <= BACKENDS.keys():
+    if {"onnx", "torch", "tflite", "pipeline"} <= BACKENDS.keys():
         return
-    from . import onnx, tflite, torch  # noqa: F401
+    from . import onnx, pipeline, tflite, torch  # noqa: F401
 
 
 def default_threads(instances: int) -> int:

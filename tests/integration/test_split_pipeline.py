@@ -1,0 +1,80 @@
+"""``rtserve split`` writes a pipeline repository model that serves (stages in worker processes or
+in process, micro-batches) the same outputs as the unsplit model; a dead stage worker is a 503."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+import torch
+
+from rtserve.cli import main
+from rtserve.compress.torch_model import SpecModel, save_spec_model
+from rtserve.config import ServerConfig
+from rtserve.demo import digits_cnn
+from rtserve.server.app import App
+
+
+@pytest.fixture()
+def spec(tmp_path):
+    torch.manual_seed(0)
+    model = digits_cnn().eval()
+    save_spec_model(SpecModel(model, (1, 8, 8), "image", "logits"), tmp_path / "spec")
+    return tmp_path, model
+
+
+def body(x):
+    return orjson.dumps({"inputs": [{"name": "image", "shape": list(x.shape), "datatype": "FP32",
+                                     "data": x.reshape(-1).tolist()}]})
+
+
+@pytest.mark.parametrize("executor", ["local", "process"])
+def test_split_model_serves_the_unsplit_outputs(spec, capsys, executor):
+    tmp, model = spec
+    repo = tmp / "repo"
+    assert main(["split", str(tmp / "spec"), "--stages", "3", "--balance", "flops", "--executor", executor,
+                 "--micro-batch", "4", "--out", str(repo / "digits_split")]) == 0
+    printed = capsys.readouterr().out
+    assert "crosses to the next stage" in printed and "verified" in printed
+    pipe = json.loads((repo / "digits_split" / "1" / "pipeline.json").read_text())
+    assert len(pipe["stages"]) == 3 and {s["executor"] for s in pipe["stages"]} == {executor}
+    x = np.random.default_rng(1).random((13, 1, 8, 8), dtype=np.float32)
+    with torch.inference_mode():
+        want = model(torch.from_numpy(x)).numpy()
+
+    async def run():
+        app = App(ServerConfig(repository=str(repo)))
+        await app.startup()
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                r = await c.post("/v2/models/digits_split/infer", content=body(x))
+                assert r.status_code == 200, r.text
+                got = np.array(r.json()["outputs"][0]["data"], np.float32).reshape(13, 10)
+                np.testing.assert_allclose(got, want, atol=1e-5)
+                rs = await asyncio.gather(*[c.post("/v2/models/digits_split/infer", content=body(x[i:i + 1]))
+                                            for i in range(13)])
+                for i, r in enumerate(rs):
+                    np.testing.assert_allclose(np.array(r.json()["outputs"][0]["data"]), want[i], atol=1e-5)
+                if executor == "process":  # kill a stage's worker: that batch is a 503, the next ones work
+                    backend = app.repository.get("digits_split").instances[0]
+                    os.kill(backend.stages[1].proc.pid, signal.SIGKILL)
+                    await asyncio.sleep(0.2)
+                    r = await c.post("/v2/models/digits_split/infer", content=body(x))
+                    assert r.status_code == 503, r.text
+                    r = await c.post("/v2/models/digits_split/infer", content=body(x))
+                    assert r.status_code == 200
+        finally:
+            await app.shutdown()
+
+    asyncio.run(run())
+
+
+def test_split_errors_before_writing(spec, capsys):
+    tmp, _ = spec
+    assert main(["split", str(tmp / "spec"), "--stages", "20", "--out", str(tmp / "o")]) == 2
+    assert "only 9 layers" in capsys.readouterr().err and not (tmp / "o").exists()
