@@ -9,7 +9,8 @@ from .config import ModelConfig
 from .errors import ConfigError
 
 ENGINE_OPTIONS = {"num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "dtype",
-                  "enable_prefix_caching", "kv_cache_memory_fraction", "decode_kernel", "cuda_graphs"}
+                  "enable_prefix_caching", "kv_cache_memory_fraction", "decode_kernel", "cuda_graphs",
+                  "pipeline_stages"}
 
 
 class LLMModel:

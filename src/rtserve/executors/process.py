@@ -79,7 +79,14 @@ def _worker_main(conn, backend_name: str, path: str, device: str, options: dict,
     from ..backends.base import get_backend
 
     try:
-        backend = get_backend(backend_name)(Path(path), device, options, instances, output_names)
+        if ":" in backend_name:  # "module:Class", for backends that are not in the registry (LLM stages)
+            import importlib
+
+            mod, cls = backend_name.split(":")
+            factory = getattr(importlib.import_module(mod), cls)
+        else:
+            factory = get_backend(backend_name)
+        backend = factory(Path(path), device, options, instances, output_names)
     except Exception as e:  # noqa: BLE001 - reported to the server, which raises ConfigError
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return

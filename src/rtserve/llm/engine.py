@@ -42,14 +42,23 @@ class LLM:
                  num_blocks: int | None = None, kv_cache_memory_fraction: float | None = None,
                  block_size: int = 16, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  max_model_len: int | None = None, enable_prefix_caching: bool = True,
-                 decode_kernel: str | None = None, cuda_graphs: bool | None = None) -> None:
+                 decode_kernel: str | None = None, cuda_graphs: bool | None = None,
+                 pipeline_stages: int | None = None) -> None:
         """``num_blocks`` sizes the KV cache directly; without it ``kv_cache_memory_fraction`` does
         (see ``cache_size.py``; defaults 0.9 of a GPU, 0.1 of available CPU memory).
-        ``decode_kernel`` and ``cuda_graphs``: see ``ModelRunner`` (both default on for CUDA)."""
-        self.runner = ModelRunner(path, num_blocks, block_size, dtype, device,
-                                  memory_fraction=kv_cache_memory_fraction, max_num_seqs=max_num_seqs,
-                                  max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-                                  decode_kernel=decode_kernel, cuda_graphs=cuda_graphs)
+        ``decode_kernel`` and ``cuda_graphs``: see ``ModelRunner`` (both default on for CUDA).
+        ``pipeline_stages`` > 1: the layers run in that many worker processes (``PipelineRunner``)."""
+        if pipeline_stages and pipeline_stages > 1:  # layers split over worker processes
+            from .pipeline_runner import PipelineRunner
+
+            self.runner = PipelineRunner(path, num_blocks, block_size, dtype, device, stages=pipeline_stages,
+                                         memory_fraction=kv_cache_memory_fraction, max_num_seqs=max_num_seqs,
+                                         max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len)
+        else:
+            self.runner = ModelRunner(path, num_blocks, block_size, dtype, device,
+                                      memory_fraction=kv_cache_memory_fraction, max_num_seqs=max_num_seqs,
+                                      max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+                                      decode_kernel=decode_kernel, cuda_graphs=cuda_graphs)
         num_blocks = self.runner.num_blocks
         c = self.runner.config
         self.tokenizer = Tokenizer(path) if (Path(path) / "tokenizer.json").is_file() else None

@@ -1,0 +1,174 @@
+"""Pipeline parallelism for the native decoder: its layers split across stage worker processes,
+each holding the weights and the KV cache of its own layers only. The scheduler, block manager and
+sampler stay in the engine's process; a step's metadata (slots, block gathers, masks) goes to every
+stage, the hidden states go from stage to stage, and the last stage returns the logits. Tensors
+travel through the process executor's shared memory (``executors/process.py``).
+
+Steps run one after another through the stages (no overlap between steps yet), so this divides a
+model's memory over processes (or devices) rather than speeding it up; greedy outputs are identical
+to the unsplit engine's (tested).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..backends.base import Backend
+from .attention import AttentionGroup, AttentionMetadata
+from .model_runner import DTYPES, ModelRunner
+from .scheduler import SchedulerOutput
+
+_GROUP_FIELDS = ("kv_slots", "mask", "rows", "q_index", "q_valid", "out_rows")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+
+
+def flatten(ids, pos, meta: AttentionMetadata, logits_index) -> dict[str, np.ndarray]:
+    out = {"ids": ids.numpy(), "positions": pos.numpy(), "slot_mapping": meta.slot_mapping.numpy(),
+           "logits_index": logits_index.numpy()}
+    for i, g in enumerate(meta.groups):
+        for f in _GROUP_FIELDS:
+            v = getattr(g, f)
+            if v is not None:
+                out[f"g{i}.{f}"] = v.numpy()
+    return out
+
+
+def unflatten(d: dict[str, np.ndarray]) -> tuple[AttentionMetadata, torch.Tensor, torch.Tensor]:
+    groups = []
+    i = 0
+    while f"g{i}.kv_slots" in d:
+        groups.append(AttentionGroup(**{f: torch.from_numpy(np.array(d[f"g{i}.{f}"])) if f"g{i}.{f}" in d else None
+                                       for f in _GROUP_FIELDS}))
+        i += 1
+    meta = AttentionMetadata(slot_mapping=torch.from_numpy(np.array(d["slot_mapping"])), groups=groups)
+    return meta, torch.from_numpy(np.array(d["positions"])), torch.from_numpy(np.array(d["logits_index"]))
+
+
+class StageBackend(Backend):
+    """One pipeline stage in a worker: layers [first_layer, last_layer) of a Llama-family checkpoint
+    (plus the embedding on the first stage, the final norm and LM head on the last) and their KV cache.
+    ``path`` is the checkpoint's config.json; ``options``: layers, first, last, dtype, num_blocks, block_size."""
+
+    name = "llm_stage"
+    file_names = ("config.json",)
+
+    def __init__(self, path: Path, device: str, options: dict, instances: int = 1, output_names=None) -> None:
+        super().__init__(path, device, options, instances, output_names)
+        from .config import DecoderConfig
+        from .models.llama import LlamaForCausalLM
+        from .weights import load_weights
+
+        folder = Path(path).parent
+        c = DecoderConfig.from_dir(folder)
+        if c.family == "gpt2":
+            raise ValueError("pipeline stages support the Llama family")
+        a, b = options["layers"]
+        self.first, self.last = bool(options["first"]), bool(options["last"])
+        dtype, dev = DTYPES[options.get("dtype", "float32")], torch.device(device)
+        with torch.device("meta"):
+            m = LlamaForCausalLM(c, device=dev)
+        m.model.layers = torch.nn.ModuleList(list(m.model.layers)[a:b])
+        need_embed = self.first or (self.last and c.tie_word_embeddings)
+        if not need_embed:
+            m.model.embed_tokens = None
+        if not self.last:
+            m.model.norm = None
+            m.lm_head = None
+
+        def rename(name: str) -> str | None:
+            hit = _LAYER.match(name)
+            if hit:
+                i = int(hit.group(1))
+                return f"model.layers.{i - a}.{hit.group(2)}" if a <= i < b else None
+            if name.startswith("model.embed_tokens."):
+                return name if need_embed else None
+            if name.startswith(("model.norm.", "lm_head.")):
+                return name if self.last else None
+            return name
+
+        tied = m.tied_weights if (self.last and c.tie_word_embeddings) else None
+        load_weights(m, folder, dtype, dev, tied, rename=rename)
+        if self.last:
+            m.tie_weights()
+        for layer in m.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+        self.head = None
+        if self.last:
+            from .frozen_linear import FrozenLinear
+
+            w = m.lm_head.weight
+            self.head = FrozenLinear(w) if w.device.type == "cpu" else m.lm_head
+        self.m, self.c = m, c
+        nb, bs = int(options["num_blocks"]), int(options["block_size"])
+        self.kv = [torch.zeros(2, nb + 1, bs, c.num_kv_heads, c.head_dim, dtype=dtype, device=dev)
+                   for _ in range(b - a)]
+        self.file_inputs, self.file_outputs = [], []
+
+    @torch.inference_mode()
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        meta, pos, logits_index = unflatten(inputs)
+        if self.first:
+            x = self.m.model.embed_tokens(torch.from_numpy(np.array(inputs["ids"])))
+        else:
+            x = torch.from_numpy(np.array(inputs["hidden"]))
+        rope = self.m.rotary.tables(pos, x.dtype)
+        for layer, cache in zip(self.m.model.layers, self.kv):
+            x = layer(x, rope, cache, meta)
+        if not self.last:
+            return {"hidden": x.numpy()}
+        return {"logits": self.head(self.m.model.norm(x[logits_index])).float().numpy()}
+
+
+class PipelineRunner(ModelRunner):
+    """A ``ModelRunner`` whose model lives in ``stages`` worker processes (layers split evenly)."""
+
+    def __init__(self, path: Path | str, num_blocks: int | None, block_size: int, dtype: str = "float32",
+                 device: str = "cpu", *, stages: int = 2, memory_fraction: float | None = None, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 2048, max_model_len: int | None = None, **_) -> None:
+        from ..executors.process import ProcessInstance
+        from .cache_size import plan_cache
+        from .config import DecoderConfig
+
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+        c = DecoderConfig.from_dir(path)
+        if not 2 <= stages <= c.num_layers:
+            raise ValueError(f"pipeline_stages {stages}: must be between 2 and the model's {c.num_layers} layers")
+        self.config, self.device, self.dtype = c, torch.device("cpu"), DTYPES[dtype]
+        self.block_size = block_size
+        self.max_model_len = max_model_len or c.max_position_embeddings
+        self.cache = plan_cache(c, block_size=block_size, dtype=self.dtype, device=torch.device(device),
+                                num_blocks=num_blocks, memory_fraction=memory_fraction, max_num_seqs=max_num_seqs,
+                                max_num_batched_tokens=max_num_batched_tokens, max_model_len=self.max_model_len)
+        self.num_blocks = self.cache.num_blocks
+        self.scratch_block = self.num_blocks
+        self.decode_kernel, self.graphs = "gather", None
+        self.max_blocks_per_seq = -(-self.max_model_len // block_size)
+        bounds = np.linspace(0, c.num_layers, stages + 1).round().astype(int)
+        self.stages = []
+        try:
+            for k in range(stages):
+                opts = {"layers": [int(bounds[k]), int(bounds[k + 1])], "first": k == 0, "last": k == stages - 1,
+                        "dtype": dtype, "num_blocks": self.num_blocks, "block_size": block_size}
+                self.stages.append(ProcessInstance(f"{__name__}:StageBackend", Path(path) / "config.json", device,
+                                                   opts, 1, None, k))
+        except BaseException:
+            self.close()
+            raise
+        self.layer_bounds = [(int(bounds[k]), int(bounds[k + 1])) for k in range(stages)]
+
+    def run(self, out: SchedulerOutput) -> torch.Tensor:
+        ids, pos, meta, logits_index = self.prepare(out)
+        feeds = flatten(ids, pos, meta, logits_index)
+        res = self.stages[0].run(feeds)
+        for stage in self.stages[1:]:
+            res = stage.run({**feeds, "hidden": res["hidden"]})
+        return torch.from_numpy(res["logits"])
+
+    def close(self) -> None:
+        for s in self.stages:
+            s.close()
