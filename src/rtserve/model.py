@@ -73,8 +73,18 @@ class LoadedModel:
         out_names = [o.name for o in config.outputs] if config.outputs else None
         where = f"model '{self.name}' version {self.version} ({files.path})"
         self.instances: list[Backend] = []
+        group = None
+        if config.executor == "ray":  # one placement group for the version's instances
+            from .executors.ray_executor import PlacementGroup
+
+            group = PlacementGroup(config.instances, config.executor_options)
         for i in range(config.instances):
-            if config.executor == "process":  # same interface (run, file specs, close), in a worker
+            if config.executor == "ray":
+                from .executors.ray_executor import RayInstance
+
+                self.instances.append(RayInstance(config.backend, files.path, self.device, config.backend_options,
+                                                  config.instances, out_names, i, group))
+            elif config.executor == "process":  # same interface (run, file specs, close), in a worker
                 from .executors.process import ProcessInstance
 
                 self.instances.append(ProcessInstance(config.backend, files.path, self.device, config.backend_options,
