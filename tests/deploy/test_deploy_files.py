@@ -72,3 +72,20 @@ def test_kserve_runtime_speaks_v2_and_scrapes_metrics():
     assert runtime["spec"]["annotations"]["prometheus.kserve.io/path"] == "/metrics"
     isvc = next(d for d in docs if d["kind"] == "InferenceService")
     assert isvc["spec"]["predictor"]["model"]["runtime"] == runtime["metadata"]["name"]
+
+
+def test_ray_cluster_config_starts_rtserve_on_the_cluster(monkeypatch):
+    import shlex
+
+    from rtserve import cli
+
+    cfg = yaml.safe_load((DEPLOY / "ray" / "cluster.yaml").read_text())
+    assert {"cluster_name", "provider", "head_start_ray_commands", "worker_start_ray_commands"} <= set(cfg)
+    serve = [c for c in cfg["head_start_ray_commands"] if "rtserve serve" in c]
+    assert len(serve) == 1
+    argv = shlex.split(serve[0].split(">")[0])
+    argv = argv[argv.index("rtserve") + 1:]
+    seen = []
+    monkeypatch.setattr(cli, "cmd_serve", lambda args: seen.append(args) or 0)
+    assert cli.main(argv) == 0 and seen[0].ray == "auto" and seen[0].repo == "/models"
+    assert any("ray start --address" in c for c in cfg["worker_start_ray_commands"])
