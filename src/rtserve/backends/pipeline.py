@@ -1,7 +1,8 @@
 """``backend: pipeline``: a model cut into stages (``rtserve split``) served as one model.
 
-Each stage is its own instance -- an in-process ONNX Runtime session, or a worker process
-(``executor: process`` in ``pipeline.json``, tensors through shared memory) -- driven by its own
+Each stage is its own instance -- an in-process ONNX Runtime session, a worker process
+(``executor: process`` in ``pipeline.json``, tensors through shared memory) or a Ray actor
+(``executor: ray``, ``resources: {num_cpus, num_gpus}``) -- on its own device, driven by its own
 thread, with queues between the stages. A batch is cut into micro-batches that flow through the
 stages in order, so stage k works on micro-batch i while stage k+1 works on micro-batch i-1: with
 worker processes, stages use separate cores at the same time. Outputs are reassembled in order. A
@@ -61,10 +62,18 @@ class PipelineBackend(Backend):
             for i, st in enumerate(stages):
                 file = Path(path).parent / st["file"]
                 opts = {"intra_op_threads": int(st.get("threads", 1))}
-                if st.get("executor", "local") == "process":
+                executor = st.get("executor", "local")
+                if executor == "process":
                     from ..executors.process import ProcessInstance
 
                     self.stages.append(ProcessInstance("onnx", file, st.get("device", "cpu"), opts, 1, None, i))
+                elif executor == "ray":  # a Ray actor on whichever node has the stage's resources
+                    from ..executors.ray_executor import PlacementGroup, RayInstance
+
+                    group = PlacementGroup(1, st.get("resources", {}))
+                    self.stages.append(RayInstance("onnx", file, st.get("device", "cpu"), opts, 1, None, 0, group))
+                elif executor != "local":
+                    raise ConfigError(f"{path}: stage {i}: executor '{executor}' is not one of local, process, ray")
                 else:
                     from .onnx import OnnxBackend
 

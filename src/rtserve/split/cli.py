@@ -17,7 +17,8 @@ def add_split_parser(sub) -> None:
     p.add_argument("--stages", type=int, required=True)
     p.add_argument("--balance", default="flops", choices=BALANCES)
     p.add_argument("--out", required=True, help="the repository model folder to write (must not exist)")
-    p.add_argument("--executor", default="process", choices=("process", "local"), help="where each stage runs")
+    p.add_argument("--executor", default="process", choices=("process", "local", "ray"),
+                   help="where each stage runs (edit 1/pipeline.json for per-stage executors and devices)")
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--max-batch-size", type=int, default=64)
     p.set_defaults(func=cmd_split)
