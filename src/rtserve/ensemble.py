@@ -177,8 +177,11 @@ class EnsembleModel:
         except NotFound:
             raise ConfigError(f"step '{step.name}': model '{step.model}'"
                               f"{' version ' + step.version if step.version else ''} is not loaded") from None
+        if getattr(model, "kind", None) == "embedding":
+            return self._check_embedding_step(step, specs, model)
         if getattr(model, "kind", None) != "tensor":
-            raise ConfigError(f"step '{step.name}': model '{step.model}' is not a tensor model")
+            raise ConfigError(f"step '{step.name}': model '{step.model}' is a {getattr(model, 'kind', '?')} model; "
+                              "steps take tensor and embedding models")
         if not model.batched:
             raise ConfigError(f"step '{step.name}': model '{step.model}' does not batch (max_batch_size 0)")
         self.models[step.name] = model
@@ -197,6 +200,27 @@ class EnsembleModel:
             if own not in have:
                 raise ConfigError(f"step '{step.name}': model '{step.model}' has no output '{own}'")
         return have
+
+    def _check_embedding_step(self, step: Step, specs: dict[str, TensorSpec], model) -> dict[str, TensorSpec]:
+        """An embedding model as a step: input ``text`` (BYTES, one string per item) -> ``embedding``."""
+        if set(step.inputs) != {"text"} or set(step.outputs) != {"embedding"}:
+            raise ConfigError(f"step '{step.name}': embedding model '{step.model}' takes input 'text' and gives "
+                              "output 'embedding'")
+        src = specs[step.inputs["text"]]
+        if src.datatype != "BYTES" or src.shape not in ((), (1,)):
+            raise ConfigError(f"step '{step.name}': input 'text' needs BYTES [] (one string per item), tensor "
+                              f"'{step.inputs['text']}' is {_spec_text(src)}")
+        self.models[step.name] = model
+        return {"embedding": TensorSpec("embedding", "FP32", (model.dimensions,))}
+
+    async def _embed(self, model, texts: np.ndarray) -> np.ndarray:
+        strings = [t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t) for t in texts.reshape(-1)]
+        try:
+            token_ids = model.tokenize(strings)
+            model.check(token_ids)
+        except ValueError as e:
+            raise InvalidInput(f"model '{self.name}': {e}") from None
+        return np.asarray(await model.embed(token_ids), dtype=np.float32)
 
     def _get(self, step: Step):
         return self._get_model(step.model, step.version)
@@ -253,6 +277,8 @@ class EnsembleModel:
             feeds = {own: tensors[t] for own, t in step.inputs.items()}
             if step.function is not None:
                 out = {"y": FUNCTIONS[step.function].fn(feeds["x"])}
+            elif step.name in self.models and getattr(self.models[step.name], "kind", "") == "embedding":
+                out = {"embedding": await self._embed(self._get(step), feeds["text"])}
             else:
                 # resolved per request, so a reloaded step model is picked up (and an unloaded one is an error)
                 out = await self._get(step).infer(feeds, priority, timeout_s)

@@ -86,6 +86,24 @@ def test_demo_repository_serves_the_demo_lm_and_minilm(tmp_path):
                 assert v.shape == (3, 384)
                 sim = v @ v.T
                 assert sim[0, 1] > sim[0, 2] + 0.2 and sim[0, 1] > sim[1, 2] + 0.2
+                texts = ["The while loop repeats the suite as long as the expression is true.",
+                         "A dictionary maps hashable keys to arbitrary values.",
+                         "The binary operator returns the remainder of the division of its operands."]
+                r = await c.post("/v2/models/text_topic/infer", json={"inputs": [
+                    {"name": "text", "shape": [3], "datatype": "BYTES", "data": texts}]})  # the text ensemble
+                assert r.status_code == 200, r.text
+                outs = {o["name"]: o for o in r.json()["outputs"]}
+                assert set(outs["label"]["data"]) <= {"control flow", "data types", "operators and expressions"}
+                assert outs["label"]["data"][0] == "control flow"
+                probs = np.array(outs["probabilities"]["data"]).reshape(3, 3)
+                # the composition equals its parts called one by one: embeddings, then the head
+                emb = (await c.post("/v1/embeddings", json={"model": "minilm", "input": texts})).json()
+                e = np.array([d["embedding"] for d in emb["data"]], np.float32)
+                r = await c.post("/v2/models/topic_head/infer", json={"inputs": [
+                    {"name": "embedding", "shape": [3, 384], "datatype": "FP32", "data": e.reshape(-1).tolist()}]})
+                logits = np.array(next(o for o in r.json()["outputs"] if o["name"] == "logits")["data"]).reshape(3, 3)
+                want = np.exp(logits - logits.max(1, keepdims=True))
+                np.testing.assert_allclose(probs, want / want.sum(1, keepdims=True), atol=1e-5)
         finally:
             await app.shutdown()
 
