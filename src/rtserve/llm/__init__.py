@@ -1,4 +1,4 @@
-"""The generative path: continuous batching over a paged KV cache (work in progress, issue 3).
+"""The generative path: continuous batching over a paged KV cache, native Hugging Face decoders.
 
 ``sequence``, ``block_manager`` and ``scheduler`` are plain Python with no torch import, so they
 are unit-tested in milliseconds with fake model outputs.

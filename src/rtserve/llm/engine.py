@@ -2,7 +2,7 @@
 token ids.
 
 One step reads like its diagram: schedule -> run the model -> sample -> update, then stop strings
-are checked on the new text. Streaming and the async engine the server drives are still to come.
+are checked on the new text. ``async_engine.AsyncLLM`` runs this loop on a thread for the server.
 """
 from __future__ import annotations
 
