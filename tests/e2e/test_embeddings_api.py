@@ -3,11 +3,6 @@ random BERT with a WordPiece tokenizer trained here, checked against our encoder
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,6 +13,7 @@ import pytest
 openai = pytest.importorskip("openai")
 transformers = pytest.importorskip("transformers")
 
+from servers import start_server  # noqa: E402
 from models import LM_TEXT, write_text_lm  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
@@ -55,30 +51,9 @@ def server(tmp_path_factory):
     write_text_lm(repo / "lm" / "1")
     (repo / "lm" / "model.yaml").write_text("backend: llm\ndevice: cpu\nengine:\n  num_blocks: 32\n  block_size: 4\n"
                                             "  max_model_len: 64\n")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "rtserve", "serve", "--repo", str(repo), "--port", str(port),
-                             "--log-level", "warning"], env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        end = time.time() + 90
-        while True:
-            try:
-                if httpx.get(url + "/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.time() < end, proc.stdout.read().decode()[-3000:]
-            time.sleep(0.2)
+    with start_server(repo, repo.parent, "--log-level", "warning") as srv:
+        url = srv.url
         yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0), Reference(repo / "emb" / "1"), url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 class Reference:

@@ -1,10 +1,6 @@
 """The OpenAI-compatible API end to end: the real server on loopback, the unmodified openai client."""
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
@@ -13,6 +9,7 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("transformers")
 
+from servers import start_server  # noqa: E402
 from models import write_text_lm  # noqa: E402
 from rtserve.llm.engine import LLM  # noqa: E402
 from rtserve.llm.sampling_params import SamplingParams  # noqa: E402
@@ -26,31 +23,10 @@ def lm_server(tmp_path_factory):
     repo = tmp_path_factory.mktemp("llmrepo")
     write_text_lm(repo / "lm" / "1")
     (repo / "lm" / "model.yaml").write_text("backend: llm\ndevice: cpu\n" + ENGINE)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "rtserve", "serve", "--repo", str(repo), "--port", str(port),
-                             "--log-level", "warning"], env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        end = time.time() + 90
-        while True:
-            try:
-                if httpx.get(url + "/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.time() < end, proc.stdout.read().decode()[-3000:]
-            time.sleep(0.2)
+    with start_server(repo, repo.parent, "--log-level", "warning") as srv:
+        url = srv.url
         ref = LLM(repo / "lm" / "1", num_blocks=128, block_size=4, max_model_len=200)
         yield openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0), ref, url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def greedy_text(ref, prompt, n=12, **kw):

@@ -2,17 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 
-import httpx
 import pytest
 
 pytest.importorskip("transformers")
 
+from servers import start_server  # noqa: E402
 from models import write_text_lm  # noqa: E402
 from rtserve.cli import main  # noqa: E402
 
@@ -25,30 +20,9 @@ def lm_url(tmp_path_factory):
     write_text_lm(repo / "lm" / "1")
     (repo / "lm" / "model.yaml").write_text(
         "backend: llm\ndevice: cpu\nengine:\n  num_blocks: 256\n  block_size: 4\n  max_model_len: 200\n")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "rtserve", "serve", "--repo", str(repo), "--port", str(port),
-                             "--log-level", "warning"], env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        end = time.time() + 90
-        while True:
-            try:
-                if httpx.get(url + "/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.time() < end, proc.stdout.read().decode()[-3000:]
-            time.sleep(0.2)
+    with start_server(repo, repo.parent, "--log-level", "warning") as srv:
+        url = srv.url
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.mark.parametrize("mode", [["--rate", "20"], ["--concurrency", "3", "--chat"]])

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from models import AFFINE_YAML, expected, write_model
-from test_server_e2e import start_server
+from servers import start_server
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -1,0 +1,70 @@
+"""The real server in a subprocess for end-to-end tests: ``python -m rtserve serve`` on a free
+loopback port, waited for on ``/v2/health/ready``, stopped with SIGTERM (then SIGKILL)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import tritonclient.http as tc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProc:
+    def __init__(self, proc: subprocess.Popen, port: int, log: Path) -> None:
+        self.proc, self.port, self.log = proc, port, log
+        self.url = f"http://127.0.0.1:{port}"
+        self.hostport = f"127.0.0.1:{port}"
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def triton(self) -> tc.InferenceServerClient:
+        return tc.InferenceServerClient(self.hostport)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+@contextmanager
+def start_server(repo: Path, log_dir: Path, *flags: str, env: dict | None = None):
+    port = free_port()
+    log = log_dir / f"server-{port}.log"
+    with open(log, "wb") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rtserve", "serve", "--repo", str(repo), "--port", str(port), *flags],
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, stdout=logf, stderr=subprocess.STDOUT)
+    srv = ServerProc(proc, port, log)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(srv.url + "/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode} at startup:\n{srv.log_text()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not ready within 60 s:\n{srv.log_text()[-4000:]}")
+            time.sleep(0.1)
+        yield srv
+    finally:
+        _stop(proc)
