@@ -157,6 +157,15 @@ def _tensor_specs(where: str, items: Any) -> tuple[TensorSpec, ...] | None:
     return tuple(specs)
 
 
+def torch_device(device: str) -> str:
+    """``auto`` -> ``cuda:0`` when PyTorch sees CUDA, else ``cpu``; ``cuda`` -> ``cuda:0``; others as given."""
+    if device == "auto":
+        import torch
+
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    return "cuda:0" if device == "cuda" else device
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """One model's ``model.yaml``.

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .backends.base import check_options, default_threads
-from .config import ModelConfig
+from .config import ModelConfig, torch_device
 from .errors import ConfigError, QueueFull, Unavailable
 
 OPTIONS = {"intra_op_threads", "dtype", "max_batch_tokens"}
@@ -53,12 +53,7 @@ class EmbeddingModel:
         opts = config.backend_options
         self.config, self.name, self.version = config, config.name, version
         self.path = model_dir / str(version)
-        device = config.device
-        if device == "auto":
-            device = "cuda:0" if torch.cuda.is_available() else "cpu"
-        elif device == "cuda":
-            device = "cuda:0"
-        self.device = device
+        self.device = device = torch_device(config.device)
         if device == "cpu":
             torch.set_num_threads(int(opts.get("intra_op_threads", default_threads(config.instances))))
         dtype = str(opts.get("dtype", "float32"))

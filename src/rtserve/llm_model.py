@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from .config import ModelConfig
+from .config import ModelConfig, torch_device
 from .errors import ConfigError
 
 ENGINE_OPTIONS = {"num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "dtype",
@@ -24,14 +24,7 @@ class LLMModel:
             raise ConfigError(f"engine: unknown key '{unknown[0]}'; allowed: {', '.join(sorted(ENGINE_OPTIONS))}")
         self.config, self.name, self.version = config, config.name, version
         self.path = model_dir / str(version)
-        device = config.device
-        if device == "auto":
-            import torch
-
-            device = "cuda:0" if torch.cuda.is_available() else "cpu"
-        elif device == "cuda":
-            device = "cuda:0"
-        self.device = device
+        self.device = device = torch_device(config.device)
         try:
             self.llm = LLM(self.path, device=device, **config.engine)
         except (ValueError, OSError) as e:
