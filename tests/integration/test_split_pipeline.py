@@ -33,16 +33,17 @@ def body(x):
                                      "data": x.reshape(-1).tolist()}]})
 
 
-@pytest.mark.parametrize("executor", ["local", "process"])
-def test_split_model_serves_the_unsplit_outputs(spec, capsys, executor):
+@pytest.mark.parametrize("executor,fmt", [("local", "onnx"), ("process", "onnx"), ("local", "pt2")])
+def test_split_model_serves_the_unsplit_outputs(spec, capsys, executor, fmt):
     tmp, model = spec
     repo = tmp / "repo"
     assert main(["split", str(tmp / "spec"), "--stages", "3", "--balance", "flops", "--executor", executor,
-                 "--micro-batch", "4", "--out", str(repo / "digits_split")]) == 0
+                 "--micro-batch", "4", "--format", fmt, "--out", str(repo / "digits_split")]) == 0
     printed = capsys.readouterr().out
     assert "crosses to the next stage" in printed and "verified" in printed
     pipe = json.loads((repo / "digits_split" / "1" / "pipeline.json").read_text())
     assert len(pipe["stages"]) == 3 and {s["executor"] for s in pipe["stages"]} == {executor}
+    assert all(s["file"].endswith("." + fmt) for s in pipe["stages"])
     x = np.random.default_rng(1).random((13, 1, 8, 8), dtype=np.float32)
     with torch.inference_mode():
         want = model(torch.from_numpy(x)).numpy()

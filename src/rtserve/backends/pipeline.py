@@ -62,22 +62,23 @@ class PipelineBackend(Backend):
             for i, st in enumerate(stages):
                 file = Path(path).parent / st["file"]
                 opts = {"intra_op_threads": int(st.get("threads", 1))}
+                kind = "torch" if file.suffix == ".pt2" else "onnx"  # a stage is an ONNX or a .pt2 file
                 executor = st.get("executor", "local")
                 if executor == "process":
                     from ..executors.process import ProcessInstance
 
-                    self.stages.append(ProcessInstance("onnx", file, st.get("device", "cpu"), opts, 1, None, i))
+                    self.stages.append(ProcessInstance(kind, file, st.get("device", "cpu"), opts, 1, None, i))
                 elif executor == "ray":  # a Ray actor on whichever node has the stage's resources
                     from ..executors.ray_executor import PlacementGroup, RayInstance
 
                     group = PlacementGroup(1, st.get("resources", {}))
-                    self.stages.append(RayInstance("onnx", file, st.get("device", "cpu"), opts, 1, None, 0, group))
+                    self.stages.append(RayInstance(kind, file, st.get("device", "cpu"), opts, 1, None, 0, group))
                 elif executor != "local":
                     raise ConfigError(f"{path}: stage {i}: executor '{executor}' is not one of local, process, ray")
                 else:
-                    from .onnx import OnnxBackend
+                    from .base import get_backend
 
-                    self.stages.append(OnnxBackend(file, st.get("device", "cpu"), opts, 1))
+                    self.stages.append(get_backend(kind)(file, st.get("device", "cpu"), opts, 1))
                 self.io.append((st["input"], st["output"]))
         except BaseException:
             for s in self.stages:

@@ -20,6 +20,7 @@ def add_split_parser(sub) -> None:
     p.add_argument("--executor", default="process", choices=("process", "local", "ray"),
                    help="where each stage runs (edit 1/pipeline.json for per-stage executors and devices)")
     p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--format", default="onnx", choices=("onnx", "pt2"), help="each stage's model file")
     p.add_argument("--max-batch-size", type=int, default=64)
     p.set_defaults(func=cmd_split)
 
@@ -46,7 +47,7 @@ def cmd_split(args) -> int:
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
         staged = Path(tmp) / out.name
         write_pipeline(sm.model, sm.example(2), plan, staged, sm.input_name, sm.output_name, args.executor,
-                       args.max_batch_size, args.micro_batch)
+                       args.max_batch_size, args.micro_batch, args.format)
         # verified like a conversion: the stages, chained, compute what the whole model does
         pipe = PipelineBackend(staged / "1" / "pipeline.json", "cpu", {}, 1)
         try:

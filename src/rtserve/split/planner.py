@@ -132,10 +132,15 @@ def plan_split(model: nn.Sequential, example: torch.Tensor, n_stages: int, balan
 
 def write_pipeline(model: nn.Sequential, example: torch.Tensor, plan: SplitPlan, out: Path, input_name: str,
                    output_name: str, executor: str = "process", max_batch_size: int = 64,
-                   micro_batch: int = 8) -> Path:
-    """DST becomes a repository model: ``model.yaml`` (backend pipeline) and ``1/`` with one ONNX
-    file per stage and ``pipeline.json`` naming each stage's file, tensors, executor and device."""
-    from ..export.torch_export import export_onnx
+                   micro_batch: int = 8, fmt: str = "onnx") -> Path:
+    """DST becomes a repository model: ``model.yaml`` (backend pipeline) and ``1/`` with one model
+    file per stage (``fmt``: onnx or pt2) and ``pipeline.json`` naming each stage's file, tensors,
+    executor and device."""
+    from ..export.torch_export import export_onnx, export_pt2
+
+    if fmt not in ("onnx", "pt2"):
+        raise SplitError(f"--format '{fmt}' is not one of onnx, pt2")
+    export = export_onnx if fmt == "onnx" else export_pt2
 
     vdir = out / "1"
     vdir.mkdir(parents=True, exist_ok=True)
@@ -145,10 +150,10 @@ def write_pipeline(model: nn.Sequential, example: torch.Tensor, plan: SplitPlan,
         part = nn.Sequential(*layers[s.layers[0]:s.layers[1]]).eval()
         ins = input_name if s.index == 0 else f"cut{s.index - 1}"
         outs = output_name if s.index == len(plan.stages) - 1 else f"cut{s.index}"
-        export_onnx(part, x, vdir / f"stage{s.index}.onnx", [ins], [outs])
-        with torch.inference_mode():
+        export(part, x, vdir / f"stage{s.index}.{fmt}", [ins], [outs])
+        with torch.no_grad():  # not inference_mode: x is the next stage's example for torch.export
             x = part(x)
-        stages.append({"file": f"stage{s.index}.onnx", "input": ins, "output": outs, "executor": executor,
+        stages.append({"file": f"stage{s.index}.{fmt}", "input": ins, "output": outs, "executor": executor,
                        "device": "cpu", "threads": 1, "layers": list(s.layers), "cost": s.cost})
     (vdir / "pipeline.json").write_text(json.dumps({"micro_batch": micro_batch, "stages": stages,
                                                     "plan": {"balance": plan.balance,
