@@ -43,7 +43,6 @@ def write_model(repo: Path, name: str, backend: str, yaml_text: str, versions=(1
 
 
 def _slow_graph(width: int, depth: int):
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -148,3 +147,20 @@ def write_text_lm(path: Path) -> Path:
             p.normal_(0, 0.3)
     m.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def write_random_llama(path: Path, std: float = 0.2, seed: int = 0, **config):
+    """A tiny Llama checkpoint with random weights drawn N(0, std) (peaked enough that differences
+    show), saved with transformers' ``save_pretrained``; returns the transformers model."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256)
+    ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**cfg, **config})).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, std)
+    ref.save_pretrained(path, safe_serialization=True)
+    return ref

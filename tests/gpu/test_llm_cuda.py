@@ -8,6 +8,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
+from models import write_random_llama  # noqa: E402
 from rtserve.llm.engine import LLM  # noqa: E402
 
 PROMPTS = [[3, 9, 27], list(range(10, 47)), [1], list(range(60, 80)), [42] * 11, list(range(2, 30, 3))]
@@ -15,15 +16,8 @@ PROMPTS = [[3, 9, 27], list(range(10, 47)), [1], list(range(60, 80)), [42] * 11,
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    ref = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.normal_(0, 0.2)
     path = tmp_path_factory.mktemp("llama")
-    ref.save_pretrained(path, safe_serialization=True)
+    ref = write_random_llama(path)
     expected = []
     for p in PROMPTS:
         with torch.no_grad():

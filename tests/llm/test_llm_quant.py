@@ -9,6 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from models import write_random_llama  # noqa: E402
 from rtserve.compress.llm_quant import quantize_checkpoint  # noqa: E402
 from rtserve.llm.engine import LLM  # noqa: E402
 from rtserve.llm.quant_linear import QuantLinear, dequantize, pack_int4, quantize, unpack_int4  # noqa: E402
@@ -16,15 +17,8 @@ from rtserve.llm.quant_linear import QuantLinear, dequantize, pack_int4, quantiz
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    ref = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.normal_(0, 0.1)
     path = tmp_path_factory.mktemp("llama")
-    ref.save_pretrained(path, safe_serialization=True)
+    write_random_llama(path, std=0.1, intermediate_size=128, max_position_embeddings=128)
     return path
 
 

@@ -3,25 +3,17 @@ own layers; greedy outputs identical to the unsplit engine, with ragged, chunked
 from __future__ import annotations
 
 import pytest
-import torch
 
 transformers = pytest.importorskip("transformers")
 
+from models import write_random_llama  # noqa: E402
 from rtserve.llm.engine import LLM  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=4,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                   tie_word_embeddings=True)
-    ref = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.normal_(0, 0.2)
     path = tmp_path_factory.mktemp("llama4")
-    ref.save_pretrained(path, safe_serialization=True)
+    write_random_llama(path, num_hidden_layers=4, tie_word_embeddings=True)
     return path
 
 

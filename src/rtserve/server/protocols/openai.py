@@ -56,7 +56,8 @@ def _kind_name(kinds) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
-def parse(body: bytes, chat: bool) -> GenerationRequest:
+def _request_doc(body: bytes) -> tuple[dict, str]:
+    """The JSON object of a request and its ``model`` (both endpoints require one)."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as e:
@@ -66,6 +67,11 @@ def parse(body: bytes, chat: bool) -> GenerationRequest:
     model = _get(doc, "model", str)
     if not model:
         raise OpenAIError("'model' is required", param="model")
+    return doc, model
+
+
+def parse(body: bytes, chat: bool) -> GenerationRequest:
+    doc, model = _request_doc(body)
     prompt = messages = None
     if chat:
         messages = _get(doc, "messages", list)
@@ -218,15 +224,7 @@ def _is_id(t) -> bool:
 def parse_embeddings(body: bytes) -> EmbeddingRequest:
     """OpenAI's embeddings request: ``input`` is a string, a list of strings, a list of token ids
     or a list of lists of token ids; ``user`` is accepted and ignored. Raises OpenAIError (400)."""
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError as e:
-        raise OpenAIError(f"the body is not valid JSON: {e}") from None
-    if not isinstance(doc, dict):
-        raise OpenAIError("the body must be a JSON object")
-    model = _get(doc, "model", str)
-    if not model:
-        raise OpenAIError("'model' is required", param="model")
+    doc, model = _request_doc(body)
     inp = doc.get("input")
     texts = token_ids = None
     shape = "'input' must be a string, a list of strings, a list of token ids or a list of lists of token ids"
