@@ -11,7 +11,6 @@ import argparse
 import os
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -28,11 +27,7 @@ sys.path.insert(0, str(HERE))
 
 from rtserve.bench.report import write_json  # noqa: E402
 from serving import Server  # noqa: E402
-
-
-def workers(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines() if "multiprocessing" in line and "resource_tracker" not in line]
+from servers import worker_pids  # noqa: E402
 
 
 def main() -> int:
@@ -66,7 +61,7 @@ def main() -> int:
                     log.append((t0, time.monotonic(), st))
 
         try:
-            victims = workers(srv.proc.pid)
+            victims = worker_pids(srv.proc.pid)
             threads = [threading.Thread(target=client) for _ in range(8)]
             for t in threads:
                 t.start()
@@ -75,7 +70,7 @@ def main() -> int:
             os.kill(victims[0], signal.SIGKILL)
             replaced = None
             while time.monotonic() - t_kill < 30:
-                now = workers(srv.proc.pid)
+                now = worker_pids(srv.proc.pid)
                 if len(now) == 2 and victims[0] not in now:
                     replaced = time.monotonic() - t_kill
                     break

@@ -14,6 +14,24 @@ import httpx
 import tritonclient.http as tc
 
 
+def worker_pids(parent: int) -> list[int]:
+    """The multiprocessing *spawn* workers whose parent is ``parent``, read from /proc (``ps``
+    can cut long command lines, which once let the resource tracker pass for a worker)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # exited meanwhile
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and "spawn_main" in cmdline and "resource_tracker" not in cmdline:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

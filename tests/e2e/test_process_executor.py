@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import threading
 import time
 
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 
 from models import AFFINE_YAML, expected, write_model
-from servers import start_server
+from servers import start_server, worker_pids
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -22,11 +21,6 @@ pytestmark = pytest.mark.timeout(120)
 def infer(url: str, x: np.ndarray, model: str = "affine") -> httpx.Response:
     body = {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}]}
     return httpx.post(f"{url}/v2/models/{model}/infer", json=body, timeout=30)
-
-
-def workers(server_pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(server_pid)], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines() if "multiprocessing" in line and "resource_tracker" not in line]
 
 
 def test_worker_processes_serve_and_survive_kill_9(tmp_path):
@@ -37,7 +31,7 @@ def test_worker_processes_serve_and_survive_kill_9(tmp_path):
         r = infer(srv.url, x)
         assert r.status_code == 200, r.text
         np.testing.assert_allclose(np.array(r.json()["outputs"][0]["data"]).reshape(3, 3), expected(x))
-        pids = workers(srv.proc.pid)
+        pids = worker_pids(srv.proc.pid)
         assert len(pids) == 2, pids
 
         statuses: list[int] = []
@@ -54,7 +48,7 @@ def test_worker_processes_serve_and_survive_kill_9(tmp_path):
         os.kill(pids[0], signal.SIGKILL)
         t_kill = time.monotonic()
         while time.monotonic() - t_kill < 20:  # until a new worker has replaced the dead one
-            now = workers(srv.proc.pid)
+            now = worker_pids(srv.proc.pid)
             if len(now) == 2 and pids[0] not in now:
                 break
             time.sleep(0.05)
@@ -65,6 +59,6 @@ def test_worker_processes_serve_and_survive_kill_9(tmp_path):
         assert set(statuses) <= {200, 503}, sorted(set(statuses))
         assert statuses.count(200) > 50
         assert statuses.count(503) <= 4  # at most the batches the dead worker held
-        assert len(workers(srv.proc.pid)) == 2
+        assert len(worker_pids(srv.proc.pid)) == 2
         assert all(infer(srv.url, x).status_code == 200 for _ in range(10))
         assert "died" in srv.log_text()
