@@ -79,3 +79,46 @@ def test_split_errors_before_writing(spec, capsys):
     tmp, _ = spec
     assert main(["split", str(tmp / "spec"), "--stages", "20", "--out", str(tmp / "o")]) == 2
     assert "only 9 layers" in capsys.readouterr().err and not (tmp / "o").exists()
+
+
+def test_split_transformer_program_serves_over_kserve(tmp_path, capsys):
+    """A BERT encoder exported with ``rtserve convert`` (dynamic batch and sequence) cut into 2
+    stages in worker processes: the attention mask crosses the cut beside the hidden states, and
+    the served embeddings equal the whole program's."""
+    transformers = pytest.importorskip("transformers")
+    from rtserve.compress.convert import convert
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=64)
+    transformers.BertModel(cfg, add_pooling_layer=False).eval().save_pretrained(tmp_path / "bert")
+    convert(tmp_path / "bert", "pt2", tmp_path / "bert.pt2")
+    repo = tmp_path / "repo"
+    assert main(["split", str(tmp_path / "bert.pt2"), "--stages", "2", "--balance", "flops", "--format", "onnx",
+                 "--executor", "process", "--out", str(repo / "bert_split")]) == 0
+    printed = capsys.readouterr().out
+    assert "bert.encoder.layer" in printed and "verified" in printed
+    stages = json.loads((repo / "bert_split" / "1" / "pipeline.json").read_text())["stages"]
+    assert len(stages[1]["inputs"]) >= 2  # hidden states and the mask, at least
+    ids = np.array([[5, 9, 33, 2, 7, 1, 4], [8, 8, 1, 0, 0, 0, 0], [3, 2, 1, 9, 0, 0, 0]], np.int64)
+    mask = (ids > 0).astype(np.int64)
+    whole = torch.export.load(str(tmp_path / "bert.pt2")).module()
+    with torch.no_grad():
+        want = whole(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+
+    async def run():
+        app = App(ServerConfig(repository=str(repo)))
+        await app.startup()
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                doc = {"inputs": [{"name": n, "shape": list(v.shape), "datatype": "INT64", "data": v.ravel().tolist()}
+                                  for n, v in (("input_ids", ids), ("attention_mask", mask))]}
+                r = await c.post("/v2/models/bert_split/infer", content=orjson.dumps(doc))
+                assert r.status_code == 200, r.text
+                out = r.json()["outputs"][0]
+                assert out["name"] == "sentence_embedding"
+                np.testing.assert_allclose(np.array(out["data"], np.float32).reshape(want.shape), want, atol=1e-5)
+        finally:
+            await app.shutdown()
+
+    asyncio.run(run())

@@ -3,7 +3,9 @@
 Each stage is its own instance -- an in-process ONNX Runtime session, a worker process
 (``executor: process`` in ``pipeline.json``, tensors through shared memory) or a Ray actor
 (``executor: ray``, ``resources: {num_cpus, num_gpus}``) -- on its own device, driven by its own
-thread, with queues between the stages. A batch is cut into micro-batches that flow through the
+thread, with queues between the stages. Stages hand each other named tensors: a layer chain one per
+cut, a cut ``torch.export`` graph as many as cross the cut (a residual stream, a mask every layer
+reads); a tensor flows on until the last stage that reads it. A batch is cut into micro-batches that flow through the
 stages in order, so stage k works on micro-batch i while stage k+1 works on micro-batch i-1: with
 worker processes, stages use separate cores at the same time. Outputs are reassembled in order. A
 stage that fails (a dead worker: 503) fails the whole batch with its error.
@@ -79,54 +81,84 @@ class PipelineBackend(Backend):
                     from .base import get_backend
 
                     self.stages.append(get_backend(kind)(file, st.get("device", "cpu"), opts, 1))
-                self.io.append((st["input"], st["output"]))
+                # a layer chain names one tensor per side; a cut graph may hand over several
+                self.io.append((list(st.get("inputs") or [st["input"]]), list(st.get("outputs") or [st["output"]])))
+            self._wire(path, spec)
         except BaseException:
             for s in self.stages:
                 s.close()
             raise
-        for k in range(len(stages) - 1):  # stage k's output is stage k+1's input
-            out = next(o for o in self.stages[k].file_outputs if o.name == self.io[k][1])
-            inp = next(i for i in self.stages[k + 1].file_inputs if i.name == self.io[k + 1][0])
-            if out.datatype != inp.datatype or len(out.shape) != len(inp.shape):
-                raise ConfigError(f"{path}: stage {k} gives {out.datatype} {list(out.shape)}, stage {k + 1} takes "
-                                  f"{inp.datatype} {list(inp.shape)}")
-        self.file_inputs = self.stages[0].file_inputs
-        self.file_outputs = self.stages[-1].file_outputs
         self.queues = [queue.Queue() for _ in self.stages]
         self.threads = [threading.Thread(target=self._stage_loop, args=(k,), daemon=True, name=f"rtserve-stage-{k}")
                         for k in range(len(self.stages))]
         for t in self.threads:
             t.start()
 
+    def _wire(self, path: Path, spec: dict) -> None:
+        """Check that every stage input is a model input or an earlier stage's output of the same
+        datatype and rank; work out the model's tensors and what each stage may drop afterwards."""
+        self.input_names = list(spec.get("inputs") or self.io[0][0])
+        self.output_names = list(spec.get("outputs") or self.io[-1][1])
+        have: dict = {}  # tensor name -> (stage that makes it or -1, spec)
+        for k, (ins, outs) in enumerate(self.io):
+            specs_in = {s.name: s for s in self.stages[k].file_inputs}
+            specs_out = {s.name: s for s in self.stages[k].file_outputs}
+            for name in ins:
+                if name not in specs_in:
+                    raise ConfigError(f"{path}: stage {k} has no input '{name}'")
+                got = specs_in[name]
+                if name in have:
+                    src, made = have[name]
+                    if made.datatype != got.datatype or len(made.shape) != len(got.shape):
+                        raise ConfigError(f"{path}: stage {src} gives {made.datatype} {list(made.shape)} as '{name}', "
+                                          f"stage {k} takes {got.datatype} {list(got.shape)}")
+                elif name in self.input_names:
+                    have[name] = (-1, got)
+                else:
+                    raise ConfigError(f"{path}: stage {k} reads '{name}', which no earlier stage makes")
+            for name in outs:
+                if name not in specs_out:
+                    raise ConfigError(f"{path}: stage {k} has no output '{name}'")
+                have[name] = (k, specs_out[name])
+        missing = [n for n in [*self.input_names, *self.output_names] if n not in have]
+        if missing:
+            raise ConfigError(f"{path}: no stage takes or makes {', '.join(missing)}")
+        self.file_inputs = [have[n][1] for n in self.input_names]
+        self.file_outputs = [have[n][1] for n in self.output_names]
+        # after stage k, keep only what a later stage reads or the model returns
+        self.keep = [set(self.output_names).union(*[set(ins) for ins, _ in self.io[k + 1:]])
+                     for k in range(len(self.io))]
+
     def _stage_loop(self, k: int) -> None:
-        stage, (name_in, name_out) = self.stages[k], self.io[k]
+        stage, (names_in, _) = self.stages[k], self.io[k]
         last = k == len(self.stages) - 1
         while True:
             item = self.queues[k].get()
             if item is None:
                 return
-            job, i, x = item
+            job, i, env = item
             if job.error is None:
                 try:
-                    x = stage.run({name_in: x})[name_out]
+                    env = {**env, **stage.run({n: env[n] for n in names_in})}
+                    env = {n: v for n, v in env.items() if n in self.keep[k]}
                 except BaseException as e:  # noqa: BLE001 - the batch fails, the pipeline goes on
                     job.error = e
             if last or job.error is not None:
-                job.results[i] = x
+                job.results[i] = env
                 job.count()  # each item is counted once: at the last stage, or where it stopped
             else:
-                self.queues[k + 1].put((job, i, x))
+                self.queues[k + 1].put((job, i, env))
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        x = inputs[self.io[0][0]]
-        chunks = [x[i:i + self.micro] for i in range(0, len(x), self.micro)] or [x]
-        job = _Job(len(chunks))
-        for i, c in enumerate(chunks):
-            self.queues[0].put((job, i, c))
+        n = len(inputs[self.input_names[0]])
+        starts = list(range(0, n, self.micro)) or [0]
+        job = _Job(len(starts))
+        for i, a in enumerate(starts):  # micro-batches: every model input cut along the batch axis
+            self.queues[0].put((job, i, {name: inputs[name][a:a + self.micro] for name in self.input_names}))
         job.done.wait()
         if job.error is not None:
             raise job.error
-        return {self.io[-1][1]: np.concatenate(job.results)}
+        return {name: np.concatenate([r[name] for r in job.results]) for name in self.output_names}
 
     def close(self) -> None:
         for q in self.queues:

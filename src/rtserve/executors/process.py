@@ -141,7 +141,11 @@ class ProcessInstance:
         while not self.conn.poll(POLL_S):
             if not self.proc.is_alive() or time.monotonic() > deadline:
                 raise ConfigError(f"worker process for {self.args[1]} did not start (exit code {self.proc.exitcode})")
-        msg = self.conn.recv()
+        try:
+            msg = self.conn.recv()
+        except EOFError:
+            self.proc.join(5)
+            raise ConfigError(f"worker process for {self.args[1]} exited at start (exit code {self.proc.exitcode})") from None
         if msg[0] == "error":
             self.proc.join(5)
             raise ConfigError(f"worker process: {msg[1]}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +14,9 @@ from .planner import BALANCES, SplitError, plan_split, write_pipeline
 
 
 def add_split_parser(sub) -> None:
-    p = sub.add_parser("split", help="cut a layer-chain model into balanced stages served as one pipeline")
-    p.add_argument("src", help="a PyTorch spec model folder (model.spec.json + model.safetensors)")
+    p = sub.add_parser("split", help="cut a PyTorch model into balanced stages served as one pipeline")
+    p.add_argument("src", help="a torch.export program (.pt2, or a folder with model.pt2): its graph is cut; or a "
+                   "PyTorch spec model folder (model.spec.json + model.safetensors): cut between layers")
     p.add_argument("--stages", type=int, required=True)
     p.add_argument("--balance", default="flops", choices=BALANCES)
     p.add_argument("--out", required=True, help="the repository model folder to write (must not exist)")
@@ -25,44 +28,103 @@ def add_split_parser(sub) -> None:
     p.set_defaults(func=cmd_split)
 
 
-def cmd_split(args) -> int:
+@dataclass
+class _Source:
+    """What the command needs of either kind of source: the plan, a writer, and a reference."""
+    table: str
+    n_stages: int
+    write: Callable[[Path], None]
+    inputs: dict[str, np.ndarray]   # 19 samples to verify the written stages on
+    reference: dict[str, np.ndarray]
+
+
+def _is_program(src: Path) -> bool:
+    return src.suffix == ".pt2" or (src.is_dir() and (src / "model.pt2").is_file())
+
+
+def _program_source(src: Path, args) -> _Source:
+    """A ``torch.export`` program: its graph is cut (any number of tensors per cut)."""
     import torch
 
-    from ..backends.pipeline import PipelineBackend
+    from ..compress.convert import _pt2_meta
+    from .graph import GraphSplitter
+
+    path = src / "model.pt2" if src.is_dir() else src
+    if not path.is_file():
+        raise SplitError(f"{path} does not exist")
+    try:
+        ep, ins, outs = _pt2_meta(path)
+    except Exception as e:  # noqa: BLE001 - any load failure is the user's file
+        raise SplitError(f"{path}: torch.export.load cannot load it: {e}") from None
+    splitter = GraphSplitter(ep, ins, outs)
+    plan = splitter.plan(args.stages, args.balance)
+    example = splitter.example(batch=19, seed=1)
+    with torch.no_grad():
+        want = splitter.gm(*example)
+    want = want if isinstance(want, (tuple, list)) else (want,)
+    return _Source(plan.table(), len(plan.stages),
+                   lambda dst: splitter.write(plan, dst, args.format, args.executor, args.max_batch_size,
+                                              args.micro_batch),
+                   {n: t.numpy() for n, t in zip(splitter.input_names, example)},
+                   {n: t.numpy() for n, t in zip(splitter.output_names, want)})
+
+
+def _chain_source(src: Path, args) -> _Source:
+    """A PyTorch spec model (``nn.Sequential``): cut between layers, one tensor per cut."""
+    import torch
+
     from ..compress.torch_model import load_spec_model
 
+    try:
+        sm = load_spec_model(src)
+    except ValueError as e:
+        raise SplitError(str(e)) from None
+    plan = plan_split(sm.model, sm.example(8), args.stages, args.balance)
+    x = np.random.default_rng(0).random((19, *sm.input_shape), dtype=np.float32)
+    with torch.inference_mode():
+        want = sm.model(torch.from_numpy(x)).numpy()
+    return _Source(plan.table(), len(plan.stages),
+                   lambda dst: write_pipeline(sm.model, sm.example(2), plan, dst, sm.input_name, sm.output_name,
+                                              args.executor, args.max_batch_size, args.micro_batch, args.format),
+                   {sm.input_name: x}, {sm.output_name: want})
+
+
+def cmd_split(args) -> int:
+    from ..backends.pipeline import PipelineBackend
+
     out = Path(args.out)
+    src = Path(args.src)
     try:
         if out.exists():
             raise SplitError(f"--out {out} exists")
-        try:
-            sm = load_spec_model(Path(args.src))
-        except ValueError as e:
-            raise SplitError(str(e)) from None
-        plan = plan_split(sm.model, sm.example(8), args.stages, args.balance)
+        source = _program_source(src, args) if _is_program(src) else _chain_source(src, args)
     except SplitError as e:
         print(f"rtserve split: {e}", file=sys.stderr)
         return 2
-    print(plan.table())
+    print(source.table)
     with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
         staged = Path(tmp) / out.name
-        write_pipeline(sm.model, sm.example(2), plan, staged, sm.input_name, sm.output_name, args.executor,
-                       args.max_batch_size, args.micro_batch, args.format)
+        try:
+            source.write(staged)
+        except SplitError as e:
+            print(f"rtserve split: {e}", file=sys.stderr)
+            return 2
         # verified like a conversion: the stages, chained, compute what the whole model does
         pipe = PipelineBackend(staged / "1" / "pipeline.json", "cpu", {}, 1)
         try:
-            x = np.random.default_rng(0).random((19, *sm.input_shape), dtype=np.float32)
-            got = pipe.run({sm.input_name: x})[sm.output_name]
+            got = pipe.run(source.inputs)
         finally:
             pipe.close()
-        with torch.inference_mode():
-            want = sm.model(torch.from_numpy(x)).numpy()
-        diff = float(np.abs(got - want).max())
+        diff = 0.0
+        for name, want in source.reference.items():
+            scale = max(1.0, float(np.abs(want).max())) if want.size else 1.0
+            diff = max(diff, float(np.abs(got[name].astype(np.float64) - want).max()) / scale if want.size else 0.0)
         if diff > 1e-4:
-            print(f"rtserve split: the stages differ from the whole model by {diff:.3g}; nothing written", file=sys.stderr)
+            print(f"rtserve split: the stages differ from the whole model by {diff:.3g} (relative); nothing written",
+                  file=sys.stderr)
             return 1
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(staged), out)
-    print(f"verified: chained stages match the whole model (max |difference| {diff:.2g}, 19 samples in micro-batches "
-          f"of {args.micro_batch})\nwrote {out} ({len(plan.stages)} stages, executor {args.executor})")
+    print(f"verified: chained stages match the whole model (max relative |difference| {diff:.2g}, 19 samples in "
+          f"micro-batches of {args.micro_batch})\nwrote {out} ({source.n_stages} stages, executor {args.executor})")
     return 0

@@ -92,26 +92,48 @@ def layer_costs(model: nn.Sequential, example: torch.Tensor, balance: str, repea
     return costs, shapes
 
 
-def partition(costs: list[float], n: int) -> list[tuple[int, int]]:
-    """Contiguous ranges minimising the largest range's sum (DP, O(n * layers^2))."""
+def partition(costs, n: int, valid=None, cut_bytes=None, tolerance: float = 0.0) -> list[tuple[int, int]]:
+    """n contiguous non-empty ranges of ``costs``, cut only where ``valid`` (cut j: between items
+    j-1 and j): first the smallest achievable largest-range sum, then, among the partitions within
+    ``tolerance`` of it, the one handing over the fewest ``cut_bytes`` (dynamic programming over
+    prefix sums, vectorised over the previous cut)."""
+    costs = np.asarray(costs, dtype=float)
     L = len(costs)
+    valid = np.ones(L + 1, dtype=bool) if valid is None else valid
+    cut_bytes = np.zeros(L + 1) if cut_bytes is None else cut_bytes
     pre = np.concatenate([[0.0], np.cumsum(costs)])
     inf = float("inf")
-    best = np.full((n + 1, L + 1), inf)
-    cut = np.zeros((n + 1, L + 1), dtype=int)
-    best[0, 0] = 0.0
+    cand = [int(j) for j in np.flatnonzero(valid[1:L]) + 1]  # interior cut positions
+
+    def ends(k: int) -> list[int]:
+        return cand if k < n else [L]
+
+    # pass 1: the smallest achievable largest stage
+    best = np.full(L + 1, inf)
+    best[0] = 0.0
     for k in range(1, n + 1):
-        for j in range(k, L + 1):
-            for i in range(k - 1, j):
-                v = max(best[k - 1, i], pre[j] - pre[i])
-                if v < best[k, j]:
-                    best[k, j], cut[k, j] = v, i
-    ranges, j = [], L
+        nxt = np.full(L + 1, inf)
+        for j in ends(k):
+            nxt[j] = np.min(np.maximum(best[:j], pre[j] - pre[:j]))
+        best = nxt
+    if not np.isfinite(best[L]):
+        raise SplitError(f"the graph has too few places where it can be cut into {n} stages")
+    cap = best[L] * (1 + tolerance) + 1e-12
+    # pass 2: the fewest bytes handed over among the cuts that keep every stage under the cap
+    dp = np.full((n + 1, L + 1), inf)
+    back = np.zeros((n + 1, L + 1), dtype=int)
+    dp[0, 0] = 0.0
+    for k in range(1, n + 1):
+        for j in ends(k):
+            row = np.where(pre[j] - pre[:j] <= cap, dp[k - 1, :j], inf)
+            i = int(np.argmin(row))
+            dp[k, j], back[k, j] = row[i] + (cut_bytes[j] if j < L else 0.0), i
+    bounds, j = [], L
     for k in range(n, 0, -1):
-        i = cut[k, j]
-        ranges.append((int(i), int(j)))
+        i = int(back[k, j])
+        bounds.append((i, j))
         j = i
-    return ranges[::-1]
+    return bounds[::-1]
 
 
 def plan_split(model: nn.Sequential, example: torch.Tensor, n_stages: int, balance: str = "flops") -> SplitPlan:

@@ -1,0 +1,401 @@
+"""``rtserve split`` on a ``torch.export`` program (``.pt2``): cut its graph, not a layer list.
+
+The program's graph is a list of operations in execution order. A cut between operation j-1 and
+j hands over every value defined before j and used at or after j: the residual stream of a
+transformer, an attention mask every layer reads, a second model output computed early. Any
+number of tensors may cross a cut; each becomes a named input of the next stage that reads it.
+
+Planning, on an example batch run through the graph once:
+- cost of every operation by ``--balance``: ``params`` (weights it reads first), ``flops``
+  (multiply-adds of matmuls, linears, convolutions and attention from the real shapes, element
+  count otherwise) or ``latency`` (each operation timed on this machine);
+- a cut is valid when every value crossing it is a tensor, or a symbolic size equal to one of the
+  next stage's input dimensions (it is recomputed there with ``sym_size``);
+- the stages minimise the most expensive stage (dynamic programming over operation prefix sums);
+  among the cuts within ``TOLERANCE`` of that optimum, the ones handing over the fewest bytes win,
+  so a transformer is cut between layers (one residual tensor) rather than inside one.
+
+Every stage is re-exported with ``torch.export`` with the source program's symbolic dimensions
+(batch, sequence, ...) kept dynamic within their ranges, and written as ``.pt2`` or ONNX.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import fx
+
+from .planner import BALANCES, SplitError, partition
+
+TOLERANCE = 0.05  # a cut may make the largest stage this much costlier if it hands over fewer bytes
+EXAMPLE_BATCH = 4
+EXAMPLE_DIM = 8   # symbolic non-batch dimensions in the example, clamped to their ranges
+
+
+@dataclass(frozen=True)
+class Crossing:
+    """A tensor handed from one stage to a later one."""
+    name: str
+    dtype: str
+    shape: tuple[str, ...]  # dims as text: numbers, or symbol names for dynamic ones
+    bytes_per_sample: int
+
+
+@dataclass(frozen=True)
+class GraphStage:
+    index: int
+    ops: tuple[int, int]      # [start, end) into the graph's operations
+    cost: float
+    params: int
+    modules: str              # the source modules its operations come from, first..last
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    crossing: tuple[Crossing, ...]  # what crosses the cut after this stage (empty for the last)
+
+
+@dataclass(frozen=True)
+class GraphPlan:
+    balance: str
+    n_ops: int
+    stages: list[GraphStage]
+    sizes: dict[str, int]      # the example's symbolic dimensions, which the bytes per sample assume
+
+    @property
+    def imbalance(self) -> float:
+        costs = [s.cost for s in self.stages]
+        return max(costs) / (sum(costs) / len(costs)) if sum(costs) else 1.0
+
+    def table(self) -> str:
+        total = sum(s.cost for s in self.stages) or 1.0
+        lines = [f"{'stage':>5}  {'ops':>11}  {'cost':>11}  {'share':>6}  {'params':>10}  modules"]
+        for s in self.stages:
+            lines.append(f"{s.index:>5}  {s.ops[0]:>4}..{s.ops[1] - 1:<5}  {s.cost:>11.4g}  {s.cost / total:>6.1%}  "
+                         f"{s.params:>10,}  {s.modules}")
+            for c in s.crossing:
+                lines.append(f"{'':>7}-> {c.name}: {c.dtype} [{', '.join(c.shape)}], {c.bytes_per_sample:,} B/sample")
+        lines.append(f"balance by {self.balance} over {self.n_ops} operations: the largest stage is "
+                     f"{self.imbalance:.2f}x the mean; bytes at {', '.join(f'{k}={v}' for k, v in self.sizes.items())}")
+        return "\n".join(lines)
+
+
+# -- costs --------------------------------------------------------------------------------------------
+_MATMULS = {"aten.mm.default", "aten.bmm.default", "aten.matmul.default", "aten.addmm.default",
+            "aten.baddbmm.default"}
+
+
+def _flops(node: fx.Node, args: tuple, out) -> float:
+    t = str(node.target)
+    if not isinstance(out, torch.Tensor):
+        return 0.0
+    if t == "aten.linear.default":
+        return 2.0 * out.numel() * args[0].shape[-1]
+    if t in _MATMULS:
+        a = args[1] if t in ("aten.addmm.default", "aten.baddbmm.default") else args[0]
+        return 2.0 * out.numel() * a.shape[-1]
+    if t.startswith("aten.conv") or t.startswith("aten.convolution"):
+        w = args[1]
+        return 2.0 * out.numel() * (w[0].numel() if w.dim() > 1 else 1)
+    if "scaled_dot_product" in t:
+        q, k = args[0], args[1]
+        return 4.0 * q.numel() * k.shape[-2]
+    return float(out.numel())
+
+
+class _Profiler(fx.Interpreter):
+    """Runs the graph once on real tensors, keeping every operation's output and cost."""
+
+    def __init__(self, gm: fx.GraphModule, balance: str, repeats: int) -> None:
+        super().__init__(gm)
+        self.balance, self.repeats = balance, repeats
+        self.values: dict[fx.Node, object] = {}
+        self.costs: dict[fx.Node, float] = {}
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        self.values[n] = out
+        if n.op == "call_function":
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            if self.balance == "latency":
+                times = []
+                for _ in range(self.repeats):
+                    t0 = time.perf_counter()
+                    n.target(*args, **kwargs)
+                    times.append(time.perf_counter() - t0)
+                self.costs[n] = float(np.median(times))
+            elif self.balance == "flops":
+                self.costs[n] = _flops(n, args, out)
+        return out
+
+
+# -- the splitter -------------------------------------------------------------------------------------
+def _sym_expr(d):
+    return d.node.expr if isinstance(d, torch.SymInt) else None
+
+
+def _evaluate(expr, sizes: dict[str, int]) -> int:
+    return int(expr.subs({sym: sizes[str(sym)] for sym in expr.free_symbols}))
+
+
+class GraphSplitter:
+    """Plans and writes the stages of one ``torch.export`` program."""
+
+    def __init__(self, ep, input_names: list[str] | None = None, output_names: list[str] | None = None) -> None:
+        self.gm = ep.module()
+        graph = self.gm.graph
+        odd = [n.target for n in graph.nodes if n.op == "call_module" and n.target != "_guards_fn"]
+        if odd:
+            raise SplitError(f"the program calls submodules ({', '.join(map(str, odd))}); export it without "
+                             "preserved module calls")
+        self.placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        self.ops = [n for n in graph.nodes if n.op == "call_function"]
+        self.out_node = next(n for n in graph.nodes if n.op == "output")
+        self.out_values = list(self.out_node.args[0]) if isinstance(self.out_node.args[0], (tuple, list)) \
+            else [self.out_node.args[0]]
+        self.input_names = list(input_names or [p.name for p in self.placeholders])
+        self.output_names = list(output_names or [f"output_{i}" for i in range(len(self.out_values))])
+        if len(self.input_names) != len(self.placeholders) or len(self.output_names) != len(self.out_values):
+            raise SplitError("the program's inputs/outputs do not match the names in its metadata")
+        if any(not isinstance(v, fx.Node) or v.op == "placeholder" for v in self.out_values) \
+                or len(set(self.out_values)) != len(self.out_values):
+            raise SplitError("every model output must be a distinct computed tensor")
+        self.ranges = {str(k): (int(v.lower), int(v.upper) if v.upper.is_finite else 1 << 16)
+                       for k, v in ep.range_constraints.items()}
+        self.batch_symbol = self._batch_symbol()
+        self.pos = {n: i for i, n in enumerate(self.ops)}
+        for p in self.placeholders:
+            self.pos[p] = -1
+        L = len(self.ops)
+        self.last_use: dict[fx.Node, int] = {}
+        for v in [*self.placeholders, *self.ops]:
+            uses = [self.pos[u] for u in v.users if u.op == "call_function"]
+            if v in self.out_values:
+                uses.append(L)
+            if uses:
+                self.last_use[v] = max(uses)
+        self.names: dict[fx.Node, str] = dict(zip(self.placeholders, self.input_names))
+        self.names.update(zip(self.out_values, self.output_names))
+        taken = set(self.names.values())
+        for n in self.ops:
+            if n not in self.names:
+                self.names[n] = n.name if n.name not in taken else f"{n.name}_t"
+
+    def _batch_symbol(self) -> str:
+        syms = set()
+        for p, name in zip(self.placeholders, self.input_names):
+            val = p.meta.get("val")
+            if not isinstance(val, torch.Tensor) or val.dim() == 0 or _sym_expr(val.shape[0]) is None:
+                raise SplitError(f"input '{name}' has no dynamic batch axis (dimension 0); export the model with "
+                                 "a dynamic batch dimension to split it")
+            syms.add(str(_sym_expr(val.shape[0])))
+        if len(syms) != 1:
+            raise SplitError(f"the inputs' batch axes are different symbols ({', '.join(sorted(syms))})")
+        return syms.pop()
+
+    # -- examples -----------------------------------------------------------------------------------
+    def sizes(self, batch: int) -> dict[str, int]:
+        out = {}
+        for sym, (lo, hi) in self.ranges.items():
+            want = batch if sym == self.batch_symbol else EXAMPLE_DIM
+            out[sym] = max(lo, min(want, hi))
+        return out
+
+    def example(self, batch: int = EXAMPLE_BATCH, seed: int = 0) -> list[torch.Tensor]:
+        """Inputs of the program's shapes: floats random, integers (ids, masks) ones, booleans true."""
+        sizes = self.sizes(batch)
+        g = torch.Generator().manual_seed(seed)
+        xs = []
+        for p in self.placeholders:
+            val = p.meta["val"]
+            shape = [_evaluate(_sym_expr(d), sizes) if _sym_expr(d) is not None else int(d) for d in val.shape]
+            if val.dtype.is_floating_point:
+                xs.append(torch.randn(shape, generator=g).to(val.dtype))
+            else:
+                xs.append(torch.ones(shape, dtype=val.dtype))
+        return xs
+
+    # -- planning -----------------------------------------------------------------------------------
+    def _crossing_at(self, j: int) -> list[fx.Node]:
+        """Values defined before operation j and used at or after it (cut 0: the used inputs)."""
+        return [v for v, last in self.last_use.items() if self.pos[v] < j <= last]
+
+    def _passable(self, v: fx.Node) -> bool:
+        val = v.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            return all(_sym_expr(d) is None or _sym_expr(d).is_Symbol for d in val.shape)
+        return isinstance(val, torch.SymInt) and _sym_expr(val).is_Symbol
+
+    def plan(self, n_stages: int, balance: str = "flops", repeats: int = 5) -> GraphPlan:
+        if balance not in BALANCES:
+            raise SplitError(f"--balance '{balance}' is not one of {', '.join(BALANCES)}")
+        if n_stages < 2:
+            raise SplitError(f"--stages {n_stages}: at least 2")
+        L = len(self.ops)
+        if n_stages > L:
+            raise SplitError(f"--stages {n_stages}: the program has only {L} operations")
+        prof = _Profiler(self.gm, balance, repeats)
+        with torch.no_grad():
+            prof.run(*self.example())
+        self.values = prof.values
+        params_of = self._first_param_use()
+        if balance == "params":
+            costs = np.array([float(params_of[n]) for n in self.ops])
+        else:
+            costs = np.array([prof.costs.get(n, 0.0) for n in self.ops])
+        # bytes handed over at every cut, and whether the cut can be made at all
+        cut_bytes, bad = np.zeros(L + 1), np.zeros(L + 1, dtype=int)
+        for v, last in self.last_use.items():
+            lo, hi = self.pos[v] + 1, last  # crosses cuts lo..hi
+            if lo > hi:
+                continue
+            if self._passable(v):
+                val = prof.values.get(v)
+                cut_bytes[lo:hi + 1] += val.numel() * val.element_size() if isinstance(val, torch.Tensor) else 0
+            else:
+                bad[lo:hi + 1] += 1
+        valid = bad == 0
+        valid[0] = valid[L] = True
+        bounds = partition(costs, n_stages, valid, cut_bytes, TOLERANCE)
+        stages = []
+        for i, (a, b) in enumerate(bounds):
+            ins, outs = self._stage_inputs(a, b), self._stage_outputs(a, b)
+            crossing = tuple(self._describe(v) for v in self._crossing_at(b)
+                             if isinstance(v.meta.get("val"), torch.Tensor)) if b < L else ()
+            stages.append(GraphStage(i, (a, b), float(costs[a:b].sum()), int(sum(params_of[n] for n in self.ops[a:b])),
+                                     self._modules(a, b), tuple(self.names[v] for v in ins),
+                                     tuple(self.names[v] for v in outs), crossing))
+        self._bounds = bounds
+        return GraphPlan(balance, L, stages, self.sizes(EXAMPLE_BATCH))
+
+    def _first_param_use(self) -> dict[fx.Node, int]:
+        seen, out = set(), {}
+        for n in self.ops:
+            k = 0
+            for a in n.all_input_nodes:
+                if a.op == "get_attr" and a.target not in seen:
+                    seen.add(a.target)
+                    t = self.values.get(a)
+                    k += t.numel() if isinstance(t, torch.Tensor) else 0
+            out[n] = k
+        return out
+
+    def _stage_inputs(self, a: int, b: int) -> list[fx.Node]:
+        """Tensors the stage reads from before it (SymInts are recomputed, not passed)."""
+        need = []
+        for v in self._crossing_at(a):
+            if isinstance(v.meta.get("val"), torch.Tensor) and any(a <= self.pos.get(u, -2) < b for u in v.users):
+                need.append(v)
+        return need
+
+    def _stage_outputs(self, a: int, b: int) -> list[fx.Node]:
+        """Tensors the stage makes that a later stage reads or the model returns (in output order)."""
+        made = [v for v in self._crossing_at(b) if a <= self.pos[v] < b and isinstance(v.meta.get("val"), torch.Tensor)]
+        return sorted(made, key=lambda v: self.out_values.index(v) if v in self.out_values else -1)
+
+    def _describe(self, v: fx.Node) -> Crossing:
+        val, real = v.meta["val"], self.values[v]
+        dims = tuple(str(_sym_expr(d)) if _sym_expr(d) is not None else str(int(d)) for d in val.shape)
+        batch = real.shape[0] if real.dim() and str(_sym_expr(val.shape[0])) == self.batch_symbol else 1
+        return Crossing(self.names[v], str(val.dtype).removeprefix("torch."), dims,
+                        real.numel() * real.element_size() // batch)
+
+    def _modules(self, a: int, b: int) -> str:
+        """The source modules of operations a..b-1, as layers: ``bert.encoder.layer.3``, ``head``."""
+        paths = []
+        for n in self.ops[a:b]:
+            stack = [p for p, _ in (n.meta.get("nn_module_stack") or {}).values() if p and not p.startswith("_")]
+            if not stack:
+                continue
+            parts = stack[-1].split(".")
+            cut = next((i + 1 for i, p in enumerate(parts) if p.isdigit()), min(2, len(parts)))
+            short = ".".join(parts[:cut])
+            if not paths or paths[-1] != short:
+                paths.append(short)
+        if not paths:
+            return "-"
+        return paths[0] if len(paths) == 1 else f"{paths[0]} .. {paths[-1]}"
+
+    # -- writing ------------------------------------------------------------------------------------
+    def stage_module(self, k: int) -> tuple[fx.GraphModule, list[fx.Node], list[fx.Node]]:
+        a, b = self._bounds[k]
+        ins, outs = self._stage_inputs(a, b), self._stage_outputs(a, b)
+        g = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        for v in ins:
+            env[v] = g.placeholder(self.names[v])
+            env[v].meta = dict(v.meta)
+
+        def arg(x: fx.Node) -> fx.Node:
+            if x in env:
+                return env[x]
+            if x.op == "get_attr":
+                env[x] = g.get_attr(x.target)
+                return env[x]
+            val = x.meta.get("val")
+            if isinstance(val, torch.SymInt):  # a size from an earlier stage: read it off an input here
+                for v in ins:
+                    for d, size in enumerate(v.meta["val"].shape):
+                        if _sym_expr(size) == _sym_expr(val):
+                            env[x] = g.call_function(torch.ops.aten.sym_size.int, (env[v], d))
+                            return env[x]
+            raise SplitError(f"operation '{x.name}' is needed by stage {k} but no input of the stage carries it")
+
+        for n in self.ops[a:b]:
+            for x in n.all_input_nodes:
+                arg(x)
+            env[n] = g.node_copy(n, arg)
+        g.output(tuple(env[v] for v in outs))
+        g.eliminate_dead_code()
+        return fx.GraphModule(self.gm, g), ins, outs
+
+    def export_stage(self, k: int, example_values: dict[fx.Node, torch.Tensor]):
+        """``torch.export`` of stage k with the source's symbolic dimensions dynamic."""
+        gm, ins, outs = self.stage_module(k)
+        dims: dict[str, torch.export.Dim] = {}
+
+        def dim(sym: str):
+            if sym not in dims:
+                lo, hi = self.ranges.get(sym, (1, 1 << 16))
+                dims[sym] = torch.export.Dim(sym, min=lo, max=hi)
+            return dims[sym]
+
+        dynamic = tuple({d: dim(str(_sym_expr(s))) for d, s in enumerate(v.meta["val"].shape)
+                         if _sym_expr(s) is not None} for v in ins)
+        args = tuple(example_values[v] for v in ins)
+        ep = torch.export.export(gm, args, dynamic_shapes=dynamic)
+        return ep, args, [self.names[v] for v in ins], [self.names[v] for v in outs]
+
+    def write(self, plan: GraphPlan, out: Path, fmt: str = "pt2", executor: str = "process",
+              max_batch_size: int = 64, micro_batch: int = 8) -> Path:
+        """DST becomes a repository model (``backend: pipeline``) with one file per stage."""
+        from ..backends.torch import META_FILE
+        from ..compress.convert import _export_onnx
+
+        if fmt not in ("onnx", "pt2"):
+            raise SplitError(f"--format '{fmt}' is not one of onnx, pt2")
+        vdir = out / "1"
+        vdir.mkdir(parents=True, exist_ok=True)
+        with torch.no_grad():  # the example values every stage is exported with
+            prof = _Profiler(self.gm, "params", 1)
+            prof.run(*self.example(batch=max(2, EXAMPLE_BATCH)))
+        entries = []
+        for s in plan.stages:
+            ep, args, in_names, out_names = self.export_stage(s.index, prof.values)
+            path = vdir / f"stage{s.index}.{fmt}"
+            if fmt == "pt2":
+                torch.export.save(ep, str(path), extra_files={META_FILE: json.dumps({"inputs": in_names,
+                                                                                     "outputs": out_names})})
+            else:
+                _export_onnx(ep, args, path, in_names, out_names, None)
+            entries.append({"file": path.name, "inputs": in_names, "outputs": out_names, "executor": executor,
+                            "device": "cpu", "threads": 1, "ops": list(s.ops), "modules": s.modules,
+                            "cost": s.cost})
+        (vdir / "pipeline.json").write_text(json.dumps({
+            "micro_batch": micro_batch, "inputs": self.input_names, "outputs": self.output_names,
+            "stages": entries, "plan": {"balance": plan.balance, "n_ops": plan.n_ops}}, indent=2))
+        (out / "model.yaml").write_text(f"backend: pipeline\nmax_batch_size: {max_batch_size}\n"
+                                        "batching:\n  max_queue_delay_ms: 2\n")
+        return out
