@@ -1,14 +1,17 @@
-"""Split by structure under load (issue: split models): an MLP of 8 Linear(1024, 1024) + ReLU layers
-(32 MB of weights) served two ways on this 2-core machine, side by side:
+"""Split by structure under load (issue: split models), served two ways on this 2-core machine, side
+by side. ``--model mlp``: 8 Linear(1024, 1024) + ReLU layers (32 MB of weights, cut between layers);
+``--model bert``: a 4-layer BERT encoder (hidden 256, sequences of 128 tokens) exported by ``rtserve
+convert`` and cut through its ``torch.export`` graph (hidden states and mask cross the cut).
 
 - ``whole``: one ONNX model in the server process, ONNX Runtime with 2 intra-op threads;
-- ``split``: ``rtserve split --stages 2`` -> two stages in two worker processes, 1 thread each,
-  micro-batches of 8 flowing through them.
+- ``split``: ``rtserve split --stages 2`` -> two ONNX stages in two worker processes, 1 thread each,
+  micro-batches (``--micro-batch``, default 32) flowing through them, and ``--in-flight``
+  batches in the pipeline at once (default 2: one per stage), so stage 1 starts the next batch while stage 2 finishes this one.
 
 Closed-loop load (the rtserve load generator, binary-free JSON bodies of 1 x 1024 floats) at a few
 concurrencies; throughput and p99, turns interleaved. Both servers batch up to 64.
 
-    python benchmarks/split_pipeline.py [--duration 6] [--out benchmarks/results/split_pipeline.json]
+    python benchmarks/split_pipeline.py [--model mlp|bert] [--duration 6] [--out ...json]
 """
 from __future__ import annotations
 
@@ -52,27 +55,60 @@ def mlp() -> nn.Sequential:
     return nn.Sequential(*layers).eval()
 
 
+BERT_LAYERS, SEQ = 4, 128
+
+
+def bert_program(root: Path) -> Path:
+    """A random BERT encoder (Hugging Face files) exported to .pt2 by ``rtserve convert``."""
+    import transformers
+
+    from rtserve.compress.convert import convert
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=1000, hidden_size=256, num_hidden_layers=BERT_LAYERS,
+                                  num_attention_heads=4, intermediate_size=1024, max_position_embeddings=SEQ)
+    transformers.BertModel(cfg, add_pooling_layer=False).eval().save_pretrained(root / "bert")
+    convert(root / "bert", "pt2", root / "bert.pt2")
+    return root / "bert.pt2"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=float, default=6.0)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--out", default=str(HERE / "results" / "split_pipeline.json"))
+    ap.add_argument("--micro-batch", type=int, default=32, help="the split pipeline's micro-batch")
+    ap.add_argument("--model", default="mlp", choices=("mlp", "bert"))
+    ap.add_argument("--in-flight", type=int, default=2, help="batches in the split pipeline at once")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/split_pipeline[_bert].json")
     args = ap.parse_args()
+    out = args.out or str(HERE / "results" / ("split_pipeline.json" if args.model == "mlp" else
+                                              "split_pipeline_bert.json"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        model = mlp()
-        save_spec_model(SpecModel(model, (WIDTH,), "x", "y"), root / "spec")
-        whole = root / "whole" / "mlp"
-        export_onnx(model, torch.zeros(2, WIDTH), whole / "1" / "model.onnx", ["x"], ["y"])
+        whole = root / "whole" / "m"
+        (whole / "1").mkdir(parents=True)
         (whole / "model.yaml").write_text("backend: onnx\nmax_batch_size: 64\nbackend_options: {intra_op_threads: 2}\n"
                                           "batching: {max_queue_delay_ms: 2}\n")
-        assert rtserve(["split", str(root / "spec"), "--stages", "2", "--balance", "flops", "--executor", "process",
-                        "--micro-batch", "8", "--out", str(root / "split" / "mlp")]) == 0
-        x = np.random.default_rng(0).random((1, WIDTH), dtype=np.float32)
-        body = orjson.dumps({"inputs": [{"name": "x", "shape": [1, WIDTH], "datatype": "FP32",
-                                         "data": x.reshape(-1).tolist()}]})
-        spec = RequestSpec("POST", "/v2/models/mlp/infer", body, {"Content-Type": "application/json"})
+        if args.model == "mlp":
+            model = mlp()
+            save_spec_model(SpecModel(model, (WIDTH,), "x", "y"), root / "spec")
+            export_onnx(model, torch.zeros(2, WIDTH), whole / "1" / "model.onnx", ["x"], ["y"])
+            src, description = root / "spec", f"MLP {DEPTH} x Linear({WIDTH}, {WIDTH})"
+            x = np.random.default_rng(0).random((1, WIDTH), dtype=np.float32)
+            feeds = [{"name": "x", "shape": [1, WIDTH], "datatype": "FP32", "data": x.reshape(-1).tolist()}]
+        else:
+            src, description = bert_program(root), f"BERT encoder, {BERT_LAYERS} layers, hidden 256, {SEQ} tokens"
+            from rtserve.compress.convert import convert
+
+            convert(root / "bert", "onnx", whole / "1" / "model.onnx")
+            ids = np.random.default_rng(0).integers(1, 1000, (1, SEQ))
+            feeds = [{"name": "input_ids", "shape": [1, SEQ], "datatype": "INT64", "data": ids.ravel().tolist()},
+                     {"name": "attention_mask", "shape": [1, SEQ], "datatype": "INT64", "data": [1] * SEQ}]
+        assert rtserve(["split", str(src), "--stages", "2", "--balance", "flops", "--executor", "process",
+                        "--micro-batch", str(args.micro_batch), "--in-flight", str(args.in_flight), "--out", str(root / "split" / "m")]) == 0
+        body = orjson.dumps({"inputs": feeds})
+        spec = RequestSpec("POST", "/v2/models/m/infer", body, {"Content-Type": "application/json"})
         servers = {}
         try:
             for name in ("whole", "split"):
@@ -92,7 +128,8 @@ def main() -> int:
                 srv.stop()
     print()
     print(format_table(rows, list(rows[0])))
-    write_json(args.out, {"date": time.strftime("%Y-%m-%d"), "model": f"MLP {DEPTH} x Linear({WIDTH}, {WIDTH})",
+    write_json(out, {"date": time.strftime("%Y-%m-%d"), "model": description,
+                          "micro_batch": args.micro_batch, "in_flight": args.in_flight,
                           "rows": rows})
     return 0
 

@@ -101,8 +101,8 @@ class LoadedModel:
         if config.warmup:
             self._warmup(where)
         self.metrics = metrics
-        self.batcher = DynamicBatcher(self.name, [b.run for b in self.instances], config.max_batch_size,
-                                      config.batching, metrics)
+        runners = [b.run for b in self.instances for _ in range(getattr(b, "in_flight", 1))]
+        self.batcher = DynamicBatcher(self.name, runners, config.max_batch_size, config.batching, metrics)
 
     def _read_labels(self, model_dir: Path, where: str) -> list[str] | None:
         if not self.config.labels:

@@ -69,6 +69,9 @@ class Backend(ABC):
 
     file_inputs: list[TensorSpec]
     file_outputs: list[TensorSpec]
+    #: batches the batcher may run on this instance at once (``run`` from that many threads); a
+    #: pipeline takes one per stage, so stage 2 works on batch i while stage 1 starts batch i+1
+    in_flight: int = 1
 
     def __init__(self, path: Path, device: str, options: dict, instances: int = 1,
                  output_names: list[str] | None = None) -> None:
@@ -83,7 +86,8 @@ class Backend(ABC):
 
     @abstractmethod
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one batch. Called from one executor thread at a time per instance."""
+        """Run one batch. Called from ``in_flight`` executor threads at a time per instance (one,
+        unless the backend says otherwise)."""
 
     def close(self) -> None:
         """Release the runtime's resources (sessions, GPU memory)."""

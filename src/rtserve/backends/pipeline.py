@@ -6,8 +6,10 @@ Each stage is its own instance -- an in-process ONNX Runtime session, a worker p
 thread, with queues between the stages. Stages hand each other named tensors: a layer chain one per
 cut, a cut ``torch.export`` graph as many as cross the cut (a residual stream, a mask every layer
 reads); a tensor flows on until the last stage that reads it. A batch is cut into micro-batches that flow through the
-stages in order, so stage k works on micro-batch i while stage k+1 works on micro-batch i-1: with
-worker processes, stages use separate cores at the same time. Outputs are reassembled in order. A
+stages in order, so stage k works on micro-batch i while stage k+1 works on micro-batch i-1; and the
+batcher keeps up to ``in_flight`` batches (default: one per stage) in the pipeline at once, so stage
+1 starts the next batch while stage 2 finishes this one. With worker processes, stages use
+separate cores at the same time. Outputs are reassembled in order. A
 stage that fails (a dead worker: 503) fails the whole batch with its error.
 """
 from __future__ import annotations
@@ -43,7 +45,7 @@ class _Job:
 class PipelineBackend(Backend):
     name = "pipeline"
     file_names = ("pipeline.json",)
-    OPTIONS = {"micro_batch"}
+    OPTIONS = {"micro_batch", "in_flight"}
 
     def __init__(self, path: Path, device: str, options: dict, instances: int = 1,
                  output_names: list[str] | None = None) -> None:
@@ -59,6 +61,12 @@ class PipelineBackend(Backend):
         self.micro = int(options.get("micro_batch", spec.get("micro_batch", 8)))
         if self.micro < 1:
             raise ConfigError("micro_batch must be >= 1")
+        # batches in flight at once: by default one per stage. More keeps compute-bound stages
+        # busier (benchmarks/split_pipeline.py: BERT +16% at 2 per stage) but makes batches smaller,
+        # which costs weight-bound stages (the MLP there: -22%)
+        self.in_flight = int(options.get("in_flight", spec.get("in_flight", len(stages))))
+        if self.in_flight < 1:
+            raise ConfigError("in_flight must be >= 1")
         self.stages, self.io = [], []
         try:
             for i, st in enumerate(stages):

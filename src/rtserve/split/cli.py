@@ -1,6 +1,7 @@
 """``rtserve split SRC --stages N [--balance params|flops|latency] --out DST``."""
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import tempfile
@@ -23,6 +24,8 @@ def add_split_parser(sub) -> None:
     p.add_argument("--executor", default="process", choices=("process", "local", "ray"),
                    help="where each stage runs (edit 1/pipeline.json for per-stage executors and devices)")
     p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--in-flight", type=int, default=None,
+                   help="batches in the pipeline at once (default: one per stage; more suits compute-bound stages)")
     p.add_argument("--format", default="onnx", choices=("onnx", "pt2"), help="each stage's model file")
     p.add_argument("--max-batch-size", type=int, default=64)
     p.set_defaults(func=cmd_split)
@@ -109,6 +112,12 @@ def cmd_split(args) -> int:
         except SplitError as e:
             print(f"rtserve split: {e}", file=sys.stderr)
             return 2
+        if args.in_flight is not None:
+            if args.in_flight < 1:
+                print("rtserve split: --in-flight must be >= 1", file=sys.stderr)
+                return 2
+            desc = staged / "1" / "pipeline.json"
+            desc.write_text(json.dumps({**json.loads(desc.read_text()), "in_flight": args.in_flight}, indent=2))
         # verified like a conversion: the stages, chained, compute what the whole model does
         pipe = PipelineBackend(staged / "1" / "pipeline.json", "cpu", {}, 1)
         try:
