@@ -62,8 +62,8 @@ class PipelineBackend(Backend):
         if self.micro < 1:
             raise ConfigError("micro_batch must be >= 1")
         # batches in flight at once: by default one per stage. More keeps compute-bound stages
-        # busier (benchmarks/split_pipeline.py: BERT +16% at 2 per stage) but makes batches smaller,
-        # which costs weight-bound stages (the MLP there: -22%)
+        # busier (benchmarks/split_pipeline.py: BERT +33-42% at two per stage) but makes batches
+        # smaller, which costs weight-bound stages (the MLP there: -17%)
         self.in_flight = int(options.get("in_flight", spec.get("in_flight", len(stages))))
         if self.in_flight < 1:
             raise ConfigError("in_flight must be >= 1")

@@ -24,6 +24,9 @@ def add_split_parser(sub) -> None:
     p.add_argument("--executor", default="process", choices=("process", "local", "ray"),
                    help="where each stage runs (edit 1/pipeline.json for per-stage executors and devices)")
     p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--devices", default=None,
+                   help="each stage's device, comma-separated (cpu, cuda:0, cuda:1, ...; one value for all); "
+                        "set after verification, which runs on the CPU")
     p.add_argument("--in-flight", type=int, default=None,
                    help="batches in the pipeline at once (default: one per stage; more suits compute-bound stages)")
     p.add_argument("--format", default="onnx", choices=("onnx", "pt2"), help="each stage's model file")
@@ -92,6 +95,28 @@ def _chain_source(src: Path, args) -> _Source:
                    {sm.input_name: x}, {sm.output_name: want})
 
 
+def _devices(text: str | None, n: int) -> list[str] | None:
+    if not text:
+        return None
+    devs = [d.strip() for d in text.split(",") if d.strip()]
+    bad = [d for d in devs if d != "cpu" and not (d.startswith("cuda:") and d[5:].isdigit())]
+    if bad:
+        raise SplitError(f"--devices: '{bad[0]}' is not cpu or cuda:N")
+    if len(devs) == 1:
+        return devs * n
+    if len(devs) != n:
+        raise SplitError(f"--devices names {len(devs)} devices for {n} stages (give one, or one per stage)")
+    return devs
+
+
+def _amend(model_dir: Path, change: Callable[[dict], object]) -> None:
+    """Apply ``change`` to the written pipeline description."""
+    desc = model_dir / "1" / "pipeline.json"
+    spec = json.loads(desc.read_text())
+    change(spec)
+    desc.write_text(json.dumps(spec, indent=2))
+
+
 def cmd_split(args) -> int:
     from ..backends.pipeline import PipelineBackend
 
@@ -100,6 +125,9 @@ def cmd_split(args) -> int:
     try:
         if out.exists():
             raise SplitError(f"--out {out} exists")
+        devices = _devices(args.devices, args.stages)
+        if args.in_flight is not None and args.in_flight < 1:
+            raise SplitError("--in-flight must be >= 1")
         source = _program_source(src, args) if _is_program(src) else _chain_source(src, args)
     except SplitError as e:
         print(f"rtserve split: {e}", file=sys.stderr)
@@ -113,11 +141,7 @@ def cmd_split(args) -> int:
             print(f"rtserve split: {e}", file=sys.stderr)
             return 2
         if args.in_flight is not None:
-            if args.in_flight < 1:
-                print("rtserve split: --in-flight must be >= 1", file=sys.stderr)
-                return 2
-            desc = staged / "1" / "pipeline.json"
-            desc.write_text(json.dumps({**json.loads(desc.read_text()), "in_flight": args.in_flight}, indent=2))
+            _amend(staged, lambda spec: spec.update(in_flight=args.in_flight))
         # verified like a conversion: the stages, chained, compute what the whole model does
         pipe = PipelineBackend(staged / "1" / "pipeline.json", "cpu", {}, 1)
         try:
@@ -132,8 +156,11 @@ def cmd_split(args) -> int:
             print(f"rtserve split: the stages differ from the whole model by {diff:.3g} (relative); nothing written",
                   file=sys.stderr)
             return 1
+        if devices:
+            _amend(staged, lambda spec: [st.update(device=d) for st, d in zip(spec["stages"], devices)])
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(staged), out)
     print(f"verified: chained stages match the whole model (max relative |difference| {diff:.2g}, 19 samples in "
-          f"micro-batches of {args.micro_batch})\nwrote {out} ({source.n_stages} stages, executor {args.executor})")
+          f"micro-batches of {args.micro_batch})\nwrote {out} ({source.n_stages} stages, executor {args.executor}"
+          + (f", devices {', '.join(devices)})" if devices else ")"))
     return 0
