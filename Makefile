@@ -5,8 +5,9 @@ PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip
 STAMP   = $(VENV)/.installed
 TORCH   = torch==2.13.0
+LITERT  = .venv-litert
 
-.PHONY: serve test test-fast bench install clean
+.PHONY: serve test test-fast bench install litert clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,10 +23,20 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 
 install: $(STAMP)
 
+# Google's litert-torch (`rtserve convert --to tflite --via litert`) in its own environment: about
+# 2 GB (jax, transformers, ...), torch pinned to the CPU build on disk in the same command.
+$(LITERT)/.installed:
+	$(PYTHON) -m venv $(LITERT)
+	$(LITERT)/bin/python -m pip install -q --upgrade pip
+	$(LITERT)/bin/python -m pip install -q $(TORCH) litert-torch==0.10.0
+	touch $@
+
+litert: $(LITERT)/.installed
+
 serve: $(STAMP)
 	$(VENV)/bin/rtserve serve
 
-test: $(STAMP)
+test: $(STAMP) $(LITERT)/.installed
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)
@@ -35,4 +46,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/serving.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(LITERT) .pytest_cache

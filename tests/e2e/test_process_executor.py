@@ -41,23 +41,24 @@ def test_worker_processes_serve_and_survive_kill_9(tmp_path):
             while not stop.is_set():
                 statuses.append(infer(srv.url, x).status_code)
 
+        def wait_for(cond, timeout: float = 30.0) -> None:
+            end = time.monotonic() + timeout
+            while not cond() and time.monotonic() < end:
+                time.sleep(0.05)
+
         threads = [threading.Thread(target=load) for _ in range(4)]
         for t in threads:
             t.start()
-        time.sleep(0.5)
+        wait_for(lambda: statuses.count(200) >= 20)  # under load (counted, not timed: CI may be slow)
         os.kill(pids[0], signal.SIGKILL)
-        t_kill = time.monotonic()
-        while time.monotonic() - t_kill < 20:  # until a new worker has replaced the dead one
-            now = worker_pids(srv.proc.pid)
-            if len(now) == 2 and pids[0] not in now:
-                break
-            time.sleep(0.05)
-        time.sleep(0.5)
+        wait_for(lambda: len(worker_pids(srv.proc.pid)) == 2 and pids[0] not in worker_pids(srv.proc.pid))
+        after = len(statuses)
+        wait_for(lambda: statuses[after:].count(200) >= 20)  # served again after the replacement
         stop.set()
         for t in threads:
             t.join(30)
         assert set(statuses) <= {200, 503}, sorted(set(statuses))
-        assert statuses.count(200) > 50
+        assert statuses[after:].count(200) >= 20
         assert statuses.count(503) <= 4  # at most the batches the dead worker held
         assert len(worker_pids(srv.proc.pid)) == 2
         assert all(infer(srv.url, x).status_code == 200 for _ in range(10))

@@ -71,7 +71,8 @@ class PipelineBackend(Backend):
         try:
             for i, st in enumerate(stages):
                 file = Path(path).parent / st["file"]
-                opts = {"intra_op_threads": int(st.get("threads", 1))}
+                # the stage backend's options: threads, plus any it names (e.g. memory_fraction)
+                opts = {"intra_op_threads": int(st.get("threads", 1)), **st.get("options", {})}
                 kind = "torch" if file.suffix == ".pt2" else "onnx"  # a stage is an ONNX or a .pt2 file
                 executor = st.get("executor", "local")
                 if executor == "process":

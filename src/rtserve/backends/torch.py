@@ -1,7 +1,9 @@
 """PyTorch backend: ``torch.export`` programs saved as ``.pt2``, loaded with ``torch.export.load``.
 
 No pickle is ever loaded. Output names come from an ``rtserve.json`` extra file written by our
-exporter, else from model.yaml, else ``output_0``, ``output_1``, ...
+exporter, else from model.yaml, else ``output_0``, ``output_1``, ... Options: ``intra_op_threads``
+(CPU), ``memory_fraction`` (CUDA: this process's share of the device; weights beyond it fail to load
+with a clear error -- how a pipeline stage worker is held to a memory budget).
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ def _static_dims(val) -> tuple[int, ...]:
 class TorchBackend(Backend):
     name = "torch"
     file_names = ("model.pt2",)
-    OPTIONS = {"intra_op_threads"}
+    OPTIONS = {"intra_op_threads", "memory_fraction"}
 
     def __init__(self, path: Path, device: str, options: dict, instances: int = 1,
                  output_names: list[str] | None = None) -> None:
@@ -41,6 +43,12 @@ class TorchBackend(Backend):
         check_options(self.name, options, self.OPTIONS)
         if device == "cpu":
             torch.set_num_threads(int(options.get("intra_op_threads", default_threads(instances))))
+        budget = options.get("memory_fraction")
+        if budget is not None and device.startswith("cuda"):
+            # this process's share of the GPU (a stage worker's memory budget); allocations past it fail
+            if not 0 < float(budget) <= 1:
+                raise ConfigError(f"memory_fraction {budget} is not in (0, 1]")
+            torch.cuda.set_per_process_memory_fraction(float(budget), torch.device(device))
         extra = {META_FILE: ""}
         try:
             ep = torch.export.load(str(path), extra_files=extra)
@@ -60,7 +68,11 @@ class TorchBackend(Backend):
         self.file_outputs = [self._spec(n, v) for n, v in zip(out_names, out_vals)]
         self._torch = torch
         self._device = torch.device(device)
-        self.module = ep.module().to(self._device)
+        try:
+            self.module = ep.module().to(self._device)
+        except torch.OutOfMemoryError:
+            raise ConfigError(f"{path}: the weights do not fit on {device}"
+                              + (f" within memory_fraction {budget}" if budget is not None else "")) from None
         self._in_names = in_names
         self._out_names = out_names
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import subprocess
 import tempfile
 import time
 import warnings
@@ -205,15 +207,26 @@ def _encoder_dims(max_len: int):
 
 
 def convert(src: Path | str, target: str, out: Path | str, *, optimize: bool = False, fp16: bool = False,
-            atol: float | None = None) -> ConversionResult:
-    """Convert ``src`` to ``target`` at ``out`` (a file path), verified. Raises ConversionError."""
+            atol: float | None = None, via: str = "rtserve", batch: int = 1) -> ConversionResult:
+    """Convert ``src`` to ``target`` at ``out`` (a file path), verified. Raises ConversionError.
+
+    TFLite is written ``via`` rtserve's own flatbuffer writer (dynamic batch; Conv2d, Linear,
+    pooling, ReLU, Softmax, Flatten) or ``via="litert"``: Google's litert-torch in its own
+    environment (more layers; the batch, ``batch``, is fixed in the file)."""
     src, out = Path(src), Path(out)
     if target not in TARGETS:
         raise ConversionError(f"--to '{target}' is not one of {', '.join(TARGETS)}")
+    if via not in ("rtserve", "litert"):
+        raise ConversionError(f"--via '{via}' is not one of rtserve, litert")
+    if via == "litert" and target != "tflite":
+        raise ConversionError("--via litert applies to --to tflite only")
+    if batch < 1:
+        raise ConversionError("--batch must be >= 1")
     kind = source_kind(src)
     if target == "tflite" and kind != "spec":
         raise ConversionError("--to tflite takes a PyTorch spec model folder (model.spec.json + model.safetensors); "
-                              "the built-in writer covers Conv2d, Linear, pooling, ReLU, Softmax and Flatten")
+                              "the built-in writer covers Conv2d, Linear, pooling, ReLU, Softmax and Flatten, "
+                              "--via litert every spec layer")
     if kind == "onnx" and target != "onnx":
         raise ConversionError("an ONNX source converts only to optimized ONNX (--to onnx --optimize)")
     if kind == "onnx" and not (optimize or fp16):
@@ -234,7 +247,7 @@ def convert(src: Path | str, target: str, out: Path | str, *, optimize: bool = F
             else:
                 _save_pt2(module, ex, staged, names, outs, _encoder_dims(cfg.max_position_embeddings))
         elif kind == "spec":
-            names, outs, samples, reference = _convert_spec(src, target, staged)
+            names, outs, samples, reference = _convert_spec(src, target, staged, via, batch)
         elif kind == "pt2":
             ep, names, outs = _pt2_meta(src)
             samples = _pt2_samples(ep, names)
@@ -309,7 +322,7 @@ def _onnx_io_and_samples(src: Path):
     return [i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()], samples
 
 
-def _convert_spec(src: Path, target: str, staged: Path):
+def _convert_spec(src: Path, target: str, staged: Path, via: str = "rtserve", batch: int = 1):
     """A spec model to ONNX / .pt2 / .tflite; returns names, outputs, samples and the torch reference."""
     from ..export.tflite_writer import write_tflite
     from ..export.torch_export import export_pt2
@@ -321,18 +334,40 @@ def _convert_spec(src: Path, target: str, staged: Path):
         raise ConversionError(str(e)) from None
     names, outs = [sm.input_name], [sm.output_name]
     rng = np.random.default_rng(0)
-    samples = [{sm.input_name: rng.random((b, *sm.input_shape), dtype=np.float32)} for b in (1, 3, 8)]
+    batches = (batch,) * 3 if via == "litert" else (1, 3, 8)  # litert-torch fixes the batch in the file
+    samples = [{sm.input_name: rng.random((b, *sm.input_shape), dtype=np.float32)} for b in batches]
     reference = _run_torch(sm.model, samples, names)
     if target == "onnx":
         export_spec_onnx(sm, staged)
     elif target == "pt2":
         export_pt2(sm.model, sm.example(), staged, names, outs)
+    elif via == "litert":
+        _litert_convert(src, staged, batch)
     else:
         try:
             write_tflite(sm.model, sm.example(1), staged, input_name=names[0], output_name=outs[0])
         except ValueError as e:
             raise ConversionError(f"{src}: {e}") from None
     return names, outs, samples, reference
+
+
+def litert_python() -> Path:
+    """The interpreter of litert-torch's own environment: ``RTSERVE_LITERT_PYTHON``, else
+    ``.venv-litert/bin/python`` in the working directory (``make litert`` creates it)."""
+    return Path(os.environ.get("RTSERVE_LITERT_PYTHON", Path.cwd() / ".venv-litert" / "bin" / "python"))
+
+
+def _litert_convert(src: Path, staged: Path, batch: int) -> None:
+    from ..export import litert_convert
+
+    py = litert_python()
+    if not py.is_file():
+        raise ConversionError(f"--via litert needs litert-torch's environment: no interpreter at {py} ("
+                              "`make litert` creates .venv-litert; or set RTSERVE_LITERT_PYTHON)")
+    proc = subprocess.run([str(py), litert_convert.__file__, str(src), str(staged), "--batch", str(batch),
+                           "--no-verify"], capture_output=True, text=True, timeout=900, cwd=staged.parent)
+    if proc.returncode != 0:
+        raise ConversionError(f"litert-torch failed: {(proc.stderr.strip().splitlines() or ['(no message)'])[-1]}")
 
 
 def _run_tflite(path: Path, samples, names) -> list[list[np.ndarray]]:

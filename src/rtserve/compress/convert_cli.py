@@ -15,6 +15,10 @@ def add_convert_parser(sub) -> None:
     c.add_argument("--out", required=True, help="output file, or a repository model folder (a new version)")
     c.add_argument("--optimize", action="store_true", help="ONNX Runtime offline optimization and fusions")
     c.add_argument("--fp16", action="store_true", help="float16 weights (for GPUs), float32 inputs/outputs")
+    c.add_argument("--via", default="rtserve", choices=("rtserve", "litert"),
+                   help="tflite writer: rtserve's own (dynamic batch) or Google's litert-torch (`make litert`; "
+                        "the batch is fixed in the file)")
+    c.add_argument("--batch", type=int, default=1, help="--via litert: the batch size fixed in the file")
     c.add_argument("--atol", type=float, help="verification tolerance (default 1e-4, 2e-2 with --fp16)")
     c.set_defaults(func=cmd_convert)
 
@@ -34,7 +38,8 @@ def output_path(out: Path, target: str) -> Path:
 def cmd_convert(args) -> int:
     try:
         out = output_path(Path(args.out), args.to)
-        result = convert(Path(args.src), args.to, out, optimize=args.optimize, fp16=args.fp16, atol=args.atol)
+        result = convert(Path(args.src), args.to, out, optimize=args.optimize, fp16=args.fp16, atol=args.atol,
+                         via=args.via, batch=args.batch)
     except ConversionError as e:
         print(f"rtserve convert: {e}", file=sys.stderr)
         return 2
