@@ -10,7 +10,7 @@ from .errors import ConfigError
 
 ENGINE_OPTIONS = {"num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "dtype",
                   "enable_prefix_caching", "kv_cache_memory_fraction", "decode_kernel", "cuda_graphs",
-                  "pipeline_stages"}
+                  "pipeline_stages", "pipeline_micro_batches"}
 
 
 class LLMModel:

@@ -33,6 +33,40 @@ def test_two_stage_processes_generate_what_the_whole_model_does(checkpoint):
         split.runner.close()
 
 
+@pytest.mark.parametrize("micro", [1, 3])
+def test_micro_batched_steps_generate_the_same(checkpoint, micro):
+    """Each step cut into groups that flow through the stages one behind the other."""
+    prompts = [[3, 9, 27], list(range(10, 47)), [1], list(range(60, 80)), [42] * 11]
+    whole = LLM(checkpoint, num_blocks=64, block_size=4, max_num_batched_tokens=16, max_num_seqs=4)
+    expected = whole.generate_greedy(prompts, max_tokens=8)
+    split = LLM(checkpoint, num_blocks=64, block_size=4, max_num_batched_tokens=16, max_num_seqs=4,
+                pipeline_stages=2, pipeline_micro_batches=micro)
+    split.runner.min_group_tokens = 1  # this tiny test's steps are short: cut them anyway
+    parts = []
+    real_split = split.runner.split
+    split.runner.split = lambda out: parts.append(len(real_split(out))) or real_split(out)
+    try:
+        assert split.generate_greedy(prompts, max_tokens=8) == expected
+        assert max(parts) == micro and min(parts) == 1  # a lone sequence is one group
+    finally:
+        split.runner.close()
+
+
+def test_split_groups_are_contiguous_and_balanced_by_tokens(checkpoint):
+    from rtserve.llm.scheduler import ScheduledSeq, SchedulerOutput
+
+    split = LLM(checkpoint, num_blocks=16, block_size=4, pipeline_stages=2, pipeline_micro_batches=2)
+    try:
+        out = SchedulerOutput([ScheduledSeq(None, n) for n in [8, 1, 1, 1, 5]])  # split() reads num_tokens
+        assert len(split.runner.split(out)) == 1  # 16 tokens: groups would be under MIN_GROUP_TOKENS
+        split.runner.min_group_tokens = 4
+        groups = split.runner.split(out)
+        assert [len(g.scheduled) for g in groups] == [1, 4]
+        assert [x for g in groups for x in g.scheduled] == out.scheduled
+    finally:
+        split.runner.close()
+
+
 def test_bad_stage_counts(checkpoint):
     with pytest.raises(ValueError, match="between 2 and the model's 4 layers"):
         LLM(checkpoint, num_blocks=16, block_size=4, pipeline_stages=5)

@@ -170,3 +170,92 @@ def test_sequential_exported_by_rtserve_splits_like_its_layers(tmp_path):
     export_pt2(chain, torch.zeros(2, 8), tmp_path / "c.pt2", ["x"], ["y"])
     plan = splitter(tmp_path / "c.pt2").plan(2, "params")
     assert [len(s.crossing) for s in plan.stages] == [1, 0]  # a chain hands over one tensor
+
+
+class SliceWrite(nn.Module):
+    """In-place writes through views (``buf[:, :, 8:] = ...``, ``add_``): a cut between a view and
+    a write into it must not hand the next stage a stale copy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(16, 4)
+
+    def forward(self, x):
+        buf = torch.zeros(x.shape[0], x.shape[1], 16)
+        view = buf[:, :, 8:]
+        buf[:, :, :8] = torch.relu(self.a(x))
+        view.copy_(self.b(x))
+        view.add_(1.0)
+        return self.c(buf).mean(1) + x.shape[1]  # the sequence length, read at the start, used at the end
+
+
+def _export_auto(model, example, path):
+    with torch.no_grad():
+        ep = torch.export.export(model, example, dynamic_shapes=tuple({0: torch.export.Dim.AUTO,
+                                                                      1: torch.export.Dim.AUTO} for _ in example))
+    torch.export.save(ep, str(path))
+    return path
+
+
+def test_in_place_writes_unbounded_dims_and_sizes_read_early(tmp_path):
+    torch.manual_seed(0)
+    model = SliceWrite().eval()
+    path = _export_auto(model, (torch.randn(3, 5, 8),), tmp_path / "m.pt2")  # Dim.AUTO: no upper bound
+    plan = splitter(path).plan(3, "flops")
+    assert all(s.outputs for s in plan.stages)  # no stage of size reads only
+    out = tmp_path / "split"
+    assert main(["split", str(path), "--stages", "3", "--format", "pt2", "--executor", "process",
+                 "--out", str(out)]) == 0
+    pipe = PipelineBackend(out / "1" / "pipeline.json", "cpu", {}, 1)
+    try:
+        x = np.random.default_rng(0).standard_normal((11, 7, 8), dtype=np.float32)
+        with torch.no_grad():
+            want = model(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(pipe.run({"input_0": x})["output_0"], want, rtol=1e-5, atol=1e-5)
+    finally:
+        pipe.close()
+
+
+def test_programs_that_cannot_be_split_say_why(tmp_path):
+    class Unused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l = nn.Linear(4, 4)
+
+        def forward(self, x, y):
+            return self.l(self.l(x))
+
+    class ReturnsWeight(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.l(x), self.l.weight
+
+    u = _export_auto(Unused().eval(), (torch.zeros(3, 4), torch.zeros(3, 4)), tmp_path / "u.pt2")
+    with pytest.raises(SplitError, match="input 'input_1' is not used"):
+        splitter(u)
+    w = _export_auto(ReturnsWeight().eval(), (torch.zeros(3, 4),), tmp_path / "w.pt2")
+    with pytest.raises(SplitError, match="not an input or a weight"):
+        splitter(w)
+
+
+def test_close_lets_batches_in_flight_finish(program, tmp_path):
+    import threading
+
+    out = tmp_path / "s"
+    assert main(["split", str(program[0]), "--stages", "3", "--format", "pt2", "--executor", "local",
+                 "--micro-batch", "1", "--out", str(out)]) == 0
+    pipe = PipelineBackend(out / "1" / "pipeline.json", "cpu", {}, 1)
+    x = np.random.default_rng(0).standard_normal((400, 16, 8), dtype=np.float32)
+    got: dict = {}
+    t = threading.Thread(target=lambda: got.update(pipe.run({"features": x, "mask": np.ones((400, 16), np.float32)})))
+    t.start()
+    pipe.close()
+    t.join(30)
+    assert not t.is_alive() and got["logits"].shape == (400, 3)
+    from rtserve.errors import Unavailable
+
+    with pytest.raises(Unavailable):
+        pipe.run({"features": x[:1], "mask": np.ones((1, 16), np.float32)})

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, Unavailable
 from .base import Backend, check_options, register
 
 
@@ -83,7 +83,11 @@ class PipelineBackend(Backend):
                     from ..executors.ray_executor import PlacementGroup, RayInstance
 
                     group = PlacementGroup(1, st.get("resources", {}))
-                    self.stages.append(RayInstance(kind, file, st.get("device", "cpu"), opts, 1, None, 0, group))
+                    try:
+                        self.stages.append(RayInstance(kind, file, st.get("device", "cpu"), opts, 1, None, 0, group))
+                    except BaseException:
+                        group.close()  # not yet owned by a stage
+                        raise
                 elif executor != "local":
                     raise ConfigError(f"{path}: stage {i}: executor '{executor}' is not one of local, process, ray")
                 else:
@@ -91,12 +95,14 @@ class PipelineBackend(Backend):
 
                     self.stages.append(get_backend(kind)(file, st.get("device", "cpu"), opts, 1))
                 # a layer chain names one tensor per side; a cut graph may hand over several
-                self.io.append((list(st.get("inputs") or [st["input"]]), list(st.get("outputs") or [st["output"]])))
+                self.io.append((list(st["inputs"] if "inputs" in st else [st["input"]]),
+                                list(st["outputs"] if "outputs" in st else [st["output"]])))
             self._wire(path, spec)
         except BaseException:
             for s in self.stages:
                 s.close()
             raise
+        self._closed = False
         self.queues = [queue.Queue() for _ in self.stages]
         self.threads = [threading.Thread(target=self._stage_loop, args=(k,), daemon=True, name=f"rtserve-stage-{k}")
                         for k in range(len(self.stages))]
@@ -143,7 +149,9 @@ class PipelineBackend(Backend):
         last = k == len(self.stages) - 1
         while True:
             item = self.queues[k].get()
-            if item is None:
+            if item is None:  # shutting down: what was queued before has been passed on
+                if not last:
+                    self.queues[k + 1].put(None)
                 return
             job, i, env = item
             if job.error is None:
@@ -159,6 +167,8 @@ class PipelineBackend(Backend):
                 self.queues[k + 1].put((job, i, env))
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._closed:
+            raise Unavailable("the pipeline is closed")
         n = len(inputs[self.input_names[0]])
         starts = list(range(0, n, self.micro)) or [0]
         job = _Job(len(starts))
@@ -170,9 +180,10 @@ class PipelineBackend(Backend):
         return {name: np.concatenate([r[name] for r in job.results]) for name in self.output_names}
 
     def close(self) -> None:
-        for q in self.queues:
-            q.put(None)
+        """Batches already in the pipeline finish (the stop travels behind them), then the stages close."""
+        self._closed = True
+        self.queues[0].put(None)
         for t in self.threads:
-            t.join(5)
+            t.join(30)
         for s in self.stages:
             s.close()

@@ -43,15 +43,17 @@ class LLM:
                  block_size: int = 16, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  max_model_len: int | None = None, enable_prefix_caching: bool = True,
                  decode_kernel: str | None = None, cuda_graphs: bool | None = None,
-                 pipeline_stages: int | None = None) -> None:
+                 pipeline_stages: int | None = None, pipeline_micro_batches: int | None = None) -> None:
         """``num_blocks`` sizes the KV cache directly; without it ``kv_cache_memory_fraction`` does
         (see ``cache_size.py``; defaults 0.9 of a GPU, 0.1 of available CPU memory).
         ``decode_kernel`` and ``cuda_graphs``: see ``ModelRunner`` (both default on for CUDA).
-        ``pipeline_stages`` > 1: the layers run in that many worker processes (``PipelineRunner``)."""
+        ``pipeline_stages`` > 1: the layers run in that many worker processes (``PipelineRunner``),
+        each step cut into ``pipeline_micro_batches`` groups (default: one per stage) that overlap."""
         if pipeline_stages and pipeline_stages > 1:  # layers split over worker processes
             from .pipeline_runner import PipelineRunner
 
             self.runner = PipelineRunner(path, num_blocks, block_size, dtype, device, stages=pipeline_stages,
+                                         micro_batches=pipeline_micro_batches,
                                          memory_fraction=kv_cache_memory_fraction, max_num_seqs=max_num_seqs,
                                          max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len)
         else:

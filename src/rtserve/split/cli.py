@@ -119,6 +119,7 @@ def _amend(model_dir: Path, change: Callable[[dict], object]) -> None:
 
 def cmd_split(args) -> int:
     from ..backends.pipeline import PipelineBackend
+    from ..errors import ConfigError
 
     out = Path(args.out)
     src = Path(args.src)
@@ -128,6 +129,8 @@ def cmd_split(args) -> int:
         devices = _devices(args.devices, args.stages)
         if args.in_flight is not None and args.in_flight < 1:
             raise SplitError("--in-flight must be >= 1")
+        if args.micro_batch < 1 or args.max_batch_size < 1:
+            raise SplitError("--micro-batch and --max-batch-size must be >= 1")
         source = _program_source(src, args) if _is_program(src) else _chain_source(src, args)
     except SplitError as e:
         print(f"rtserve split: {e}", file=sys.stderr)
@@ -140,10 +143,18 @@ def cmd_split(args) -> int:
         except SplitError as e:
             print(f"rtserve split: {e}", file=sys.stderr)
             return 2
+        except Exception as e:  # noqa: BLE001 - torch.export / the ONNX exporter raise many kinds
+            print(f"rtserve split: exporting the stages failed: {type(e).__name__}: {str(e).splitlines()[0]}; "
+                  "nothing written", file=sys.stderr)
+            return 2
         if args.in_flight is not None:
             _amend(staged, lambda spec: spec.update(in_flight=args.in_flight))
         # verified like a conversion: the stages, chained, compute what the whole model does
-        pipe = PipelineBackend(staged / "1" / "pipeline.json", "cpu", {}, 1)
+        try:
+            pipe = PipelineBackend(staged / "1" / "pipeline.json", "cpu", {}, 1)
+        except ConfigError as e:
+            print(f"rtserve split: the written stages do not load: {e}; nothing written", file=sys.stderr)
+            return 1
         try:
             got = pipe.run(source.inputs)
         finally:

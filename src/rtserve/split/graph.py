@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,6 +137,14 @@ def _sym_expr(d):
     return d.node.expr if isinstance(d, torch.SymInt) else None
 
 
+def _bound(x, default):
+    """A range bound as an int; an infinite one as ``default``."""
+    try:
+        return int(x)
+    except (TypeError, ValueError, OverflowError, AttributeError):
+        return default
+
+
 def _evaluate(expr, sizes: dict[str, int]) -> int:
     return int(expr.subs({sym: sizes[str(sym)] for sym in expr.free_symbols}))
 
@@ -144,6 +153,15 @@ class GraphSplitter:
     """Plans and writes the stages of one ``torch.export`` program."""
 
     def __init__(self, ep, input_names: list[str] | None = None, output_names: list[str] | None = None) -> None:
+        # functional ATen (no in-place writes): a value handed to a later stage is then never
+        # changed behind its back by a write through an alias in an earlier one
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation notices
+            try:
+                ep = ep.run_decompositions({})
+            except Exception as e:  # noqa: BLE001 - torch raises many kinds (seen: derived input dims)
+                raise SplitError(f"the program cannot be made functional for splitting ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else 'no message'})") from None
         self.gm = ep.module()
         graph = self.gm.graph
         odd = [n.target for n in graph.nodes if n.op == "call_module" and n.target != "_guards_fn"]
@@ -159,11 +177,14 @@ class GraphSplitter:
         self.output_names = list(output_names or [f"output_{i}" for i in range(len(self.out_values))])
         if len(self.input_names) != len(self.placeholders) or len(self.output_names) != len(self.out_values):
             raise SplitError("the program's inputs/outputs do not match the names in its metadata")
-        if any(not isinstance(v, fx.Node) or v.op == "placeholder" for v in self.out_values) \
+        if any(not isinstance(v, fx.Node) or v.op != "call_function" for v in self.out_values) \
                 or len(set(self.out_values)) != len(self.out_values):
-            raise SplitError("every model output must be a distinct computed tensor")
-        self.ranges = {str(k): (int(v.lower), int(v.upper) if v.upper.is_finite else 1 << 16)
-                       for k, v in ep.range_constraints.items()}
+            raise SplitError("every model output must be a distinct computed tensor (not an input or a weight)")
+        unused = [name for p, name in zip(self.placeholders, self.input_names)
+                  if not any(u.op == "call_function" for u in p.users)]
+        if unused:
+            raise SplitError(f"input '{unused[0]}' is not used by the program; export the model without it")
+        self.ranges = {str(k): (_bound(v.lower, 0), _bound(v.upper, None)) for k, v in ep.range_constraints.items()}
         self.batch_symbol = self._batch_symbol()
         self.pos = {n: i for i, n in enumerate(self.ops)}
         for p in self.placeholders:
@@ -187,6 +208,10 @@ class GraphSplitter:
         syms = set()
         for p, name in zip(self.placeholders, self.input_names):
             val = p.meta.get("val")
+            for d, size in enumerate(getattr(val, "shape", ())):
+                if _sym_expr(size) is not None and not _sym_expr(size).is_Symbol:
+                    raise SplitError(f"input '{name}' dimension {d} is derived ({_sym_expr(size)}); splitting "
+                                     "needs plain dynamic dimensions")
             if not isinstance(val, torch.Tensor) or val.dim() == 0 or _sym_expr(val.shape[0]) is None:
                 raise SplitError(f"input '{name}' has no dynamic batch axis (dimension 0); export the model with "
                                  "a dynamic batch dimension to split it")
@@ -200,7 +225,7 @@ class GraphSplitter:
         out = {}
         for sym, (lo, hi) in self.ranges.items():
             want = batch if sym == self.batch_symbol else EXAMPLE_DIM
-            out[sym] = max(lo, min(want, hi))
+            out[sym] = max(lo, want if hi is None else min(want, hi))
         return out
 
     def example(self, batch: int = EXAMPLE_BATCH, seed: int = 0) -> list[torch.Tensor]:
@@ -245,19 +270,7 @@ class GraphSplitter:
             costs = np.array([float(params_of[n]) for n in self.ops])
         else:
             costs = np.array([prof.costs.get(n, 0.0) for n in self.ops])
-        # bytes handed over at every cut, and whether the cut can be made at all
-        cut_bytes, bad = np.zeros(L + 1), np.zeros(L + 1, dtype=int)
-        for v, last in self.last_use.items():
-            lo, hi = self.pos[v] + 1, last  # crosses cuts lo..hi
-            if lo > hi:
-                continue
-            if self._passable(v):
-                val = prof.values.get(v)
-                cut_bytes[lo:hi + 1] += val.numel() * val.element_size() if isinstance(val, torch.Tensor) else 0
-            else:
-                bad[lo:hi + 1] += 1
-        valid = bad == 0
-        valid[0] = valid[L] = True
+        cut_bytes, valid = self._cuts(prof.values)
         bounds = partition(costs, n_stages, valid, cut_bytes, TOLERANCE)
         stages = []
         for i, (a, b) in enumerate(bounds):
@@ -269,6 +282,41 @@ class GraphSplitter:
                                      tuple(self.names[v] for v in outs), crossing))
         self._bounds = bounds
         return GraphPlan(balance, L, stages, self.sizes(EXAMPLE_BATCH))
+
+    def _cuts(self, values) -> tuple[np.ndarray, np.ndarray]:
+        """Bytes handed over at every cut, and whether it can be made: every value crossing it is a
+        tensor with plain dimensions, or a size that some tensor crossing with it carries; and the
+        operation just before it makes a tensor that crosses it (so no stage is left without an
+        output, such as one holding only ``x.shape`` reads)."""
+        L = len(self.ops)
+        cut_bytes, bad = np.zeros(L + 1), np.zeros(L + 1, dtype=int)
+        carriers: dict[str, np.ndarray] = {}
+        sizes = []
+        for v, last in self.last_use.items():
+            lo, hi = self.pos[v] + 1, last  # v crosses cuts lo..hi
+            if lo > hi:
+                continue
+            val = v.meta.get("val")
+            if isinstance(val, torch.Tensor) and self._passable(v):
+                real = values.get(v)
+                cut_bytes[lo:hi + 1] += real.numel() * real.element_size() if isinstance(real, torch.Tensor) else 0
+                for d in val.shape:
+                    if _sym_expr(d) is not None:
+                        carriers.setdefault(str(_sym_expr(d)), np.zeros(L + 1, dtype=int))[lo:hi + 1] += 1
+            elif isinstance(val, torch.SymInt) and self._passable(v):
+                sizes.append((str(_sym_expr(val)), lo, hi))
+            else:
+                bad[lo:hi + 1] += 1
+        for sym, lo, hi in sizes:  # a size no crossing tensor carries cannot be rebuilt after the cut
+            carried = carriers.get(sym, np.zeros(L + 1, dtype=int))
+            bad[lo:hi + 1] += carried[lo:hi + 1] == 0
+        for j in range(1, L):
+            prev = self.ops[j - 1]
+            if not isinstance(prev.meta.get("val"), torch.Tensor) or self.last_use.get(prev, -1) < j:
+                bad[j] += 1
+        valid = bad == 0
+        valid[0] = valid[L] = True
+        return cut_bytes, valid
 
     def _first_param_use(self) -> dict[fx.Node, int]:
         seen, out = set(), {}
@@ -283,12 +331,21 @@ class GraphSplitter:
         return out
 
     def _stage_inputs(self, a: int, b: int) -> list[fx.Node]:
-        """Tensors the stage reads from before it (SymInts are recomputed, not passed)."""
-        need = []
-        for v in self._crossing_at(a):
-            if isinstance(v.meta.get("val"), torch.Tensor) and any(a <= self.pos.get(u, -2) < b for u in v.users):
-                need.append(v)
+        """Tensors the stage reads from before it; sizes from before it are recomputed from a tensor
+        input's shape, so a tensor that carries such a size is added when no read tensor does."""
+        crossing = self._crossing_at(a)
+        reads = lambda v: any(a <= self.pos.get(u, -2) < b for u in v.users)  # noqa: E731
+        tensors = [v for v in crossing if isinstance(v.meta.get("val"), torch.Tensor)]
+        need = [v for v in tensors if reads(v)]
+        for v in crossing:
+            val = v.meta.get("val")
+            if isinstance(val, torch.SymInt) and reads(v) and not any(self._carries(t, val) for t in need):
+                need.extend([t for t in tensors if self._carries(t, val)][:1])
         return need
+
+    @staticmethod
+    def _carries(t: fx.Node, size) -> bool:
+        return any(_sym_expr(d) == _sym_expr(size) for d in t.meta["val"].shape)
 
     def _stage_outputs(self, a: int, b: int) -> list[fx.Node]:
         """Tensors the stage makes that a later stage reads or the model returns (in output order)."""
@@ -358,7 +415,9 @@ class GraphSplitter:
 
         def dim(sym: str):
             if sym not in dims:
-                lo, hi = self.ranges.get(sym, (1, 1 << 16))
+                lo, hi = self.ranges.get(sym, (1, None))
+                if sym == self.batch_symbol:  # micro-batches and remainders may be smaller than the source's minimum
+                    lo = 1
                 dims[sym] = torch.export.Dim(sym, min=lo, max=hi)
             return dims[sym]
 
