@@ -79,13 +79,8 @@ def main() -> int:
         out = root / "split"
         assert rtserve(["split", str(root / "whole.pt2"), "--stages", "2", "--balance", "params", "--format", "pt2",
                         "--executor", "process", "--devices", "cuda:0", "--micro-batch", "64",
-                        "--out", str(out)]) == 0
-        desc = out / "1" / "pipeline.json"
-        spec = json.loads(desc.read_text())
-        for st in spec["stages"]:
-            st["options"] = {"memory_fraction": budget}
-        desc.write_text(json.dumps(spec))
-        pipe = PipelineBackend(desc, "cuda:0", {}, 1)
+                        "--stage-options", json.dumps({"memory_fraction": budget}), "--out", str(out)]) == 0
+        pipe = PipelineBackend(out / "1" / "pipeline.json", "cuda:0", {}, 1)
         try:
             got = pipe.run({"x": x})["y"]
             res["split_samples_per_s"] = throughput(lambda a: pipe.run({"x": a}), x)

@@ -38,13 +38,9 @@ def test_model_over_one_process_budget_serves_as_two_stages(tmp_path):
 
     out = tmp_path / "split"
     assert main(["split", str(tmp_path / "whole.pt2"), "--stages", "2", "--balance", "params", "--format", "pt2",
-                 "--executor", "process", "--devices", "cuda:0", "--out", str(out)]) == 0
-    desc = out / "1" / "pipeline.json"
-    spec = json.loads(desc.read_text())
-    for st in spec["stages"]:
-        st["options"] = {"memory_fraction": budget}
-    desc.write_text(json.dumps(spec))
-    pipe = PipelineBackend(desc, "cuda:0", {}, 1)
+                 "--executor", "process", "--devices", "cuda:0", "--stage-options",
+                 json.dumps({"memory_fraction": budget}), "--out", str(out)]) == 0
+    pipe = PipelineBackend(out / "1" / "pipeline.json", "cuda:0", {}, 1)
     try:
         x = np.random.default_rng(0).standard_normal((24, WIDTH), dtype=np.float32)
         got = pipe.run({"x": x})["y"]

@@ -151,7 +151,8 @@ def test_bad_requests_before_anything_is_written(program, tmp_path, capsys):
     assert main(["split", str(tmp_path / "missing.pt2"), "--stages", "2", "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err and not (tmp_path / "o").exists()
     for flags, needle in ((["--devices", "cpu,cpu,cpu"], "3 devices for 2 stages"),
-                          (["--devices", "gpu0"], "not cpu or cuda:N"), (["--in-flight", "0"], ">= 1")):
+                          (["--devices", "gpu0"], "not cpu or cuda:N"), (["--in-flight", "0"], ">= 1"),
+                          (["--stage-options", "{memory"], "not JSON"), (["--stage-options", "[1]"], "JSON object")):
         assert main(["split", str(path), "--stages", "2", "--out", str(tmp_path / "o"), *flags]) == 2
         assert needle in capsys.readouterr().err and not (tmp_path / "o").exists()
 
@@ -159,9 +160,11 @@ def test_bad_requests_before_anything_is_written(program, tmp_path, capsys):
 def test_devices_and_in_flight_are_written_after_verification(program, tmp_path):
     out = tmp_path / "s"
     assert main(["split", str(program[0]), "--stages", "2", "--format", "pt2", "--executor", "local",
-                 "--devices", "cpu,cuda:1", "--in-flight", "3", "--out", str(out)]) == 0
+                 "--devices", "cpu,cuda:1", "--in-flight", "3", "--stage-options", '{"memory_fraction": 0.5}',
+                 "--out", str(out)]) == 0
     spec = json.loads((out / "1" / "pipeline.json").read_text())
     assert [s["device"] for s in spec["stages"]] == ["cpu", "cuda:1"] and spec["in_flight"] == 3
+    assert all(s["options"] == {"memory_fraction": 0.5} for s in spec["stages"])
 
 
 def test_sequential_exported_by_rtserve_splits_like_its_layers(tmp_path):

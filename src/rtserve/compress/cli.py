@@ -205,22 +205,16 @@ def cmd_compress(args: argparse.Namespace) -> int:
         return _distill_lm(args)
     if args.prune is not None and (Path(args.src) / "config.json").is_file():
         return _prune_lm(args)
-    if args.prune is not None or args.distill:
-        from .torch_jobs import prepare_torch_job, run_torch_job
-
-        try:
-            tjob = prepare_torch_job(args)
-        except CompressError as e:
-            print(f"rtserve compress: {e}", file=sys.stderr)
-            return 2
-        report, target = run_torch_job(tjob)
-    else:
-        try:
-            job = prepare(args)
-        except CompressError as e:
-            print(f"rtserve compress: {e}", file=sys.stderr)
-            return 2
-        report, target = run_job(job)
+    if args.prune is not None or args.distill:  # PyTorch spec models
+        from .torch_jobs import prepare_torch_job as prepare_fn, run_torch_job as run_fn
+    else:  # ONNX quantization
+        prepare_fn, run_fn = prepare, run_job
+    try:
+        job = prepare_fn(args)
+    except CompressError as e:
+        print(f"rtserve compress: {e}", file=sys.stderr)
+        return 2
+    report, target = run_fn(job)
     print(format_report(report))
     where = f"version {target.version} of {target.path.parent.parent}" if target.version else str(target.path)
     print(f"wrote {where} and {target.report_path}")

@@ -27,6 +27,9 @@ def add_split_parser(sub) -> None:
     p.add_argument("--devices", default=None,
                    help="each stage's device, comma-separated (cpu, cuda:0, cuda:1, ...; one value for all); "
                         "set after verification, which runs on the CPU")
+    p.add_argument("--stage-options", default=None,
+                   help="JSON options for every stage's backend, e.g. '{\"memory_fraction\": 0.3}' (a CUDA worker's "
+                        "share of its GPU); set after verification, like --devices")
     p.add_argument("--in-flight", type=int, default=None,
                    help="batches in the pipeline at once (default: one per stage; more suits compute-bound stages)")
     p.add_argument("--format", default="onnx", choices=("onnx", "pt2"), help="each stage's model file")
@@ -109,6 +112,18 @@ def _devices(text: str | None, n: int) -> list[str] | None:
     return devs
 
 
+def _stage_options(text: str | None) -> dict | None:
+    if not text:
+        return None
+    try:
+        opts = json.loads(text)
+    except ValueError as e:
+        raise SplitError(f"--stage-options is not JSON: {e}") from None
+    if not isinstance(opts, dict):
+        raise SplitError("--stage-options must be a JSON object")
+    return opts
+
+
 def _amend(model_dir: Path, change: Callable[[dict], object]) -> None:
     """Apply ``change`` to the written pipeline description."""
     desc = model_dir / "1" / "pipeline.json"
@@ -127,6 +142,7 @@ def cmd_split(args) -> int:
         if out.exists():
             raise SplitError(f"--out {out} exists")
         devices = _devices(args.devices, args.stages)
+        stage_options = _stage_options(args.stage_options)
         if args.in_flight is not None and args.in_flight < 1:
             raise SplitError("--in-flight must be >= 1")
         if args.micro_batch < 1 or args.max_batch_size < 1:
@@ -169,6 +185,8 @@ def cmd_split(args) -> int:
             return 1
         if devices:
             _amend(staged, lambda spec: [st.update(device=d) for st, d in zip(spec["stages"], devices)])
+        if stage_options:
+            _amend(staged, lambda spec: [st.update(options=stage_options) for st in spec["stages"]])
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(staged), out)
     print(f"verified: chained stages match the whole model (max relative |difference| {diff:.2g}, 19 samples in "
