@@ -27,7 +27,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 from rtserve.bench.report import write_json  # noqa: E402
 from rtserve.cli import main as rtserve  # noqa: E402
-from rtserve.compress.torch_model import SpecModel, save_spec_model  # noqa: E402
+from rtserve.spec.model import SpecModel, save_spec_model  # noqa: E402
 from rtserve.demo import digits_data, train_digits  # noqa: E402
 
 STUDENT = {"layers": [["conv2d", 4, 3, {"padding": 1}], ["relu"], ["conv2d", 8, 3, {"padding": 1}], ["relu"],

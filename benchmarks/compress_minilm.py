@@ -5,7 +5,7 @@ sentences -- taken from the help topics that ship with Python, so nothing is dow
 
     python benchmarks/compress_minilm.py [--sentences 300] [--threads 1] [--out benchmarks/results/compress_minilm.json]
 
-Steps: ``rtserve.compress.convert`` (HF folder -> ONNX, verified), then ``quantize_onnx(...,
+Steps: ``rtserve.export.convert`` (HF folder -> ONNX, verified), then ``quantize_onnx(...,
 "int8-dynamic")`` as ``rtserve compress`` runs it (ORT dynamic int8: weights int8 per output channel,
 activations uint8 quantized at run time). fp32 and int8 run in
 turns on the same sentences, one ORT thread each.
@@ -25,9 +25,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 from rtserve.bench.report import format_table, write_json  # noqa: E402
-from rtserve.compress.convert import convert  # noqa: E402
+from rtserve.export.convert import convert  # noqa: E402
 from rtserve.compress.onnx_quant import quantize_onnx  # noqa: E402
-from rtserve.embedding_model import minilm_source  # noqa: E402
+from rtserve.demo.minilm import minilm_source  # noqa: E402
 
 
 def real_sentences(n: int) -> list[str]:

@@ -27,7 +27,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
-from rtserve.backends.pipeline import PipelineBackend  # noqa: E402
+from rtserve.split.serve import PipelineBackend  # noqa: E402
 from rtserve.bench.report import write_json  # noqa: E402
 from rtserve.cli import main as rtserve  # noqa: E402
 from rtserve.errors import ConfigError  # noqa: E402

@@ -34,7 +34,7 @@ sys.path.insert(0, str(HERE))
 from rtserve.bench.loadgen import RequestSpec, run_load_sync  # noqa: E402
 from rtserve.bench.report import format_table, write_json  # noqa: E402
 from rtserve.cli import main as rtserve  # noqa: E402
-from rtserve.compress.torch_model import SpecModel, save_spec_model  # noqa: E402
+from rtserve.spec.model import SpecModel, save_spec_model  # noqa: E402
 from rtserve.export.torch_export import export_onnx  # noqa: E402
 from serving import Server  # noqa: E402
 
@@ -62,7 +62,7 @@ def bert_program(root: Path) -> Path:
     """A random BERT encoder (Hugging Face files) exported to .pt2 by ``rtserve convert``."""
     import transformers
 
-    from rtserve.compress.convert import convert
+    from rtserve.export.convert import convert
 
     torch.manual_seed(0)
     cfg = transformers.BertConfig(vocab_size=1000, hidden_size=256, num_hidden_layers=BERT_LAYERS,
@@ -99,7 +99,7 @@ def main() -> int:
             feeds = [{"name": "x", "shape": [1, WIDTH], "datatype": "FP32", "data": x.reshape(-1).tolist()}]
         else:
             src, description = bert_program(root), f"BERT encoder, {BERT_LAYERS} layers, hidden 256, {SEQ} tokens"
-            from rtserve.compress.convert import convert
+            from rtserve.export.convert import convert
 
             convert(root / "bert", "onnx", whole / "1" / "model.onnx")
             ids = np.random.default_rng(0).integers(1, 1000, (1, SEQ))

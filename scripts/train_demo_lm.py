@@ -1,11 +1,11 @@
-"""Train the tiny demo language model that ships in ``src/rtserve/data/demo-lm``.
+"""Train the tiny demo language model that ships in ``src/rtserve/demo/data/demo-lm``.
 
 Run once by hand (about ten minutes on two CPU cores); the result is committed, so nothing is
 trained when the server starts. The corpus is text that ships with Python itself: the help topics
 of ``pydoc_data`` (the language reference as ``help()`` shows it) and the docstrings of common
 standard-library modules, so the model's output is recognisably English about Python.
 
-    .venv/bin/python scripts/train_demo_lm.py [--steps 900] [--out src/rtserve/data/demo-lm]
+    .venv/bin/python scripts/train_demo_lm.py [--steps 900] [--out src/rtserve/demo/data/demo-lm]
 
 The model is a Llama-architecture decoder (tied embeddings, grouped-query attention) trained with
 ``transformers`` (a test/dev dependency) and saved with ``save_pretrained`` in bfloat16; the
@@ -67,7 +67,7 @@ def train_tokenizer(docs: list[str], vocab_size: int):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "src/rtserve/data/demo-lm"))
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "src/rtserve/demo/data/demo-lm"))
     ap.add_argument("--steps", type=int, default=900)
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--seq", type=int, default=128)

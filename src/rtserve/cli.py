@@ -1,4 +1,7 @@
-"""Command line: ``rtserve serve | models | infer | bench | generate``."""
+"""Command line: ``rtserve serve | models | infer | bench | generate | convert | compress | split``.
+
+Each command's parser is built by its own function (``convert``, ``compress`` and ``split`` in
+their packages' ``cli.py``); ``main`` assembles them and runs the chosen command."""
 from __future__ import annotations
 
 import argparse
@@ -17,7 +20,7 @@ def _default_repository() -> Path:
     local = Path("model_repository")
     if local.is_dir():
         return local
-    from .demo import ensure_demo_repository
+    from .demo.repository import ensure_demo_repository
 
     return ensure_demo_repository()
 
@@ -232,10 +235,13 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="rtserve", description="Real-time inference serving")
-    sub = p.add_subparsers(dest="command", required=True)
+def _client_args(sp) -> None:
+    sp.add_argument("--url", default=os.environ.get("RTSERVE_URL", DEFAULT_URL))
+    sp.add_argument("--api-key", default=None, help="default: RTSERVE_API_KEY")
 
+
+def _add_serve_parsers(sub) -> None:
+    """serve, models, infer."""
     s = sub.add_parser("serve", help="serve a model repository over HTTP (KServe v2)")
     s.add_argument("--repo", help="model repository (default: $RTSERVE_REPOSITORY, ./model_repository, else the built-in demo)")
     s.add_argument("--host", default=None, help="default 127.0.0.1 (RTSERVE_HOST)")
@@ -248,12 +254,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the Ray cluster for models with executor: ray (default: local)")
     s.set_defaults(func=cmd_serve)
 
-    def client_args(sp):
-        sp.add_argument("--url", default=os.environ.get("RTSERVE_URL", DEFAULT_URL))
-        sp.add_argument("--api-key", default=None, help="default: RTSERVE_API_KEY")
-
     m = sub.add_parser("models", help="list the repository's models and their state")
-    client_args(m)
+    _client_args(m)
     m.set_defaults(func=cmd_models)
 
     i = sub.add_parser("infer", help="send one inference request")
@@ -262,9 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--output", action="append", metavar="NAME")
     i.add_argument("--version")
     i.add_argument("--json-tensors", action="store_true", help="send JSON tensors instead of binary")
-    client_args(i)
+    _client_args(i)
     i.set_defaults(func=cmd_infer)
 
+
+def _add_bench_parser(sub) -> None:
     b = sub.add_parser("bench", help="load-test a model: closed loop (--concurrency) or Poisson (--rate)")
     b.add_argument("model")
     mode = b.add_mutually_exclusive_group(required=True)
@@ -293,9 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--warmup-requests", type=int, default=2, help="unmeasured requests sent first")
     o.add_argument("--timeout", type=float, default=600.0, help="seconds one request may take")
     o.add_argument("--plot", metavar="PATH.png", help="CDFs of TTFT/TPOT/ITL and latency over time")
-    client_args(b)
+    _client_args(b)
     b.set_defaults(func=cmd_bench)
 
+
+def _add_generate_parser(sub) -> None:
     g = sub.add_parser("generate", help="generate text offline with a Hugging Face decoder folder, streaming")
     g.add_argument("model_dir")
     g.add_argument("--prompt", required=True)
@@ -311,15 +317,20 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--num-blocks", type=int, default=512)
     g.set_defaults(func=cmd_generate)
 
-    from .compress.cli import add_compress_parser
-    from .compress.convert_cli import add_convert_parser
 
+def main(argv: list[str] | None = None) -> int:
+    from .compress.cli import add_compress_parser
+    from .export.cli import add_convert_parser
     from .split.cli import add_split_parser
 
+    p = argparse.ArgumentParser(prog="rtserve", description="Real-time inference serving")
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_serve_parsers(sub)
+    _add_bench_parser(sub)
+    _add_generate_parser(sub)
     add_convert_parser(sub)
     add_compress_parser(sub)
     add_split_parser(sub)
-
     args = p.parse_args(argv)
     if getattr(args, "api_key", None) is None and hasattr(args, "api_key"):
         args.api_key = os.environ.get("RTSERVE_API_KEY")

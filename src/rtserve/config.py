@@ -8,7 +8,10 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from .errors import ConfigError
 from .tensors import TensorSpec, V2_TO_NUMPY
@@ -186,8 +189,8 @@ class ModelConfig:
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
     backend_options: dict = field(default_factory=dict)
     warmup: bool = True
-    engine: dict = field(default_factory=dict)  # backend llm: LLM engine limits
-    steps: tuple = ()  # backend ensemble: the steps (checked by ensemble.parse_steps)
+    engine: dict = field(default_factory=dict)  # backend llm: llm.engine_config.EngineConfig's fields
+    steps: tuple = ()  # backend ensemble: the steps (checked by models.ensemble.parse_steps)
     executor: str = "local"  # local (threads in the server) | process (a worker process per instance) | ray
     executor_options: dict = field(default_factory=dict)  # ray: num_cpus, num_gpus, placement
 
@@ -200,8 +203,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not _DEVICE_RE.match(self.device):
             raise ConfigError(f"device: '{self.device}' is not one of auto, cpu, cuda, cuda:N")
-        if self.executor not in ("local", "process", "ray"):
-            raise ConfigError(f"executor: '{self.executor}' is not one of local, process, ray")
+        from .executors.base import executor_names
+
+        if self.executor not in executor_names():
+            raise ConfigError(f"executor: '{self.executor}' is not one of {', '.join(executor_names())}")
 
     @classmethod
     def from_dict(cls, name: str, data: Any) -> "ModelConfig":
@@ -239,6 +244,27 @@ class ModelConfig:
             executor=str(data.get("executor", "local")),
             executor_options=dict(data.get("executor_options") or {}),
         )
+
+
+CONFIG_FILE = "model.yaml"
+
+
+def read_config(model_dir: Path) -> ModelConfig:
+    path = model_dir / CONFIG_FILE
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"model '{model_dir.name}': {path} is missing") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"model '{model_dir.name}': {path} is not valid YAML: {e}") from None
+    try:
+        return ModelConfig.from_dict(model_dir.name, raw)
+    except ConfigError as e:
+        raise ConfigError(f"model '{model_dir.name}': {path}: {e.message}") from None
+
+
+def list_versions(model_dir: Path) -> list[int]:
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
 
 
 @dataclass(frozen=True)

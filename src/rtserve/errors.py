@@ -7,10 +7,11 @@ class RtserveError(Exception):
 
     status = 500
 
-    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
+        self.param = param  # the request field at fault, where one is (OpenAI errors name it)
 
 
 class InvalidInput(RtserveError):
@@ -60,3 +61,8 @@ class BackendError(RtserveError):
     """The backend failed while running a batch (a real server-side fault)."""
 
     status = 500
+
+
+class CompressError(ValueError):
+    """Bad input to a compressor or converter (unknown method, missing file, mismatched calibration
+    data...): raised before any output is written; the message names the offending item."""

@@ -252,3 +252,41 @@ class LLMMetrics:
         self.kv_usage.labels(name).set_function(lambda: bm.usage)
         self.prefix_queries.labels(name).set_function(lambda: bm.num_prefix_queries)
         self.prefix_hits.labels(name).set_function(lambda: bm.num_prefix_hits)
+
+
+class EmbeddingMetrics:
+    """The embedding path's metric families, labelled by model; batch counters are read from the
+    model at scrape time (inputs / batches = mean batch size)."""
+
+    def __init__(self, registry: Registry) -> None:
+        r, m = registry, ("model",)
+        self.requests = r.add(Counter("rtserve_embedding_requests_total", "Embedding requests by outcome",
+                                      m + ("outcome",)))
+        self.latency = r.add(Histogram("rtserve_embedding_request_duration_seconds",
+                                       "Embedding request latency, body parsed to response encoded", m))
+        self.prompt_tokens = r.add(Counter("rtserve_embedding_prompt_tokens_total", "Tokens embedded", m))
+        self.batches = r.add(Counter("rtserve_embedding_batches_total", "Forward passes run", m))
+        self.inputs = r.add(Counter("rtserve_embedding_inputs_total", "Inputs embedded", m))
+        self._bound: dict[str, object] = {}
+
+    def bind(self, model) -> None:
+        """Point the batch counters of ``model.name`` at this model object (again after a reload)."""
+        if self._bound.get(model.name) is model:
+            return
+        self._bound[model.name] = model
+        self.batches.labels(model.name).set_function(lambda: model.num_batches)
+        self.inputs.labels(model.name).set_function(lambda: model.num_inputs)
+
+
+class ServingMetrics:
+    """Every model kind's metric families in one registry: a kind records into its own."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.tensor = TensorMetrics(registry)
+        self.llm = LLMMetrics(registry)
+        self.embedding = EmbeddingMetrics(registry)
+
+    def drop(self, model: str, version: str) -> None:
+        """Forget an unloaded tensor model version's children."""
+        self.tensor.drop(model, version)

@@ -1,7 +1,10 @@
 """Model repository on disk: discover models, pick versions by policy, load and unload them hot.
 
     <root>/<model>/model.yaml
-    <root>/<model>/<version>/model.{onnx,pt2,tflite}
+    <root>/<model>/<version>/model.{onnx,pt2,tflite} | pipeline.json | a Hugging Face checkpoint
+
+``model.yaml``'s ``backend:`` picks the model kind (``models.base.kind_for``); the repository only
+knows the ``ServedModel`` contract.
 
 A model that fails to load is recorded with one message naming the model, the file and the
 problem; every other model still loads and serves.
@@ -15,16 +18,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from .backends.base import get_backend
-from .config import ModelConfig
+from .config import CONFIG_FILE, ModelConfig, list_versions, read_config  # noqa: F401 - re-exported
 from .errors import ConfigError, InvalidInput, NotFound, RtserveError, Unavailable
-from .metrics import TensorMetrics
-from .model import LoadedModel, VersionFiles
+from .metrics import ServingMetrics
+from .models.base import LoadContext, ServedModel, kind_for
 
 log = logging.getLogger("rtserve.repository")
-CONFIG_FILE = "model.yaml"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -47,35 +46,17 @@ class ModelEntry:
     name: str
     state: ModelState
     reason: str = ""
-    versions: dict[int, LoadedModel] | None = None
+    versions: dict[int, ServedModel] | None = None
 
     @property
-    def latest(self) -> LoadedModel | None:
+    def latest(self) -> ServedModel | None:
         return self.versions[max(self.versions)] if self.versions else None
-
-
-def read_config(model_dir: Path) -> ModelConfig:
-    path = model_dir / CONFIG_FILE
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"model '{model_dir.name}': {path} is missing") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"model '{model_dir.name}': {path} is not valid YAML: {e}") from None
-    try:
-        return ModelConfig.from_dict(model_dir.name, raw)
-    except ConfigError as e:
-        raise ConfigError(f"model '{model_dir.name}': {path}: {e.message}") from None
-
-
-def list_versions(model_dir: Path) -> list[int]:
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
 
 
 class ModelRepository:
     """All models of one repository folder and their loaded versions."""
 
-    def __init__(self, root: Path | str, metrics: TensorMetrics | None = None) -> None:
+    def __init__(self, root: Path | str, metrics: ServingMetrics | None = None) -> None:
         self.root = Path(root)
         self.metrics = metrics
         self.entries: dict[str, ModelEntry] = {}
@@ -104,16 +85,16 @@ class ModelRepository:
     async def load_all(self) -> None:
         names = self.discover()
         # ensembles last: their steps name models that must be loaded first
-        names.sort(key=lambda n: self._is_ensemble(n))
+        names.sort(key=lambda n: self._loads_last(n))
         for name in names:
             try:
                 await self.load(name)
             except RtserveError:
                 pass  # recorded in entries[name].reason and logged
 
-    def _is_ensemble(self, name: str) -> bool:
+    def _loads_last(self, name: str) -> bool:
         try:
-            return read_config(self.root / name).backend == "ensemble"
+            return kind_for(read_config(self.root / name).backend).loads_last
         except (ConfigError, OSError):
             return False
 
@@ -144,53 +125,29 @@ class ModelRepository:
             log.info("loaded model '%s' versions %s", name, sorted(versions))
             return self.entries[name]
 
-    def _ready_model(self, name: str, version: str | None = None):
-        """A loaded, ready model (for ensembles); NotFound otherwise."""
-        return self.get(name, version)
-
-    def _load_versions(self, model_dir: Path) -> dict[int, LoadedModel]:
+    def _load_versions(self, model_dir: Path) -> dict[int, ServedModel]:
         config = read_config(model_dir)
-        if config.backend == "ensemble":  # no files of its own: one version built from the loaded models
-            from .ensemble import EnsembleModel
-
-            try:
-                return {1: EnsembleModel(config, list(config.steps), self._ready_model)}
-            except ConfigError as e:
-                raise ConfigError(f"model '{config.name}' (ensemble): {e.message}") from None
-        backend_cls = None if config.backend in ("llm", "embedding") else get_backend(config.backend)
+        kind = kind_for(config.backend)
+        ctx = LoadContext(self.metrics, self.get)
+        if kind.versionless:  # no files of its own: one version built from the loaded models
+            return {1: kind.load(config, model_dir, 1, ctx)}
         available = list_versions(model_dir)
         chosen = config.version_policy.select(available)
         if not chosen:
             raise ConfigError(f"model '{config.name}': no version folder matches the version policy "
                               f"(found {available or 'none'} in {model_dir})")
-        loaded: dict[int, LoadedModel] = {}
+        loaded: dict[int, ServedModel] = {}
         try:
             for v in chosen:
-                vdir = model_dir / str(v)
-                if backend_cls is None:  # served through the OpenAI-compatible API
-                    if config.backend == "llm":
-                        from .llm_model import LLMModel as language_model
-                    else:
-                        from .embedding_model import EmbeddingModel as language_model
-
-                    try:
-                        loaded[v] = language_model(config, model_dir, v)
-                    except ConfigError as e:
-                        raise ConfigError(f"model '{config.name}' version {v}: {e.message}") from None
-                    continue
                 try:
-                    path = backend_cls.find_file(vdir)
+                    loaded[v] = kind.load(config, model_dir, v, ctx)
                 except ConfigError as e:
+                    if e.message.startswith("model '"):
+                        raise
                     raise ConfigError(f"model '{config.name}': {e.message}") from None
-                mm = self.metrics.for_model(config.name, str(v)) if self.metrics else None
-                try:
-                    loaded[v] = LoadedModel(config, VersionFiles(model_dir, v, path), mm)
-                except ConfigError as e:
-                    msg = e.message if e.message.startswith("model '") else f"model '{config.name}' version {v} ({path}): {e.message}"
-                    raise ConfigError(msg) from None
         except BaseException:
             for m in loaded.values():
-                m._close_instances()
+                m.release()
             raise
         return loaded
 
@@ -205,7 +162,7 @@ class ModelRepository:
             self.entries[name] = ModelEntry(name, ModelState.UNAVAILABLE, "unloaded")
             await self._close_versions(versions, keep={}, drain_timeout_s=drain_timeout_s)
 
-    async def _close_versions(self, versions: dict[int, LoadedModel], keep: dict[int, LoadedModel],
+    async def _close_versions(self, versions: dict[int, ServedModel], keep: dict[int, ServedModel],
                               drain_timeout_s: float = 10.0) -> None:
         for v, m in versions.items():
             if keep.get(v) is m:
@@ -221,7 +178,7 @@ class ModelRepository:
                 await self._close_versions(e.versions, keep={}, drain_timeout_s=drain_timeout_s)
         self.entries.clear()
 
-    def get(self, name: str, version: str | None = None) -> LoadedModel:
+    def get(self, name: str, version: str | None = None) -> ServedModel:
         """The served version (latest when none is named). Raises NotFound or Unavailable."""
         e = self.entries.get(name)
         if e is None:
@@ -242,6 +199,6 @@ class ModelRepository:
         e = self.entries.get(name)
         return [str(v) for v in sorted(e.versions)] if e is not None and e.versions else []
 
-    def ready_models(self) -> list[LoadedModel]:
+    def ready_models(self) -> list[ServedModel]:
         return [m for e in self.entries.values() if e.state is ModelState.READY and e.versions
                 for m in e.versions.values()]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rtserve.cli import main
-from rtserve.compress.torch_model import SpecModel, load_spec_model, save_spec_model
+from rtserve.spec.model import SpecModel, load_spec_model, save_spec_model
 from rtserve.demo import digits_cnn
 
 STUDENT = {"layers": [["conv2d", 4, 3, {"padding": 1}], ["relu"], ["maxpool2d", 2], ["flatten"], ["linear", 10]]}

@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 ort = pytest.importorskip("onnxruntime")
 
 from rtserve.cli import main  # noqa: E402
-from rtserve.compress.convert import ConversionError, convert  # noqa: E402
+from rtserve.export.convert import ConversionError, convert  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_cli_writes_a_new_repository_version_and_fails_cleanly(bert_dir, tmp_pat
 @pytest.mark.parametrize("target", ["tflite", "onnx", "pt2"])
 def test_spec_model_converts_to_every_format_verified(tmp_path, target):
     """The digits CNN as a PyTorch spec model -> TFLite (the built-in writer, run by LiteRT), ONNX, .pt2."""
-    from rtserve.compress.torch_model import SpecModel, save_spec_model
+    from rtserve.spec.model import SpecModel, save_spec_model
     from rtserve.demo import digits_cnn
 
     torch.manual_seed(0)

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from rtserve.cli import main
-from rtserve.compress.convert import ConversionError, convert, litert_python
-from rtserve.compress.torch_model import SpecModel, save_spec_model
+from rtserve.export.convert import ConversionError, convert, litert_python
+from rtserve.spec.model import SpecModel, save_spec_model
 from rtserve.demo import digits_cnn
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,7 +51,7 @@ def test_digits_cnn_to_tflite_through_litert_matches_torch(tmp_path, capsys, bat
 
 def test_litert_takes_layers_rtserves_writer_does_not(tmp_path):
     """BatchNorm and GELU are beyond rtserve's own writer; litert-torch converts them."""
-    from rtserve.compress.spec import build_student
+    from rtserve.spec.layers import build_student
 
     torch.manual_seed(0)
     spec = {"layers": [["conv2d", 4, 3, {"padding": 1}], ["batchnorm2d"], ["gelu"], ["flatten"], ["linear", 3]]}

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from rtserve.compress.prune import PruneError, magnitude_prune, structured_prune
-from rtserve.compress.spec import build_student, param_count
+from rtserve.spec.layers import build_student, param_count
 from rtserve.compress.train import TrainConfig, distill_loss, fit
 from rtserve.demo import digits_cnn
 

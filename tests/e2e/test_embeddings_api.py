@@ -174,7 +174,7 @@ def test_queued_requests_share_forwards_in_process(tmp_path):
     import asyncio
 
     from rtserve.config import ModelConfig
-    from rtserve.embedding_model import EmbeddingModel
+    from rtserve.models.embedding import EmbeddingModel
     from rtserve.errors import Unavailable
 
     ref = Reference(write_tiny_bert(tmp_path / "emb" / "1"))

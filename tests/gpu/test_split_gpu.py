@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-from rtserve.backends.pipeline import PipelineBackend  # noqa: E402
+from rtserve.split.serve import PipelineBackend  # noqa: E402
 from rtserve.cli import main  # noqa: E402
 from rtserve.errors import ConfigError  # noqa: E402
 from rtserve.executors.process import ProcessInstance  # noqa: E402

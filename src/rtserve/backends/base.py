@@ -30,15 +30,17 @@ def get_backend(name: str) -> type["Backend"]:
     try:
         return BACKENDS[name]
     except KeyError:
-        known = sorted({*BACKENDS, "llm", "embedding"})  # the last two are served by their own engines
+        known = sorted(BACKENDS)
         raise ConfigError(f"backend: '{name}' is not one of {', '.join(known)}") from None
 
 
 def _import_builtin() -> None:
     # Imported lazily so that `import rtserve` pulls in no runtime it does not use.
-    if {"onnx", "torch", "tflite", "pipeline"} <= BACKENDS.keys():
+    # (``pipeline``, a backend made of other backends, lives in ``split/serve.py`` and registers
+    # itself when the tensor model kind imports it)
+    if {"onnx", "torch", "tflite"} <= BACKENDS.keys():
         return
-    from . import onnx, pipeline, tflite, torch  # noqa: F401
+    from . import onnx, tflite, torch  # noqa: F401
 
 
 def default_threads(instances: int) -> int:

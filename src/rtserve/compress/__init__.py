@@ -1,11 +1,11 @@
-"""Offline model compression (``rtserve compress``): quantize a model into a new file or a new
-version folder of a repository model, measure it against its source, and write the report.
+"""Offline model compression (``rtserve compress``): quantization, pruning and distillation, each
+writing a new file or a new version folder of a repository model, measured against its source in
+a report. Conversion between formats lives in ``export/``; spec models in ``spec/``.
 
 ``CompressError`` is the one error every compressor raises for bad input, before any work starts.
 """
 from __future__ import annotations
 
+from ..errors import CompressError
 
-class CompressError(ValueError):
-    """Bad input to a compressor (unknown method, missing file, mismatched calibration data...):
-    raised before any output is written; the message names the offending item."""
+__all__ = ["CompressError"]

@@ -19,8 +19,9 @@ from .output import OutputTarget, resolve_output
 from .prune import PruneError, _check, magnitude_prune, structured_prune
 from .report import (CompressionReport, Latency, accuracy, compare_outputs, machine_info, measure_latency,
                      model_stats, write_report)
-from .spec import build_student, param_count
-from .torch_model import SpecModel, export_spec_onnx, load_spec_model, save_spec_model
+from ..export.torch_export import export_spec_onnx
+from ..spec.layers import build_student, param_count
+from ..spec.model import SpecModel, load_spec_model, save_spec_model
 from .train import TrainConfig, fit
 
 

@@ -49,7 +49,7 @@ def load(folder: Path):
     """The spec model, through rtserve's own loader (rtserve's ``src`` is put on the path: the
     loader needs only torch and safetensors, both in this environment)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from rtserve.compress.torch_model import load_spec_model
+    from rtserve.spec.model import load_spec_model
 
     sm = load_spec_model(folder)
     return sm.model.eval(), tuple(sm.input_shape), sm.input_name, sm.output_name

@@ -35,3 +35,8 @@ def export_onnx(module, example, path: Path, input_names: list[str], output_name
                           output_names=output_names, dynamic_shapes=tuple({0: batch} for _ in examples),
                           verbose=False, external_data=False)
     return path
+
+
+def export_spec_onnx(sm, path: Path) -> Path:
+    """A spec model (``spec.model.SpecModel``) as ONNX with its own tensor names."""
+    return export_onnx(sm.model.eval(), sm.example(), path, [sm.input_name], [sm.output_name])

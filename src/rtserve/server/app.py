@@ -5,26 +5,22 @@ small model's latency is made of on a CPU. Protocol codecs live in ``protocols/`
 """
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 import zlib
 
 import orjson
 
 from .. import __version__
 from ..config import ServerConfig
-from ..embedding_model import EmbeddingMetrics
 from ..errors import InvalidInput, NotFound, PayloadTooLarge, RtserveError, Unavailable
-from ..metrics import LLMMetrics, Registry, TensorMetrics
-from ..model import LABEL_OUTPUT
+from ..metrics import Registry, ServingMetrics
 from ..repository import ModelRepository
 from .auth import check_api_key
 from .openapi import openapi_document
 from .openai_routes import OpenAIRoutes
 from .protocols import kserve_v2
 from .protocols import openai as oai
-from .responses import JSON, ClientGone, Response, error_response, json_response
+from .responses import JSON, ClientGone, Response, error_response, json_response, until_disconnect
 
 log = logging.getLogger("rtserve.server")
 
@@ -34,12 +30,10 @@ class App(OpenAIRoutes):
     def __init__(self, config: ServerConfig, repository: ModelRepository | None = None) -> None:
         self.config = config
         self.registry = Registry()
-        self.tensor_metrics = TensorMetrics(self.registry)
-        self.llm_metrics = LLMMetrics(self.registry)
-        self.embedding_metrics = EmbeddingMetrics(self.registry)
-        self.repository = repository or ModelRepository(config.repository, self.tensor_metrics)
+        self.metrics = ServingMetrics(self.registry)
+        self.repository = repository or ModelRepository(config.repository, self.metrics)
         if self.repository.metrics is None:
-            self.repository.metrics = self.tensor_metrics
+            self.repository.metrics = self.metrics
         self.started = False
         self.shutting_down = False
         self._openapi = orjson.dumps(openapi_document())
@@ -175,7 +169,7 @@ class App(OpenAIRoutes):
             return Response(200, b"{}", JSON)
         raise NotFound(f"no route for {method} {scope['path']}")
 
-    # -- OpenAI-compatible API ----------------------------------------------------------------
+    # -- request bodies -------------------------------------------------------------------------
     async def _read_body(self, scope, receive, headers: dict) -> bytes:
         limit = self.config.max_body_bytes
         cl = headers.get(b"content-length")
@@ -214,84 +208,19 @@ class App(OpenAIRoutes):
 
     # -- inference ----------------------------------------------------------------------------
     async def _infer(self, scope, receive, headers: dict, name: str, version: str | None) -> Response:
+        """KServe v2 inference, tensor models and ensembles alike: decode, ``model.infer``, encode."""
         model = self.repository.get(name, version)
-        if model.kind == "ensemble":
-            return await self._infer_ensemble(scope, receive, headers, model)
-        if model.kind != "tensor":
-            use = "/v1/embeddings" if model.kind == "embedding" else "/v1/completions or /v1/chat/completions"
-            raise InvalidInput(f"model '{name}' is a language model: use {use}")
-        m = model.metrics
-        if model.batcher.queue.full:  # shed load before paying for the body's decoding
-            model.batcher.reject_full()
+        model.admit()  # a full queue answers 503 before the body is read
         body = await self._read_body(scope, receive, headers)
-        t0 = time.perf_counter()
-        hl = headers.get(kserve_v2.HEADER_LENGTH.encode())
         try:
-            header_length = int(hl) if hl is not None else None
-        except ValueError:
-            raise InvalidInput(f"{kserve_v2.HEADER_LENGTH} is not an integer") from None
-        try:
-            dec = kserve_v2.decode_request(body, header_length)
-            req = model.make_request(dec.inputs, dec.priority, dec.timeout_s)
-            wanted = self._wanted_outputs(model, dec)
-            fut = model.batcher.submit(req)
-        except RtserveError:
-            if m:
-                m.failed("invalid_input")
+            dec = kserve_v2.decode_request(body, kserve_v2.header_length(headers))
+        except InvalidInput:
+            model.count_rejected("invalid_input")
             raise
-        watcher = asyncio.ensure_future(receive())
-        watcher.add_done_callback(lambda w: model.batcher.cancel(req) if not w.cancelled() else None)
-        try:
-            outputs = await fut
-        finally:
-            watcher.cancel()
-        outputs = model.postprocess(outputs)
-        items = []
-        for o in wanted:
-            if o.classification:
-                scores = outputs[o.name]
-                items.append((o.name, kserve_v2.classify(scores, o.classification, model.labels, model.batched), o.binary))
-            else:
-                items.append((o.name, outputs[o.name], o.binary))
+        outputs = await until_disconnect(receive, model.infer(dec.tensor_request()))
+        items = [(n, a, dec.binary(n)) for n, a in outputs.items()]
         body, json_len = kserve_v2.encode_response(model.name, str(model.version), dec.id, items)
-        if m:
-            m.success.inc()
-            m.request_s.observe(time.perf_counter() - t0)
         if json_len is None:
             return Response(200, body, JSON)
         return Response(200, body, [(b"content-type", b"application/octet-stream"),
                                     (b"inference-header-content-length", str(json_len).encode())])
-
-    async def _infer_ensemble(self, scope, receive, headers: dict, model) -> Response:
-        """Decode, run the step graph (each step through its own model's batcher), encode."""
-        body = await self._read_body(scope, receive, headers)
-        hl = headers.get(kserve_v2.HEADER_LENGTH.encode())
-        try:
-            header_length = int(hl) if hl is not None else None
-        except ValueError:
-            raise InvalidInput(f"{kserve_v2.HEADER_LENGTH} is not an integer") from None
-        dec = kserve_v2.decode_request(body, header_length)
-        wanted = self._wanted_outputs(model, dec)
-        try:
-            outputs = await model.infer(dec.inputs, dec.priority, dec.timeout_s)
-        except NotFound as e:  # a step's model was unloaded after the ensemble loaded
-            raise Unavailable(f"model '{model.name}': {e}") from None
-        items = [(o.name, kserve_v2.classify(outputs[o.name], o.classification, None, True) if o.classification
-                  else outputs[o.name], o.binary) for o in wanted]
-        body, json_len = kserve_v2.encode_response(model.name, "1", dec.id, items)
-        if json_len is None:
-            return Response(200, body, JSON)
-        return Response(200, body, [(b"content-type", b"application/octet-stream"),
-                                    (b"inference-header-content-length", str(json_len).encode())])
-
-    @staticmethod
-    def _wanted_outputs(model, dec: kserve_v2.DecodedRequest) -> list[kserve_v2.OutputRequest]:
-        names = [o.name for o in model.all_outputs]
-        if dec.outputs is None:
-            return [kserve_v2.OutputRequest(n, dec.binary_default) for n in names]
-        for o in dec.outputs:
-            if o.name not in names:
-                raise InvalidInput(f"model '{model.name}': unknown output '{o.name}'; outputs are {names}")
-            if o.classification and o.name == LABEL_OUTPUT:
-                raise InvalidInput(f"output '{o.name}' holds labels already; classification applies to score outputs")
-        return dec.outputs

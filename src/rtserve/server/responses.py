@@ -1,12 +1,16 @@
 """HTTP responses as the ASGI app builds them: status, body bytes, header list."""
 from __future__ import annotations
 
+import asyncio
+from typing import Awaitable, TypeVar
+
 import orjson
 
 from ..errors import RtserveError
 
 JSON = [(b"content-type", b"application/json")]
 _EMPTY: list = []
+T = TypeVar("T")
 
 
 class ClientGone(Exception):
@@ -27,3 +31,24 @@ def json_response(obj, status: int = 200) -> Response:
 def error_response(err: RtserveError) -> Response:
     headers = JSON + [(k.encode(), v.encode()) for k, v in err.headers.items()]
     return Response(err.status, orjson.dumps({"error": err.message}), headers)
+
+
+async def until_disconnect(receive, work: Awaitable[T]) -> T:
+    """Await ``work`` while watching the connection: if the client disconnects first, ``work`` is
+    cancelled (a queued request leaves its queue, a generation is aborted) and ClientGone raised."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(receive())
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            task.cancel()
+            try:
+                await task
+            except BaseException:  # noqa: BLE001 - the client is gone; nobody reads this answer
+                pass
+            raise ClientGone()
+        return task.result()
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()

@@ -55,7 +55,7 @@ def _program_source(src: Path, args) -> _Source:
     """A ``torch.export`` program: its graph is cut (any number of tensors per cut)."""
     import torch
 
-    from ..compress.convert import _pt2_meta
+    from ..export.convert import _pt2_meta
     from .graph import GraphSplitter
 
     path = src / "model.pt2" if src.is_dir() else src
@@ -82,7 +82,7 @@ def _chain_source(src: Path, args) -> _Source:
     """A PyTorch spec model (``nn.Sequential``): cut between layers, one tensor per cut."""
     import torch
 
-    from ..compress.torch_model import load_spec_model
+    from ..spec.model import load_spec_model
 
     try:
         sm = load_spec_model(src)
@@ -133,7 +133,7 @@ def _amend(model_dir: Path, change: Callable[[dict], object]) -> None:
 
 
 def cmd_split(args) -> int:
-    from ..backends.pipeline import PipelineBackend
+    from .serve import PipelineBackend
     from ..errors import ConfigError
 
     out = Path(args.out)

@@ -431,7 +431,7 @@ class GraphSplitter:
               max_batch_size: int = 64, micro_batch: int = 8) -> Path:
         """DST becomes a repository model (``backend: pipeline``) with one file per stage."""
         from ..backends.torch import META_FILE
-        from ..compress.convert import _export_onnx
+        from ..export.convert import _export_onnx
 
         if fmt not in ("onnx", "pt2"):
             raise SplitError(f"--format '{fmt}' is not one of onnx, pt2")

@@ -11,19 +11,13 @@ import numpy as np
 import orjson
 
 from ...errors import InvalidInput
+from ...models.base import OutputRequest, TensorRequest
 from ...tensors import (
     deserialize_bytes_tensor, element_count, numpy_to_v2, serialize_bytes_tensor, to_bytes_array, v2_to_numpy,
 )
 
 HEADER_LENGTH = "inference-header-content-length"
 EXTENSIONS = ["binary_tensor_data", "classification", "model_repository", "model_configuration", "schedule_policy"]
-
-
-@dataclass
-class OutputRequest:
-    name: str
-    binary: bool
-    classification: int = 0
 
 
 @dataclass
@@ -36,6 +30,16 @@ class DecodedRequest:
     timeout_s: float | None = None
     parameters: dict = field(default_factory=dict)
 
+    def tensor_request(self) -> TensorRequest:
+        return TensorRequest(self.inputs, self.outputs, self.priority, self.timeout_s)
+
+    def binary(self, name: str) -> bool:
+        """Whether output ``name`` goes back as binary data."""
+        for o in self.outputs or ():
+            if o.name == name:
+                return o.binary
+        return self.binary_default
+
 
 def _param_int(params: dict, key: str) -> int | None:
     v = params.get(key)
@@ -44,6 +48,15 @@ def _param_int(params: dict, key: str) -> int | None:
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
         raise InvalidInput(f"parameter '{key}' must be a non-negative integer, got {v!r}")
     return v
+
+
+def header_length(headers: dict[bytes, bytes]) -> int | None:
+    """Triton's ``Inference-Header-Content-Length``: where the JSON header ends (None: all JSON)."""
+    hl = headers.get(HEADER_LENGTH.encode())
+    try:
+        return int(hl) if hl is not None else None
+    except ValueError:
+        raise InvalidInput(f"{HEADER_LENGTH} is not an integer") from None
 
 
 def decode_request(body: bytes, header_length: int | None) -> DecodedRequest:
@@ -160,21 +173,6 @@ def _decode_tensor(name: str, t: dict, binary: memoryview, offset: int) -> tuple
     if arr.size != count:
         raise InvalidInput(f"input '{name}': shape {shape} needs {count} elements, data holds {arr.size}")
     return arr.reshape(shape), 0
-
-
-def classify(scores: np.ndarray, k: int, labels: list[str] | None, batched: bool) -> np.ndarray:
-    """Triton's classification extension: top-k 'score:index[:label]' strings per batch item."""
-    rows = scores.reshape(scores.shape[0] if batched else 1, -1)
-    k = min(k, rows.shape[1])
-    idx = np.argsort(-rows, axis=1, kind="stable")[:, :k]
-    out = np.empty((rows.shape[0], k), dtype=object)
-    for r in range(rows.shape[0]):
-        for c, j in enumerate(idx[r]):
-            s = f"{rows[r, j]:f}:{j}"
-            if labels is not None and j < len(labels):
-                s += f":{labels[j]}"
-            out[r, c] = s.encode()
-    return out if batched else out.reshape(k)
 
 
 def encode_tensors(tensors: list[tuple[str, np.ndarray, bool]]) -> tuple[list[dict], list[bytes]]:

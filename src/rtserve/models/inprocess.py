@@ -1,7 +1,7 @@
 """Use a repository model without the server: ``rtserve.Model("model_repository/digits")``.
 
-Loads the model exactly as the server does (same model.yaml, validation and post-processing) and
-runs each call directly on an instance: no queue, no batching, no event loop.
+Loads a tensor model exactly as the server does (same model.yaml, validation and post-processing)
+and runs each call directly on an instance: no queue, no batching, no event loop.
 """
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .model import LoadedModel, VersionFiles
-from .repository import list_versions, read_config
-from .backends.base import get_backend
-from .errors import ConfigError
+from ..errors import ConfigError
+from ..config import list_versions, read_config
+from .base import LoadContext
+from .tensor import TensorModel
 
 
 class Model:
@@ -25,8 +25,7 @@ class Model:
         if not chosen or not (model_dir / str(chosen[-1])).is_dir():
             raise ConfigError(f"model '{config.name}': no version {version or ''} to load in {model_dir}")
         v = chosen[-1]
-        path = get_backend(config.backend).find_file(model_dir / str(v))
-        self._model = LoadedModel(config, VersionFiles(model_dir, v, path))
+        self._model = TensorModel.load(config, model_dir, v, LoadContext())
         self.name, self.version = self._model.name, v
 
     @property
@@ -38,4 +37,4 @@ class Model:
         return self._model.postprocess(self._model.instances[0].run(req.inputs))
 
     def close(self) -> None:
-        self._model._close_instances()
+        self._model.release()

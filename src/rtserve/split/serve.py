@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..backends.base import Backend, check_options, get_backend, register
 from ..errors import ConfigError, Unavailable
-from .base import Backend, check_options, register
+from ..executors.base import InstanceSpec, make_instances
 
 
 class _Job:
@@ -70,30 +71,7 @@ class PipelineBackend(Backend):
         self.stages, self.io = [], []
         try:
             for i, st in enumerate(stages):
-                file = Path(path).parent / st["file"]
-                # the stage backend's options: threads, plus any it names (e.g. memory_fraction)
-                opts = {"intra_op_threads": int(st.get("threads", 1)), **st.get("options", {})}
-                kind = "torch" if file.suffix == ".pt2" else "onnx"  # a stage is an ONNX or a .pt2 file
-                executor = st.get("executor", "local")
-                if executor == "process":
-                    from ..executors.process import ProcessInstance
-
-                    self.stages.append(ProcessInstance(kind, file, st.get("device", "cpu"), opts, 1, None, i))
-                elif executor == "ray":  # a Ray actor on whichever node has the stage's resources
-                    from ..executors.ray_executor import PlacementGroup, RayInstance
-
-                    group = PlacementGroup(1, st.get("resources", {}))
-                    try:
-                        self.stages.append(RayInstance(kind, file, st.get("device", "cpu"), opts, 1, None, 0, group))
-                    except BaseException:
-                        group.close()  # not yet owned by a stage
-                        raise
-                elif executor != "local":
-                    raise ConfigError(f"{path}: stage {i}: executor '{executor}' is not one of local, process, ray")
-                else:
-                    from .base import get_backend
-
-                    self.stages.append(get_backend(kind)(file, st.get("device", "cpu"), opts, 1))
+                self.stages.append(self._make_stage(path, i, st))
                 # a layer chain names one tensor per side; a cut graph may hand over several
                 self.io.append((list(st["inputs"] if "inputs" in st else [st["input"]]),
                                 list(st["outputs"] if "outputs" in st else [st["output"]])))
@@ -103,11 +81,26 @@ class PipelineBackend(Backend):
                 s.close()
             raise
         self._closed = False
+        self._accepting = threading.Lock()  # run's check-and-enqueue and close's stop marker exclude each other
         self.queues = [queue.Queue() for _ in self.stages]
         self.threads = [threading.Thread(target=self._stage_loop, args=(k,), daemon=True, name=f"rtserve-stage-{k}")
                         for k in range(len(self.stages))]
         for t in self.threads:
             t.start()
+
+    @staticmethod
+    def _make_stage(path: Path, i: int, st: dict):
+        """Stage ``i``: an ONNX or .pt2 file on its executor (local, process or ray) and device."""
+        file = Path(path).parent / st["file"]
+        # the stage backend's options: threads, plus any it names (e.g. memory_fraction)
+        opts = {"intra_op_threads": int(st.get("threads", 1)), **st.get("options", {})}
+        backend = get_backend("torch" if file.suffix == ".pt2" else "onnx")
+        executor = st.get("executor", "local")
+        try:
+            spec = InstanceSpec.of(backend, file, st.get("device", "cpu"), opts)
+            return make_instances(executor, spec, 1, st.get("resources", {}) if executor == "ray" else {})[0]
+        except ConfigError as e:
+            raise ConfigError(f"{path}: stage {i}: {e.message}") from None
 
     def _wire(self, path: Path, spec: dict) -> None:
         """Check that every stage input is a model input or an earlier stage's output of the same
@@ -167,13 +160,14 @@ class PipelineBackend(Backend):
                 self.queues[k + 1].put((job, i, env))
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self._closed:
-            raise Unavailable("the pipeline is closed")
         n = len(inputs[self.input_names[0]])
         starts = list(range(0, n, self.micro)) or [0]
         job = _Job(len(starts))
-        for i, a in enumerate(starts):  # micro-batches: every model input cut along the batch axis
-            self.queues[0].put((job, i, {name: inputs[name][a:a + self.micro] for name in self.input_names}))
+        with self._accepting:  # every item of an accepted batch is queued ahead of close's stop marker
+            if self._closed:
+                raise Unavailable("the pipeline is closed")
+            for i, a in enumerate(starts):  # micro-batches: every model input cut along the batch axis
+                self.queues[0].put((job, i, {name: inputs[name][a:a + self.micro] for name in self.input_names}))
         job.done.wait()
         if job.error is not None:
             raise job.error
@@ -181,8 +175,11 @@ class PipelineBackend(Backend):
 
     def close(self) -> None:
         """Batches already in the pipeline finish (the stop travels behind them), then the stages close."""
-        self._closed = True
-        self.queues[0].put(None)
+        with self._accepting:
+            if self._closed:
+                return
+            self._closed = True
+            self.queues[0].put(None)
         for t in self.threads:
             t.join(30)
         for s in self.stages:

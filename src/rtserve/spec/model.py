@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import CompressError
-from .spec import build_student
+from ..errors import CompressError
+from .layers import build_student
 
 SPEC, WEIGHTS = "model.spec.json", "model.safetensors"
 
@@ -77,9 +77,3 @@ def load_spec_model(folder: Path) -> SpecModel:
     except (ValueError, RuntimeError) as e:
         raise CompressError(f"{folder}: {e}") from None
     return SpecModel(model.eval(), shape, meta.get("input_name", "input"), meta.get("output_name", "output"))
-
-
-def export_spec_onnx(sm: SpecModel, path: Path) -> Path:
-    from ..export.torch_export import export_onnx
-
-    return export_onnx(sm.model.eval(), sm.example(), path, [sm.input_name], [sm.output_name])

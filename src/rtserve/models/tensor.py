@@ -1,21 +1,27 @@
-"""A loaded model version: backend instances, reconciled tensor specs, its batcher, labels."""
+"""The ``tensor`` kind: a model file run by a backend (ONNX Runtime, PyTorch, LiteRT, a split
+pipeline) on instances made by an executor, behind a dynamic batcher. One version holds the
+instances, the tensor specs reconciled between the file and model.yaml, the labels and the batcher.
+"""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import time
 from pathlib import Path
 
 import numpy as np
 
-from .backends.base import Backend, get_backend
-from .batching import DynamicBatcher, InferRequest
-from .config import ModelConfig
-from .errors import ConfigError, InvalidInput
-from .metrics import ModelMetrics
-from .tensors import TensorSpec
+from ..backends.base import BACKENDS, get_backend
+from ..batching import DynamicBatcher, InferRequest
+from ..config import ModelConfig
+from ..errors import ConfigError, InvalidInput
+from ..executors.base import InstanceSpec, make_instances
+from ..metrics import ModelMetrics
+from ..split import serve as _pipeline  # noqa: F401 - registers backend: pipeline
+from ..tensors import TensorSpec
+from .base import LoadContext, ServedModel, TensorRequest, register_kind
+from .outputs import LABEL_OUTPUT, check_outputs, select_outputs
 
 PLATFORMS = {"onnx": "onnxruntime_onnx", "torch": "pytorch_export", "tflite": "tflite"}
-LABEL_OUTPUT = "label"
 
 
 def _reconcile(kind: str, given: tuple[TensorSpec, ...] | None, from_file: list[TensorSpec],
@@ -53,55 +59,60 @@ def _reconcile(kind: str, given: tuple[TensorSpec, ...] | None, from_file: list[
     return out
 
 
-@dataclass
-class VersionFiles:
-    model_dir: Path
-    version: int
-    path: Path
+@register_kind
+class TensorModel(ServedModel):
+    """One served version. ``infer`` validates and queues; the batcher's instance threads run."""
 
+    kind = "tensor"
+    described = "a tensor model"
 
-class LoadedModel:
-    """One served model version. ``infer`` validates and queues; the batcher runs."""
+    @classmethod
+    def served_backends(cls) -> tuple[str, ...]:
+        get_backend("onnx")  # imports the built-in backends
+        return tuple(BACKENDS)
 
-    def __init__(self, config: ModelConfig, files: VersionFiles, metrics: ModelMetrics | None = None) -> None:
+    @property
+    def api(self) -> str:
+        return f"/v2/models/{self.name}/infer"
+
+    @classmethod
+    def load(cls, config: ModelConfig, model_dir: Path, version: int, ctx: LoadContext) -> "TensorModel":
+        path = get_backend(config.backend).find_file(model_dir / str(version))
+        metrics = ctx.metrics.tensor.for_model(config.name, str(version)) if ctx.metrics else None
+        try:
+            return cls(config, model_dir, version, path, metrics)
+        except ConfigError as e:
+            if e.message.startswith("model '"):
+                raise
+            raise ConfigError(f"model '{config.name}' version {version} ({path}): {e.message}") from None
+
+    def __init__(self, config: ModelConfig, model_dir: Path, version: int, path: Path,
+                 metrics: ModelMetrics | None = None) -> None:
         self.config = config
         self.name = config.name
-        self.version = files.version
-        self.path = files.path
-        backend_cls: type[Backend] = get_backend(config.backend)
+        self.version = version
+        self.path = path
+        backend_cls = get_backend(config.backend)
         self.device = backend_cls.resolve_device(config.device)
         out_names = [o.name for o in config.outputs] if config.outputs else None
-        where = f"model '{self.name}' version {self.version} ({files.path})"
-        self.instances: list[Backend] = []
-        group = None
-        if config.executor == "ray":  # one placement group for the version's instances
-            from .executors.ray_executor import PlacementGroup
-
-            group = PlacementGroup(config.instances, config.executor_options)
-        for i in range(config.instances):
-            if config.executor == "ray":
-                from .executors.ray_executor import RayInstance
-
-                self.instances.append(RayInstance(config.backend, files.path, self.device, config.backend_options,
-                                                  config.instances, out_names, i, group))
-            elif config.executor == "process":  # same interface (run, file specs, close), in a worker
-                from .executors.process import ProcessInstance
-
-                self.instances.append(ProcessInstance(config.backend, files.path, self.device, config.backend_options,
-                                                      config.instances, out_names, i))
-            else:
-                self.instances.append(backend_cls(files.path, self.device, config.backend_options,
-                                                  config.instances, out_names))
-        first = self.instances[0]
-        self.batched = config.max_batch_size > 0
-        self.inputs = _reconcile("input", config.inputs, first.file_inputs, self.batched, where)
-        self.outputs = _reconcile("output", config.outputs, first.file_outputs, self.batched, where)
-        self.input_by_name = {s.name: s for s in self.inputs}
-        self.labels = self._read_labels(files.model_dir, where)
-        if config.warmup:
-            self._warmup(where)
+        where = f"model '{self.name}' version {self.version} ({path})"
+        spec = InstanceSpec.of(backend_cls, path, self.device, config.backend_options, config.instances, out_names)
+        self.instances = make_instances(config.executor, spec, config.instances, config.executor_options)
+        try:
+            first = self.instances[0]
+            self.batched = config.max_batch_size > 0
+            self.inputs = _reconcile("input", config.inputs, first.file_inputs, self.batched, where)
+            self.outputs = _reconcile("output", config.outputs, first.file_outputs, self.batched, where)
+            self.input_by_name = {s.name: s for s in self.inputs}
+            self.labels = self._read_labels(model_dir, where)
+            if config.warmup:
+                self._warmup(where)
+        except BaseException:
+            self.release()
+            raise
         self.metrics = metrics
-        runners = [b.run for b in self.instances for _ in range(getattr(b, "in_flight", 1))]
+        # a pipeline takes ``in_flight`` batches at once: that many runner threads for its one instance
+        runners = [b.run for b in self.instances for _ in range(b.in_flight)]
         self.batcher = DynamicBatcher(self.name, runners, config.max_batch_size, config.batching, metrics)
 
     def _read_labels(self, model_dir: Path, where: str) -> list[str] | None:
@@ -123,8 +134,6 @@ class LoadedModel:
                 inst.run(feeds)
             except Exception as e:
                 raise ConfigError(f"{where}: warm-up run failed: {type(e).__name__}: {e}") from None
-
-    kind = "tensor"
 
     def start(self) -> None:
         self.batcher.start()
@@ -205,17 +214,49 @@ class LoadedModel:
     def _label(self, i: int) -> str:
         return self.labels[i] if self.labels and i < len(self.labels) else str(i)
 
-    async def infer(self, inputs: dict[str, np.ndarray], priority: int | None = None,
-                    timeout_s: float | None = None) -> dict[str, np.ndarray]:
+    def count_rejected(self, reason: str) -> None:
+        if self.metrics:
+            self.metrics.failed(reason)
+
+    def admit(self) -> None:
+        if self.batcher.queue.full:  # shed load before the body is read and decoded
+            self.batcher.reject_full()
+
+    async def infer(self, request: TensorRequest) -> dict[str, np.ndarray]:
+        """Validate, queue, await the batch, post-process; the requested outputs in order. If the
+        caller is cancelled (its client went away) before the request runs, it leaves the queue."""
+        t0 = time.perf_counter()
+        try:
+            check_outputs(self.name, self.all_outputs, request.outputs)
+            outputs = await self.run_tensors(request.inputs, request.priority, request.timeout_s)
+        except InvalidInput:
+            self.count_rejected("invalid_input")
+            raise
+        result = select_outputs(outputs, self.all_outputs, request.outputs, self.labels, self.batched)
+        if self.metrics:
+            self.metrics.success.inc()
+            self.metrics.request_s.observe(time.perf_counter() - t0)
+        return result
+
+    async def run_tensors(self, inputs: dict[str, np.ndarray], priority: int | None = None,
+                          timeout_s: float | None = None) -> dict[str, np.ndarray]:
+        """Every output (labels included) for ``inputs``, through the batcher (ensemble steps call this)."""
         req = self.make_request(inputs, priority, timeout_s)
-        out = await self.batcher.submit(req)
+        fut = self.batcher.submit(req)
+        try:
+            out = await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            self.batcher.cancel(req)  # drops it if it has not started
+            if fut.done() and not fut.cancelled():
+                fut.exception()  # retrieved: the caller is gone
+            raise
         return self.postprocess(out)
 
     async def close(self, drain_timeout_s: float = 10.0) -> None:
         await self.batcher.drain(drain_timeout_s)
         await self.batcher.close()
-        await asyncio.to_thread(self._close_instances)
+        await asyncio.to_thread(self.release)
 
-    def _close_instances(self) -> None:
+    def release(self) -> None:
         for inst in self.instances:
             inst.close()

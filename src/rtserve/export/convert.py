@@ -324,9 +324,10 @@ def _onnx_io_and_samples(src: Path):
 
 def _convert_spec(src: Path, target: str, staged: Path, via: str = "rtserve", batch: int = 1):
     """A spec model to ONNX / .pt2 / .tflite; returns names, outputs, samples and the torch reference."""
-    from ..export.tflite_writer import write_tflite
-    from ..export.torch_export import export_pt2
-    from .torch_model import export_spec_onnx, load_spec_model
+    from .tflite_writer import write_tflite
+    from .torch_export import export_pt2
+    from ..spec.model import load_spec_model
+    from .torch_export import export_spec_onnx
 
     try:
         sm = load_spec_model(src)
@@ -358,7 +359,7 @@ def litert_python() -> Path:
 
 
 def _litert_convert(src: Path, staged: Path, batch: int) -> None:
-    from ..export import litert_convert
+    from . import litert_convert
 
     py = litert_python()
     if not py.is_file():

@@ -1,0 +1,144 @@
+"""The ``llm`` kind: a version folder is a Hugging Face checkpoint folder served by the LLM engine;
+requests arrive through the OpenAI API. The model turns a request into prompt token ids (chat
+template, vocabulary and context checks), streams the engine's deltas, and records its metrics."""
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import AsyncIterator
+
+from ..config import ModelConfig, torch_device
+from ..errors import ConfigError, InvalidInput
+from ..llm.engine_config import EngineConfig
+from .base import LoadContext, ServedModel, register_kind
+
+
+@register_kind
+class LLMModel(ServedModel):
+    kind = "llm"
+    described = "a language model"
+    backends = ("llm",)
+    api = "/v1/completions or /v1/chat/completions"
+    openai = True
+
+    @classmethod
+    def load(cls, config: ModelConfig, model_dir: Path, version: int, ctx: LoadContext) -> "LLMModel":
+        try:
+            return cls(config, model_dir, version, ctx.metrics.llm if ctx.metrics else None)
+        except ConfigError as e:
+            raise ConfigError(f"model '{config.name}' version {version}: {e.message}") from None
+
+    def __init__(self, config: ModelConfig, model_dir: Path, version: int, metrics=None) -> None:
+        from ..llm.engine import LLM
+
+        try:
+            engine_config = EngineConfig.from_dict(config.engine)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.config, self.name, self.version = config, config.name, version
+        self.path = model_dir / str(version)
+        self.device = torch_device(config.device)
+        try:
+            self.llm = LLM(self.path, engine_config, device=self.device)
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"{self.path}: {e}") from None
+        self.metrics = metrics  # LLMMetrics, or None
+        self.engine = None
+
+    def start(self) -> None:
+        from ..llm.async_engine import AsyncLLM
+
+        self.engine = AsyncLLM(self.llm)
+        if self.metrics:
+            self.metrics.bind(self.name, self.llm.scheduler)
+
+    async def close(self, drain_timeout_s: float = 10.0) -> None:
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.shutdown)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.llm.scheduler.config.max_model_len
+
+    @property
+    def tokenizer(self):
+        return self.llm.tokenizer
+
+    # -- the OpenAI API -------------------------------------------------------------------------------
+    def prompt_ids(self, prompt: str | list[int] | None, messages: list | None, max_tokens: int | None) -> list[int]:
+        """The prompt's token ids: ``messages`` through the chat template, or ``prompt`` as text or
+        ids. Checks the vocabulary and, when ``max_tokens`` was given, that it fits the context."""
+        param = "messages" if messages is not None else "prompt"
+        llm = self.llm
+        try:
+            if messages is not None:
+                if llm.tokenizer is None:
+                    raise ValueError("this model has no tokenizer, so it cannot chat")
+                prompt = llm.tokenizer.apply_chat_template(messages)
+            ids = llm.encode(prompt)
+            vocab = llm.runner.config.vocab_size
+            if any(t >= vocab for t in ids):
+                raise ValueError(f"prompt token ids must be below the vocabulary size {vocab}")
+        except ValueError as e:
+            raise InvalidInput(str(e), param=param) from None
+        limit = self.max_model_len
+        if max_tokens is not None and len(ids) + max_tokens > limit:
+            raise InvalidInput(f"this model's maximum context is {limit} tokens; the prompt has {len(ids)} and "
+                               f"max_tokens asks for {max_tokens} more", param="max_tokens")
+        return ids
+
+    async def open_stream(self, prompt: str | list[int] | None, messages: list | None, params, *,
+                          max_tokens_given: bool = False) -> AsyncIterator:
+        """Queue the request; once its first delta is there (so a request that can never run is a
+        400 before any response starts), an async iterator of its ``StreamDelta``s, timed."""
+        from ..llm.scheduler import RequestTooLarge
+
+        ids = self.prompt_ids(prompt, messages, params.max_tokens if max_tokens_given else None)
+        t_arrival = time.perf_counter()
+        gen = self.engine.generate(ids, params)
+        try:
+            first = await gen.__anext__()
+        except RequestTooLarge as e:
+            await gen.aclose()
+            raise InvalidInput(str(e), param="messages" if messages is not None else "prompt") from None
+        except BaseException:
+            await gen.aclose()
+            raise
+        return self._timed(first, gen, t_arrival)
+
+    async def _timed(self, first, gen, t_arrival: float):
+        """Pass deltas through, recording TTFT, inter-token latency, queue time, e2e and token counts."""
+        lm, name = self.metrics, self.name
+        last, is_first, d = t_arrival, True, first
+        try:
+            while d is not None:
+                if lm is not None:
+                    now = time.perf_counter()
+                    if d.token_ids:
+                        (lm.ttft if is_first else lm.itl).labels(name).observe(now - last)
+                        if is_first:
+                            lm.queue.labels(name).observe(d.queue_s)
+                        is_first, last = False, now
+                        lm.generation_tokens.labels(name).inc(len(d.token_ids))
+                    if d.finish_reason is not None:
+                        lm.requests.labels(name, d.finish_reason).inc()
+                        lm.prompt_tokens.labels(name).inc(d.num_prompt_tokens)
+                        lm.e2e.labels(name).observe(now - t_arrival)
+                yield d
+                d = await anext(gen, None)
+        finally:
+            await gen.aclose()
+
+    # -- metadata -------------------------------------------------------------------------------------
+    def metadata(self) -> dict:
+        return {"name": self.name, "versions": [str(self.version)], "platform": "rtserve_llm",
+                "inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1]}],
+                "outputs": [{"name": "text_output", "datatype": "BYTES", "shape": [1]}]}
+
+    def config_json(self) -> dict:
+        sc = self.llm.scheduler.config
+        return {"name": self.name, "backend": "llm", "platform": "rtserve_llm", "device": self.device,
+                "engine": {"num_blocks": self.llm.scheduler.bm.num_blocks, "block_size": self.llm.scheduler.bm.block_size,
+                           "max_num_seqs": sc.max_num_seqs, "max_num_batched_tokens": sc.max_num_batched_tokens,
+                           "max_model_len": sc.max_model_len}}
