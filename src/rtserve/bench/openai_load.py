@@ -8,255 +8,36 @@ chunked body and splits it into SSE events, stamping each with its arrival time.
 and read only after the run (:func:`read_stream`), so the client spends its share of the CPU it shares
 with the server on receiving, not on JSON.
 
-Token counting: every request asks for ``stream_options.include_usage``, and the usage chunk's
-``completion_tokens`` is the request's output-token count (exact: the server counts it). Per chunk,
-the tokens are the length of the chunk's ``logprobs`` when the server sent them, otherwise 1 for
-each chunk that carries a choice: rtserve sends one chunk per sampled token (the text of a chunk can
-be empty, an incomplete UTF-8 character or a model without a tokenizer, so text is never counted).
-TTFT is timed to the first chunk that carries a choice; ITL is every gap between such chunks.
+The parts: ``openai_requests.py`` (the run's config and what each request sends),
+``openai_stream.py`` (a request's record and how its stream is read: token counts, TTFT, ITL),
+``openai_report.py`` (the summary). This module is the transport and the run, and where callers
+import the public names from.
 """
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import random
 import socket
 from dataclasses import dataclass, field
-from pathlib import Path
 from time import perf_counter
 
-import orjson
+from .http1 import Connection, RequestSpec
+from .loadgen import TIMER_LOOKAHEAD_S, TIMER_SLACK_S
+from .openai_requests import SLO_KEYS, WORDS, OpenAIBenchConfig, PlannedRequest, RequestPlanner, load_prompts
+from .openai_stream import RequestRecord, SSEParser, read_stream
+from .result import LoadResult
+from .runner import Runner
 
-from .loadgen import TIMER_LOOKAHEAD_S, TIMER_SLACK_S, LoadResult, RequestSpec, _Conn, _Runner
-
-SLO_KEYS = ("ttft_ms", "tpot_ms", "e2e_ms")
-WORDS = ("the of and to in is it for on that with as was at by this be from or an are have not but what all "
-         "were when we there can more if no out so up said about into than them could time only new some "
-         "model serve token batch queue cache").split()
-
-
-@dataclass(frozen=True)
-class OpenAIBenchConfig:
-    """One run. Exactly one of ``rate`` (open loop) or ``concurrency`` (closed loop); the run ends
-    after ``num_requests`` requests or, without it, when ``duration_s`` is over (no new requests)."""
-
-    model: str
-    chat: bool = False
-    rate: float | None = None
-    concurrency: int | None = None
-    num_requests: int | None = None
-    duration_s: float | None = None
-    input_len: tuple[int, int] = (32, 32)     # uniform in [min, max] (tokens; words for chat)
-    output_len: tuple[int, int] = (128, 128)  # max_tokens, uniform in [min, max], EOS ignored
-    prompts_file: str | None = None
-    vocab_size: int = 256  # random prompt token ids are drawn below this: 256 fits any model
-    temperature: float = 0.0
-    seed: int = 0
-    slos: dict[str, float] = field(default_factory=dict)  # SLO_KEYS -> bound in ms
-    warmup_requests: int = 0
-    timeout_s: float = 600.0
-    api_key: str | None = None
-
-    def __post_init__(self) -> None:
-        if (self.rate is None) == (self.concurrency is None):
-            raise ValueError("give exactly one of rate (open loop) or concurrency (closed loop)")
-        if self.rate is not None and not self.rate > 0 or self.concurrency is not None and self.concurrency < 1:
-            raise ValueError("rate must be > 0 and concurrency >= 1")
-        if self.num_requests is None and self.duration_s is None:
-            raise ValueError("give num_requests or duration_s")
-        if self.num_requests is not None and self.num_requests < 1 or self.duration_s is not None and self.duration_s <= 0:
-            raise ValueError("num_requests must be >= 1 and duration_s > 0")
-        for name in ("input_len", "output_len"):
-            lo, hi = getattr(self, name)
-            if not 1 <= lo <= hi:
-                raise ValueError(f"{name}: need 1 <= min <= max, got {lo}:{hi}")
-        bad = sorted(set(self.slos) - set(SLO_KEYS))
-        if bad:
-            raise ValueError(f"slo: unknown key '{bad[0]}'; allowed: {', '.join(SLO_KEYS)}")
-        if self.vocab_size < 1 or self.timeout_s <= 0 or self.warmup_requests < 0:
-            raise ValueError("vocab_size >= 1, timeout_s > 0 and warmup_requests >= 0 are required")
-
-    @property
-    def path(self) -> str:
-        return "/v1/chat/completions" if self.chat else "/v1/completions"
+__all__ = ["SLO_KEYS", "WORDS", "OpenAIBenchConfig", "OpenAIBenchResult", "PlannedRequest", "RequestPlanner",
+           "RequestRecord", "SSEParser", "arrival_times", "load_prompts", "read_stream", "run_openai_load",
+           "run_openai_load_sync"]
 
 
-# -- what to send ---------------------------------------------------------------------------------
-def load_prompts(path: str) -> list[str | list[int]]:
-    """A text file (one prompt per line) or JSONL whose objects have a ``prompt`` (text or token ids)."""
-    lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
-    if not lines:
-        raise ValueError(f"{path}: no prompts")
-    if all(ln.lstrip().startswith("{") for ln in lines):
-        prompts = []
-        for i, ln in enumerate(lines, 1):
-            p = json.loads(ln).get("prompt")
-            if not p or not isinstance(p, (str, list)):
-                raise ValueError(f"{path}:{i}: needs a non-empty 'prompt' (text or token ids)")
-            prompts.append(p)
-        return prompts
-    return lines
-
-
-@dataclass(frozen=True)
-class PlannedRequest:
-    spec: RequestSpec
-    prompt_len: int  # tokens of a token-id prompt; 0 when the prompt is text (the usage chunk tells)
-    max_tokens: int
-
-
-class RequestPlanner:
-    """Request i, drawn in index order from one seeded generator, so a run is reproducible."""
-
-    def __init__(self, cfg: OpenAIBenchConfig) -> None:
-        self.cfg = cfg
-        self.rng = random.Random(cfg.seed + 1)
-        self.prompts = load_prompts(cfg.prompts_file) if cfg.prompts_file else None
-        self.headers = {"content-type": "application/json"}
-        if cfg.api_key:
-            self.headers["authorization"] = f"Bearer {cfg.api_key}"
-
-    def plan(self, i: int) -> PlannedRequest:
-        cfg, rng = self.cfg, self.rng
-        max_tokens = rng.randint(*cfg.output_len)
-        if self.prompts is not None:  # in file order, cycling
-            prompt = self.prompts[i % len(self.prompts)]
-        elif cfg.chat:
-            prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(*cfg.input_len)))
-        else:
-            prompt = [rng.randrange(cfg.vocab_size) for _ in range(rng.randint(*cfg.input_len))]
-        body: dict = {"model": cfg.model, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
-                      "stream_options": {"include_usage": True}, "temperature": cfg.temperature}
-        if cfg.chat:
-            if not isinstance(prompt, str):
-                raise ValueError("chat needs text prompts, not token ids")
-            body["messages"] = [{"role": "user", "content": prompt}]
-        else:
-            body["prompt"] = prompt
-        spec = RequestSpec("POST", cfg.path, orjson.dumps(body), self.headers)
-        return PlannedRequest(spec, len(prompt) if isinstance(prompt, list) else 0, max_tokens)
-
-
-# -- what came back -------------------------------------------------------------------------------
-@dataclass
-class RequestRecord:
-    """One request. Times are ``perf_counter()`` seconds; ``t_start`` is the scheduled arrival (open
-    loop) or the send (closed loop), so every latency includes time queued in the client."""
-
-    index: int
-    prompt_len: int
-    max_tokens: int
-    t_start: float
-    t_end: float | None = None
-    status: int = 0
-    error: str | None = None  # None = success
-    chunk_times: list[float] = field(default_factory=list)  # arrival of each chunk carrying a choice
-    chunk_tokens: list[int] = field(default_factory=list)   # output tokens in that chunk
-    prompt_tokens: int = 0
-    output_tokens: int = 0
-    finish_reason: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and self.t_end is not None
-
-    @property
-    def ttft(self) -> float:
-        return self.chunk_times[0] - self.t_start
-
-    @property
-    def e2e(self) -> float:
-        return self.t_end - self.t_start
-
-    @property
-    def tpot(self) -> float | None:
-        """Mean time per output token after the first; None with a single output token."""
-        return (self.e2e - self.ttft) / (self.output_tokens - 1) if self.output_tokens > 1 else None
-
-    @property
-    def itls(self) -> list[float]:
-        t = self.chunk_times
-        return [b - a for a, b in zip(t, t[1:])]
-
-    def finish(self, t: float, status: int, events: list[tuple[float, bytes]], rest: bytes) -> None:
-        """The answer is complete: read its stream (``rest`` = body bytes that were no event)."""
-        self.t_end, self.status = t, status
-        read_stream(self, events)
-        if status != 200:
-            self.error = f"HTTP {status}: {_error_message(rest or b''.join(e for _, e in events))}"
-
-    def fail(self, t: float, kind: str) -> None:
-        self.t_end, self.error = t, kind
-
-
-def _error_message(body: bytes) -> str:
-    try:
-        return str(orjson.loads(body)["error"]["message"])[:200]
-    except (orjson.JSONDecodeError, KeyError, TypeError):
-        return body[:200].decode("utf-8", "replace")
-
-
-class SSEParser:
-    """Server-sent events from a byte stream in arbitrary pieces: ``feed`` returns the ``data`` of
-    every event completed by this piece (multi-line data joined with newlines)."""
-
-    def __init__(self) -> None:
-        self.buf = b""
-
-    def feed(self, data: bytes) -> list[bytes]:
-        buf = self.buf + data
-        if b"\r" in buf:  # a CR left at the end pairs with the next piece's LF on the next feed
-            buf = buf.replace(b"\r\n", b"\n")
-        *events, self.buf = buf.split(b"\n\n")
-        out = []
-        for ev in events:
-            lines = [ln[5:] for ln in ev.split(b"\n") if ln.startswith(b"data:")]
-            if lines:
-                out.append(b"\n".join(ln[1:] if ln.startswith(b" ") else ln for ln in lines))
-        return out
-
-
-def read_stream(rec: RequestRecord, events: list[tuple[float, bytes]]) -> None:
-    """Fill ``rec`` from its (arrival time, data) events; a stream without ``[DONE]``, with an error
-    event or with an aborted choice is an error."""
-    done, usage = False, None
-    for t, data in events:
-        if data == b"[DONE]":
-            done = True
-            continue
-        try:
-            doc = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            rec.error = rec.error or f"bad event: {data[:80]!r}"
-            continue
-        if not isinstance(doc, dict):
-            continue
-        if doc.get("error"):
-            err = doc["error"]
-            rec.error = rec.error or f"error event: {err.get('message', err) if isinstance(err, dict) else err}"
-        for choice in doc.get("choices") or ():
-            lp = choice.get("logprobs")
-            n = len(lp.get("tokens") or lp.get("content") or ()) if isinstance(lp, dict) else 1
-            rec.chunk_times.append(t)
-            rec.chunk_tokens.append(n)
-            rec.finish_reason = choice.get("finish_reason") or rec.finish_reason
-        usage = doc.get("usage") or usage
-    rec.output_tokens = usage["completion_tokens"] if usage else sum(rec.chunk_tokens)
-    rec.prompt_tokens = usage["prompt_tokens"] if usage else rec.prompt_len
-    if rec.error is None and rec.status == 200:
-        if rec.finish_reason == "abort":
-            rec.error = "aborted by the server"
-        elif not done:
-            rec.error = "stream ended without [DONE]"
-        elif not rec.chunk_times:
-            rec.error = "no output"
-
-
-# -- transport: loadgen's runner and connections, with streams ----------------------------------
-class _StreamConn(_Conn):
-    """loadgen's connection, keeping the body: chunked bodies are decoded into SSE events; the first
-    bytes of any other body are kept for an error message."""
+# -- transport: loadgen's Runner and Connection, with streams -----------------------------------
+class _StreamConn(Connection):
+    """loadgen's :class:`~.http1.Connection`, keeping the body: chunked bodies are decoded into SSE
+    events; the first bytes of any other body are kept for an error message."""
 
     __slots__ = ("sse", "events", "raw")
 
@@ -297,9 +78,9 @@ class _StreamConn(_Conn):
         return bytes(self.raw[i + 4:]) if i >= 0 else b""
 
 
-class _StreamRunner(_Runner):
-    """Starts requests from a planner (each job carries its RequestRecord in loadgen's "counted"
-    slot) and finishes the run after the last one, rather than at a fixed end time."""
+class _StreamRunner(Runner):
+    """Starts requests from a planner (each job carries its RequestRecord in its "counted"
+    slot, see ``http1.Job``) and finishes the run after the last one, rather than at a fixed end time."""
 
     conn_class = _StreamConn
 

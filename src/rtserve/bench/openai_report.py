@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .openai_load import OpenAIBenchResult, RequestRecord
+from .openai_load import OpenAIBenchResult
+from .openai_stream import RequestRecord
 from .report import format_table, percentile
 
 

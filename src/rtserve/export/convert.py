@@ -116,7 +116,7 @@ def _encoder_samples(vocab: int, max_len: int, seed: int = 0) -> list[dict[str, 
     return out
 
 
-def _pt2_meta(src: Path):
+def pt2_meta(src: Path):
     import torch
 
     from ..backends.torch import META_FILE
@@ -187,7 +187,7 @@ def _run_torch(fn, samples, names: list[str]) -> list[list[np.ndarray]]:
 
 
 # -- exporters -----------------------------------------------------------------------------------
-def _export_onnx(module_or_ep, examples: tuple, path: Path, input_names, output_names, dynamic_shapes) -> None:
+def export_program_onnx(module_or_ep, examples: tuple, path: Path, input_names, output_names, dynamic_shapes) -> None:
     import torch
 
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -243,13 +243,13 @@ def convert(src: Path | str, target: str, out: Path | str, *, optimize: bool = F
             ex = tuple(__import__("torch").from_numpy(samples[1][n]) for n in names)
             reference = _run_torch(module, samples, names)
             if target == "onnx":
-                _export_onnx(module, ex, staged, names, outs, _encoder_dims(cfg.max_position_embeddings))
+                export_program_onnx(module, ex, staged, names, outs, _encoder_dims(cfg.max_position_embeddings))
             else:
                 _save_pt2(module, ex, staged, names, outs, _encoder_dims(cfg.max_position_embeddings))
         elif kind == "spec":
             names, outs, samples, reference = _convert_spec(src, target, staged, via, batch)
         elif kind == "pt2":
-            ep, names, outs = _pt2_meta(src)
+            ep, names, outs = pt2_meta(src)
             samples = _pt2_samples(ep, names)
             reference = _run_torch(ep.module(), samples, names)
             if target == "onnx":
@@ -257,7 +257,7 @@ def convert(src: Path | str, target: str, out: Path | str, *, optimize: bool = F
 
                 ex = tuple(torch.from_numpy(samples[1][n]) for n in names)
                 batch = torch.export.Dim("batch", min=1, max=4096)
-                _export_onnx(ep.module(), ex, staged, names, outs, tuple({0: batch} for _ in names))
+                export_program_onnx(ep.module(), ex, staged, names, outs, tuple({0: batch} for _ in names))
             else:
                 shutil.copyfile(src, staged)
         else:  # onnx -> optimized onnx

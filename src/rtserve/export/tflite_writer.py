@@ -182,6 +182,106 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float32).cpu().numpy()
 
 
+class _Converter:
+    """Appends the operations of one layer after another to a :class:`_Graph`.
+
+    ``cur`` is the TFLite tensor holding the current activation; ``nhwc`` says whether it is the
+    NHWC form of torch's NCHW activation (true after a conv/pool layer, until something that needs
+    torch's layout gets a TRANSPOSE back). Tensors are added in the order the file lists them.
+    """
+
+    def __init__(self, g: _Graph, cur: int) -> None:
+        self.g, self.cur, self.nhwc = g, cur, False
+
+    def to_layout(self, want_nhwc: bool, shape) -> None:
+        """TRANSPOSE the current activation (of torch shape ``shape``) into the wanted layout."""
+        g = self.g
+        if self.nhwc != want_nhwc:
+            perm = _TO_NHWC if want_nhwc else _TO_NCHW
+            out = g.tensor(f"{g.tensors[self.cur]['name']}/transpose",
+                           tuple(shape[p] for p in _TO_NHWC) if want_nhwc else tuple(shape))
+            g.op("TRANSPOSE", [self.cur, g.const(f"perm{len(g.tensors)}", perm, _INT32)], [out])
+            self.cur, self.nhwc = out, want_nhwc
+
+    def layer(self, name: str, layer: nn.Module, shape: tuple, oshape: tuple) -> None:
+        """Convert one supported layer whose input has torch shape ``shape`` and output ``oshape``."""
+        g, rank = self.g, len(shape)
+        if isinstance(layer, (nn.Identity, nn.Dropout)):
+            return
+        if isinstance(layer, nn.ReLU):
+            out = g.tensor(name, tuple(oshape[p] for p in _TO_NHWC) if self.nhwc else oshape)
+            g.op("RELU", [self.cur], [out])
+        elif isinstance(layer, nn.Linear):
+            self.to_layout(False, shape)
+            out = g.tensor(name, oshape)
+            bias = g.const(f"{name}.bias", _np(layer.bias)) if layer.bias is not None else -1
+            g.op("FULLY_CONNECTED", [self.cur, g.const(f"{name}.weight", _np(layer.weight)), bias], [out],
+                 "FullyConnectedOptions", [(0, "Int8", 0), (2, "Bool", rank > 2)])
+        elif isinstance(layer, nn.Softmax):
+            if layer.dim not in (-1, rank - 1):
+                raise ValueError(f"layer '{name}' (Softmax): only dim=-1 is supported, got dim={layer.dim}")
+            self.to_layout(False, shape)
+            out = g.tensor(name, oshape)
+            g.op("SOFTMAX", [self.cur], [out], "SoftmaxOptions", [(0, "Float32", 1.0)])
+        elif isinstance(layer, nn.Flatten):
+            if layer.start_dim != 1 or layer.end_dim not in (-1, rank - 1):
+                raise ValueError(f"layer '{name}' (Flatten): only start_dim=1, end_dim=-1 is supported")
+            if rank == 2:
+                return
+            self.to_layout(False, shape)
+            out = g.tensor(name, oshape)
+            g.op("RESHAPE", [self.cur, g.const(f"{name}.shape", [-1, oshape[1]], _INT32)], [out])
+        else:  # nn.Conv2d, nn.MaxPool2d
+            out = self._spatial(name, layer, shape, oshape)
+        self.cur = out
+
+    def _spatial(self, name: str, layer: nn.Conv2d | nn.MaxPool2d, shape: tuple, oshape: tuple) -> int:
+        """CONV_2D or MAX_POOL_2D in NHWC (PAD first when SAME/VALID cannot express a conv's
+        padding); returns the output tensor."""
+        g, kind = self.g, type(layer).__name__
+        if len(shape) != 4:
+            raise ValueError(f"layer '{name}' ({kind}): needs a 4-d NCHW input, got {list(shape)}")
+        k, s = _pair(layer.kernel_size), _pair(layer.stride or layer.kernel_size)
+        d = _pair(layer.dilation)
+        if isinstance(layer, nn.Conv2d):
+            if layer.groups != 1 or layer.padding_mode != "zeros":
+                raise ValueError(f"layer '{name}' (Conv2d): only groups=1 and padding_mode='zeros'")
+            p = layer.padding
+            if isinstance(p, str):  # torch 'same' puts the odd pixel after, as TFLite does
+                p = (0, 0) if p == "valid" else tuple(dd * (kk - 1) // 2 for kk, dd in zip(k, d))
+            p = _pair(p)
+        else:
+            if d != (1, 1) or layer.return_indices:
+                raise ValueError(f"layer '{name}' (MaxPool2d): dilation and return_indices unsupported")
+            p = _pair(layer.padding)
+        modes = [_pads(shape[2 + i], k[i], s[i], d[i], p[i], oshape[2 + i]) for i in (0, 1)]
+        padding = modes[0] if modes[0] == modes[1] and modes[0] is not None else None
+        self.to_layout(True, shape)
+        if padding is None and isinstance(layer, nn.Conv2d):
+            # Explicit zero padding, then VALID: torch's padding p on every side.
+            padded = (shape[0], shape[2] + 2 * p[0], shape[3] + 2 * p[1], shape[1])
+            pad_out = g.tensor(f"{name}/pad", padded)
+            pads = [[0, 0], [p[0], p[0]], [p[1], p[1]], [0, 0]]
+            g.op("PAD", [self.cur, g.const(f"{name}.paddings", pads, _INT32)], [pad_out])
+            self.cur, padding = pad_out, _VALID
+        elif padding is None:
+            raise ValueError(f"layer '{name}' (MaxPool2d): padding={layer.padding}, "
+                             f"ceil_mode={layer.ceil_mode} has no TFLite SAME/VALID equivalent here")
+        out = g.tensor(name, tuple(oshape[i] for i in _TO_NHWC))
+        if isinstance(layer, nn.Conv2d):
+            weight = g.const(f"{name}.weight", _np(layer.weight).transpose(0, 2, 3, 1))  # OIHW -> OHWI
+            b = _np(layer.bias) if layer.bias is not None else np.zeros(oshape[1], np.float32)
+            g.op("CONV_2D", [self.cur, weight, g.const(f"{name}.bias", b)], [out], "Conv2DOptions",
+                 [(0, "Int8", padding), (1, "Int32", s[1]), (2, "Int32", s[0]), (3, "Int8", 0),
+                  (4, "Int32", d[1]), (5, "Int32", d[0])])
+        else:
+            g.op("MAX_POOL_2D", [self.cur], [out], "Pool2DOptions",
+                 [(0, "Int8", padding), (1, "Int32", s[1]), (2, "Int32", s[0]),
+                  (3, "Int32", k[1]), (4, "Int32", k[0]), (5, "Int8", 0)])
+        self.nhwc = True
+        return out
+
+
 def write_tflite(module: nn.Module, example_input: torch.Tensor, path, input_name: str = "input",
                  output_name: str = "output") -> Path:
     """Convert ``module`` (see the module docstring for the subset) and write it to ``path``.
@@ -193,99 +293,20 @@ def write_tflite(module: nn.Module, example_input: torch.Tensor, path, input_nam
         raise ValueError("example_input needs a batch dimension and at least one more")
     g = _Graph()
     x = example_input.detach().to(torch.float32)
-    in_t = cur = g.tensor(input_name, tuple(x.shape))
-    nhwc = False  # is the current TFLite tensor the NHWC form of torch's NCHW activation?
-
-    def to_layout(want_nhwc: bool, shape) -> None:
-        nonlocal cur, nhwc
-        if nhwc != want_nhwc:
-            perm = _TO_NHWC if want_nhwc else _TO_NCHW
-            out = g.tensor(f"{g.tensors[cur]['name']}/transpose",
-                           tuple(shape[p] for p in _TO_NHWC) if want_nhwc else tuple(shape))
-            g.op("TRANSPOSE", [cur, g.const(f"perm{len(g.tensors)}", perm, _INT32)], [out])
-            cur, nhwc = out, want_nhwc
-
+    in_t = g.tensor(input_name, tuple(x.shape))
+    conv = _Converter(g, in_t)
     with torch.no_grad():
         for name, layer in _chain(module):
-            kind = type(layer).__name__
             if not isinstance(layer, _LAYERS):
-                raise ValueError(f"layer '{name}' ({kind}) is not supported by the TFLite writer; "
-                                 f"supported: {_SUPPORTED}")
+                raise ValueError(f"layer '{name}' ({type(layer).__name__}) is not supported by the TFLite "
+                                 f"writer; supported: {_SUPPORTED}")
             y = layer(x)
-            shape, rank, oshape = tuple(x.shape), x.dim(), tuple(y.shape)
-            if isinstance(layer, (nn.Identity, nn.Dropout)):
-                x = y
-                continue
-            if isinstance(layer, nn.ReLU):
-                out = g.tensor(name, tuple(oshape[p] for p in _TO_NHWC) if nhwc else oshape)
-                g.op("RELU", [cur], [out])
-            elif isinstance(layer, nn.Linear):
-                to_layout(False, shape)
-                out = g.tensor(name, oshape)
-                bias = g.const(f"{name}.bias", _np(layer.bias)) if layer.bias is not None else -1
-                g.op("FULLY_CONNECTED", [cur, g.const(f"{name}.weight", _np(layer.weight)), bias], [out],
-                     "FullyConnectedOptions", [(0, "Int8", 0), (2, "Bool", rank > 2)])
-            elif isinstance(layer, nn.Softmax):
-                if layer.dim not in (-1, rank - 1):
-                    raise ValueError(f"layer '{name}' (Softmax): only dim=-1 is supported, got dim={layer.dim}")
-                to_layout(False, shape)
-                out = g.tensor(name, oshape)
-                g.op("SOFTMAX", [cur], [out], "SoftmaxOptions", [(0, "Float32", 1.0)])
-            elif isinstance(layer, nn.Flatten):
-                if layer.start_dim != 1 or layer.end_dim not in (-1, rank - 1):
-                    raise ValueError(f"layer '{name}' (Flatten): only start_dim=1, end_dim=-1 is supported")
-                if rank == 2:
-                    x = y
-                    continue
-                to_layout(False, shape)
-                out = g.tensor(name, oshape)
-                g.op("RESHAPE", [cur, g.const(f"{name}.shape", [-1, oshape[1]], _INT32)], [out])
-            elif isinstance(layer, (nn.Conv2d, nn.MaxPool2d)):
-                if rank != 4:
-                    raise ValueError(f"layer '{name}' ({kind}): needs a 4-d NCHW input, got {list(shape)}")
-                k, s = _pair(layer.kernel_size), _pair(layer.stride or layer.kernel_size)
-                d = _pair(layer.dilation)
-                if isinstance(layer, nn.Conv2d):
-                    if layer.groups != 1 or layer.padding_mode != "zeros":
-                        raise ValueError(f"layer '{name}' (Conv2d): only groups=1 and padding_mode='zeros'")
-                    p = layer.padding
-                    if isinstance(p, str):  # torch 'same' puts the odd pixel after, as TFLite does
-                        p = (0, 0) if p == "valid" else tuple(dd * (kk - 1) // 2 for kk, dd in zip(k, d))
-                    p = _pair(p)
-                else:
-                    if d != (1, 1) or layer.return_indices:
-                        raise ValueError(f"layer '{name}' (MaxPool2d): dilation and return_indices unsupported")
-                    p = _pair(layer.padding)
-                modes = [_pads(shape[2 + i], k[i], s[i], d[i], p[i], oshape[2 + i]) for i in (0, 1)]
-                padding = modes[0] if modes[0] == modes[1] and modes[0] is not None else None
-                to_layout(True, shape)
-                if padding is None and isinstance(layer, nn.Conv2d):
-                    # Explicit zero padding, then VALID: torch's padding p on every side.
-                    padded = (shape[0], shape[2] + 2 * p[0], shape[3] + 2 * p[1], shape[1])
-                    pad_out = g.tensor(f"{name}/pad", padded)
-                    pads = [[0, 0], [p[0], p[0]], [p[1], p[1]], [0, 0]]
-                    g.op("PAD", [cur, g.const(f"{name}.paddings", pads, _INT32)], [pad_out])
-                    cur, padding = pad_out, _VALID
-                elif padding is None:
-                    raise ValueError(f"layer '{name}' (MaxPool2d): padding={layer.padding}, "
-                                     f"ceil_mode={layer.ceil_mode} has no TFLite SAME/VALID equivalent here")
-                out = g.tensor(name, tuple(oshape[i] for i in _TO_NHWC))
-                if isinstance(layer, nn.Conv2d):
-                    weight = g.const(f"{name}.weight", _np(layer.weight).transpose(0, 2, 3, 1))  # OIHW -> OHWI
-                    b = _np(layer.bias) if layer.bias is not None else np.zeros(oshape[1], np.float32)
-                    g.op("CONV_2D", [cur, weight, g.const(f"{name}.bias", b)], [out], "Conv2DOptions",
-                         [(0, "Int8", padding), (1, "Int32", s[1]), (2, "Int32", s[0]), (3, "Int8", 0),
-                          (4, "Int32", d[1]), (5, "Int32", d[0])])
-                else:
-                    g.op("MAX_POOL_2D", [cur], [out], "Pool2DOptions",
-                         [(0, "Int8", padding), (1, "Int32", s[1]), (2, "Int32", s[0]),
-                          (3, "Int32", k[1]), (4, "Int32", k[0]), (5, "Int8", 0)])
-                nhwc = True
-            cur, x = out, y
-    to_layout(False, tuple(x.shape))
-    if cur == in_t:
+            conv.layer(name, layer, tuple(x.shape), tuple(y.shape))
+            x = y
+    conv.to_layout(False, tuple(x.shape))
+    if conv.cur == in_t:
         raise ValueError("the module has no layer that produces an operation")
-    g.tensors[cur]["name"] = output_name
+    g.tensors[conv.cur]["name"] = output_name
     path = Path(path)
-    path.write_bytes(_serialize(g, in_t, cur, input_name, output_name))
+    path.write_bytes(_serialize(g, in_t, conv.cur, input_name, output_name))
     return path

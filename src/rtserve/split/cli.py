@@ -55,14 +55,15 @@ def _program_source(src: Path, args) -> _Source:
     """A ``torch.export`` program: its graph is cut (any number of tensors per cut)."""
     import torch
 
-    from ..export.convert import _pt2_meta
+    from ..export.convert import pt2_meta
     from .graph import GraphSplitter
+    from .graph_export import write_stages
 
     path = src / "model.pt2" if src.is_dir() else src
     if not path.is_file():
         raise SplitError(f"{path} does not exist")
     try:
-        ep, ins, outs = _pt2_meta(path)
+        ep, ins, outs = pt2_meta(path)
     except Exception as e:  # noqa: BLE001 - any load failure is the user's file
         raise SplitError(f"{path}: torch.export.load cannot load it: {e}") from None
     splitter = GraphSplitter(ep, ins, outs)
@@ -72,8 +73,8 @@ def _program_source(src: Path, args) -> _Source:
         want = splitter.gm(*example)
     want = want if isinstance(want, (tuple, list)) else (want,)
     return _Source(plan.table(), len(plan.stages),
-                   lambda dst: splitter.write(plan, dst, args.format, args.executor, args.max_batch_size,
-                                              args.micro_batch),
+                   lambda dst: write_stages(splitter, plan, dst, args.format, args.executor, args.max_batch_size,
+                                            args.micro_batch),
                    {n: t.numpy() for n, t in zip(splitter.input_names, example)},
                    {n: t.numpy() for n, t in zip(splitter.output_names, want)})
 

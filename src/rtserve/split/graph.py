@@ -15,21 +15,21 @@ Planning, on an example batch run through the graph once:
   among the cuts within ``TOLERANCE`` of that optimum, the ones handing over the fewest bytes win,
   so a transformer is cut between layers (one residual tensor) rather than inside one.
 
-Every stage is re-exported with ``torch.export`` with the source program's symbolic dimensions
-(batch, sequence, ...) kept dynamic within their ranges, and written as ``.pt2`` or ONNX.
+The operation costs are ``graph_costs.py``'s. :meth:`GraphSplitter.stage_module` builds a stage's
+graph; ``graph_export.py`` re-exports every stage with ``torch.export`` with the source program's
+symbolic dimensions (batch, sequence, ...) kept dynamic within their ranges, and writes it as
+``.pt2`` or ONNX.
 """
 from __future__ import annotations
 
-import json
-import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import fx
 
+from .graph_costs import OpProfiler
 from .planner import BALANCES, SplitError, partition
 
 TOLERANCE = 0.05  # a cut may make the largest stage this much costlier if it hands over fewer bytes
@@ -83,57 +83,9 @@ class GraphPlan:
         return "\n".join(lines)
 
 
-# -- costs --------------------------------------------------------------------------------------------
-_MATMULS = {"aten.mm.default", "aten.bmm.default", "aten.matmul.default", "aten.addmm.default",
-            "aten.baddbmm.default"}
-
-
-def _flops(node: fx.Node, args: tuple, out) -> float:
-    t = str(node.target)
-    if not isinstance(out, torch.Tensor):
-        return 0.0
-    if t == "aten.linear.default":
-        return 2.0 * out.numel() * args[0].shape[-1]
-    if t in _MATMULS:
-        a = args[1] if t in ("aten.addmm.default", "aten.baddbmm.default") else args[0]
-        return 2.0 * out.numel() * a.shape[-1]
-    if t.startswith("aten.conv") or t.startswith("aten.convolution"):
-        w = args[1]
-        return 2.0 * out.numel() * (w[0].numel() if w.dim() > 1 else 1)
-    if "scaled_dot_product" in t:
-        q, k = args[0], args[1]
-        return 4.0 * q.numel() * k.shape[-2]
-    return float(out.numel())
-
-
-class _Profiler(fx.Interpreter):
-    """Runs the graph once on real tensors, keeping every operation's output and cost."""
-
-    def __init__(self, gm: fx.GraphModule, balance: str, repeats: int) -> None:
-        super().__init__(gm)
-        self.balance, self.repeats = balance, repeats
-        self.values: dict[fx.Node, object] = {}
-        self.costs: dict[fx.Node, float] = {}
-
-    def run_node(self, n: fx.Node):
-        out = super().run_node(n)
-        self.values[n] = out
-        if n.op == "call_function":
-            args, kwargs = self.fetch_args_kwargs_from_env(n)
-            if self.balance == "latency":
-                times = []
-                for _ in range(self.repeats):
-                    t0 = time.perf_counter()
-                    n.target(*args, **kwargs)
-                    times.append(time.perf_counter() - t0)
-                self.costs[n] = float(np.median(times))
-            elif self.balance == "flops":
-                self.costs[n] = _flops(n, args, out)
-        return out
-
-
 # -- the splitter -------------------------------------------------------------------------------------
-def _sym_expr(d):
+def sym_expr(d):
+    """The sympy expression of a symbolic size; None for a plain int."""
     return d.node.expr if isinstance(d, torch.SymInt) else None
 
 
@@ -209,13 +161,13 @@ class GraphSplitter:
         for p, name in zip(self.placeholders, self.input_names):
             val = p.meta.get("val")
             for d, size in enumerate(getattr(val, "shape", ())):
-                if _sym_expr(size) is not None and not _sym_expr(size).is_Symbol:
-                    raise SplitError(f"input '{name}' dimension {d} is derived ({_sym_expr(size)}); splitting "
+                if sym_expr(size) is not None and not sym_expr(size).is_Symbol:
+                    raise SplitError(f"input '{name}' dimension {d} is derived ({sym_expr(size)}); splitting "
                                      "needs plain dynamic dimensions")
-            if not isinstance(val, torch.Tensor) or val.dim() == 0 or _sym_expr(val.shape[0]) is None:
+            if not isinstance(val, torch.Tensor) or val.dim() == 0 or sym_expr(val.shape[0]) is None:
                 raise SplitError(f"input '{name}' has no dynamic batch axis (dimension 0); export the model with "
                                  "a dynamic batch dimension to split it")
-            syms.add(str(_sym_expr(val.shape[0])))
+            syms.add(str(sym_expr(val.shape[0])))
         if len(syms) != 1:
             raise SplitError(f"the inputs' batch axes are different symbols ({', '.join(sorted(syms))})")
         return syms.pop()
@@ -235,7 +187,7 @@ class GraphSplitter:
         xs = []
         for p in self.placeholders:
             val = p.meta["val"]
-            shape = [_evaluate(_sym_expr(d), sizes) if _sym_expr(d) is not None else int(d) for d in val.shape]
+            shape = [_evaluate(sym_expr(d), sizes) if sym_expr(d) is not None else int(d) for d in val.shape]
             if val.dtype.is_floating_point:
                 xs.append(torch.randn(shape, generator=g).to(val.dtype))
             else:
@@ -250,8 +202,8 @@ class GraphSplitter:
     def _passable(self, v: fx.Node) -> bool:
         val = v.meta.get("val")
         if isinstance(val, torch.Tensor):
-            return all(_sym_expr(d) is None or _sym_expr(d).is_Symbol for d in val.shape)
-        return isinstance(val, torch.SymInt) and _sym_expr(val).is_Symbol
+            return all(sym_expr(d) is None or sym_expr(d).is_Symbol for d in val.shape)
+        return isinstance(val, torch.SymInt) and sym_expr(val).is_Symbol
 
     def plan(self, n_stages: int, balance: str = "flops", repeats: int = 5) -> GraphPlan:
         if balance not in BALANCES:
@@ -261,7 +213,7 @@ class GraphSplitter:
         L = len(self.ops)
         if n_stages > L:
             raise SplitError(f"--stages {n_stages}: the program has only {L} operations")
-        prof = _Profiler(self.gm, balance, repeats)
+        prof = OpProfiler(self.gm, balance, repeats)
         with torch.no_grad():
             prof.run(*self.example())
         self.values = prof.values
@@ -301,10 +253,10 @@ class GraphSplitter:
                 real = values.get(v)
                 cut_bytes[lo:hi + 1] += real.numel() * real.element_size() if isinstance(real, torch.Tensor) else 0
                 for d in val.shape:
-                    if _sym_expr(d) is not None:
-                        carriers.setdefault(str(_sym_expr(d)), np.zeros(L + 1, dtype=int))[lo:hi + 1] += 1
+                    if sym_expr(d) is not None:
+                        carriers.setdefault(str(sym_expr(d)), np.zeros(L + 1, dtype=int))[lo:hi + 1] += 1
             elif isinstance(val, torch.SymInt) and self._passable(v):
-                sizes.append((str(_sym_expr(val)), lo, hi))
+                sizes.append((str(sym_expr(val)), lo, hi))
             else:
                 bad[lo:hi + 1] += 1
         for sym, lo, hi in sizes:  # a size no crossing tensor carries cannot be rebuilt after the cut
@@ -345,7 +297,7 @@ class GraphSplitter:
 
     @staticmethod
     def _carries(t: fx.Node, size) -> bool:
-        return any(_sym_expr(d) == _sym_expr(size) for d in t.meta["val"].shape)
+        return any(sym_expr(d) == sym_expr(size) for d in t.meta["val"].shape)
 
     def _stage_outputs(self, a: int, b: int) -> list[fx.Node]:
         """Tensors the stage makes that a later stage reads or the model returns (in output order)."""
@@ -354,8 +306,8 @@ class GraphSplitter:
 
     def _describe(self, v: fx.Node) -> Crossing:
         val, real = v.meta["val"], self.values[v]
-        dims = tuple(str(_sym_expr(d)) if _sym_expr(d) is not None else str(int(d)) for d in val.shape)
-        batch = real.shape[0] if real.dim() and str(_sym_expr(val.shape[0])) == self.batch_symbol else 1
+        dims = tuple(str(sym_expr(d)) if sym_expr(d) is not None else str(int(d)) for d in val.shape)
+        batch = real.shape[0] if real.dim() and str(sym_expr(val.shape[0])) == self.batch_symbol else 1
         return Crossing(self.names[v], str(val.dtype).removeprefix("torch."), dims,
                         real.numel() * real.element_size() // batch)
 
@@ -375,8 +327,11 @@ class GraphSplitter:
             return "-"
         return paths[0] if len(paths) == 1 else f"{paths[0]} .. {paths[-1]}"
 
-    # -- writing ------------------------------------------------------------------------------------
+    # -- the stages' graphs -------------------------------------------------------------------------
     def stage_module(self, k: int) -> tuple[fx.GraphModule, list[fx.Node], list[fx.Node]]:
+        """Stage k of the last plan as a graph of its own: its inputs as placeholders, sizes from
+        earlier stages recomputed with ``sym_size`` from an input that carries them, weights shared
+        with the source program. Returns the graph and its input and output nodes in the source."""
         a, b = self._bounds[k]
         ins, outs = self._stage_inputs(a, b), self._stage_outputs(a, b)
         g = fx.Graph()
@@ -395,7 +350,7 @@ class GraphSplitter:
             if isinstance(val, torch.SymInt):  # a size from an earlier stage: read it off an input here
                 for v in ins:
                     for d, size in enumerate(v.meta["val"].shape):
-                        if _sym_expr(size) == _sym_expr(val):
+                        if sym_expr(size) == sym_expr(val):
                             env[x] = g.call_function(torch.ops.aten.sym_size.int, (env[v], d))
                             return env[x]
             raise SplitError(f"operation '{x.name}' is needed by stage {k} but no input of the stage carries it")
@@ -407,54 +362,3 @@ class GraphSplitter:
         g.output(tuple(env[v] for v in outs))
         g.eliminate_dead_code()
         return fx.GraphModule(self.gm, g), ins, outs
-
-    def export_stage(self, k: int, example_values: dict[fx.Node, torch.Tensor]):
-        """``torch.export`` of stage k with the source's symbolic dimensions dynamic."""
-        gm, ins, outs = self.stage_module(k)
-        dims: dict[str, torch.export.Dim] = {}
-
-        def dim(sym: str):
-            if sym not in dims:
-                lo, hi = self.ranges.get(sym, (1, None))
-                if sym == self.batch_symbol:  # micro-batches and remainders may be smaller than the source's minimum
-                    lo = 1
-                dims[sym] = torch.export.Dim(sym, min=lo, max=hi)
-            return dims[sym]
-
-        dynamic = tuple({d: dim(str(_sym_expr(s))) for d, s in enumerate(v.meta["val"].shape)
-                         if _sym_expr(s) is not None} for v in ins)
-        args = tuple(example_values[v] for v in ins)
-        ep = torch.export.export(gm, args, dynamic_shapes=dynamic)
-        return ep, args, [self.names[v] for v in ins], [self.names[v] for v in outs]
-
-    def write(self, plan: GraphPlan, out: Path, fmt: str = "pt2", executor: str = "process",
-              max_batch_size: int = 64, micro_batch: int = 8) -> Path:
-        """DST becomes a repository model (``backend: pipeline``) with one file per stage."""
-        from ..backends.torch import META_FILE
-        from ..export.convert import _export_onnx
-
-        if fmt not in ("onnx", "pt2"):
-            raise SplitError(f"--format '{fmt}' is not one of onnx, pt2")
-        vdir = out / "1"
-        vdir.mkdir(parents=True, exist_ok=True)
-        with torch.no_grad():  # the example values every stage is exported with
-            prof = _Profiler(self.gm, "params", 1)
-            prof.run(*self.example(batch=max(2, EXAMPLE_BATCH)))
-        entries = []
-        for s in plan.stages:
-            ep, args, in_names, out_names = self.export_stage(s.index, prof.values)
-            path = vdir / f"stage{s.index}.{fmt}"
-            if fmt == "pt2":
-                torch.export.save(ep, str(path), extra_files={META_FILE: json.dumps({"inputs": in_names,
-                                                                                     "outputs": out_names})})
-            else:
-                _export_onnx(ep, args, path, in_names, out_names, None)
-            entries.append({"file": path.name, "inputs": in_names, "outputs": out_names, "executor": executor,
-                            "device": "cpu", "threads": 1, "ops": list(s.ops), "modules": s.modules,
-                            "cost": s.cost})
-        (vdir / "pipeline.json").write_text(json.dumps({
-            "micro_batch": micro_batch, "inputs": self.input_names, "outputs": self.output_names,
-            "stages": entries, "plan": {"balance": plan.balance, "n_ops": plan.n_ops}}, indent=2))
-        (out / "model.yaml").write_text(f"backend: pipeline\nmax_batch_size: {max_batch_size}\n"
-                                        "batching:\n  max_queue_delay_ms: 2\n")
-        return out

@@ -61,9 +61,9 @@ def program(tmp_path_factory):
 
 
 def splitter(path):
-    from rtserve.export.convert import _pt2_meta
+    from rtserve.export.convert import pt2_meta
 
-    ep, ins, outs = _pt2_meta(path)
+    ep, ins, outs = pt2_meta(path)
     return GraphSplitter(ep, ins, outs)
 
 
