@@ -13,6 +13,7 @@ from torch import nn
 from ..attention import AttentionMetadata, paged_attention
 from ..config import DecoderConfig
 from ..frozen_linear import FrozenLinear
+from . import register_architecture
 
 
 class Conv1D(nn.Module):
@@ -80,6 +81,7 @@ class GPT2Body(nn.Module):
         self.ln_f = nn.LayerNorm(c.hidden_size, eps=c.rms_norm_eps)
 
 
+@register_architecture("gpt2")
 class GPT2LMHeadModel(nn.Module):
     """Same step interface as the Llama family: forward(input_ids (T,), positions (T,), kv_caches,
     meta, logits_index (N,)) -> logits (N, vocab)."""

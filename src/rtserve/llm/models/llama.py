@@ -10,6 +10,7 @@ from ..config import DecoderConfig
 from ..frozen_linear import FrozenLinear
 from ..quant_linear import QuantLinear
 from ..rope import Rotary
+from . import register_architecture
 
 
 class RMSNorm(nn.Module):
@@ -132,6 +133,7 @@ class LlamaBody(nn.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
 
+@register_architecture("llama", "qwen2", "qwen3")
 class LlamaForCausalLM(nn.Module):
     """forward(input_ids (T,), positions (T,), kv_caches [(2, blocks, block_size, Hkv, D)] per layer,
     meta, logits_index (N,)) -> logits (N, vocab) for the tokens that are sampled."""
