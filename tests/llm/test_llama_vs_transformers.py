@@ -9,6 +9,7 @@ transformers = pytest.importorskip("transformers")
 
 from rtserve.llm.block_manager import BlockManager  # noqa: E402
 from rtserve.llm.engine import LLM  # noqa: E402
+from rtserve.llm.engine_config import EngineConfig  # noqa: E402
 from rtserve.llm.model_runner import ModelRunner  # noqa: E402
 from rtserve.llm.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 from rtserve.llm.sequence import Sequence  # noqa: E402
@@ -54,7 +55,7 @@ def ref_greedy(ref, prompt, n):
 
 def test_logits_match_for_prefill_and_each_decode_step(checkpoint):
     path, ref, _ = checkpoint
-    runner = ModelRunner(path, num_blocks=32, block_size=4)
+    runner = ModelRunner(path, EngineConfig(num_blocks=32, block_size=4))
     sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64), BlockManager(32, 4))
     prompt = [5, 17, 3, 88, 42, 7, 7, 19, 60]
     seq = Sequence(list(prompt), max_tokens=4)
@@ -104,16 +105,16 @@ def test_bad_checkpoints_name_the_problem(checkpoint, tmp_path):
     tensors[name] = tensors[name][:, :-1].contiguous()
     save_file(tensors, bad / "model.safetensors")
     with pytest.raises(ValueError, match=f"{name}' has shape"):
-        ModelRunner(bad, 8, 4)
+        ModelRunner(bad, EngineConfig(num_blocks=8, block_size=4))
     del tensors[name]
     save_file(tensors, bad / "model.safetensors")
     with pytest.raises(ValueError, match=f"lacks tensor '{name}'"):
-        ModelRunner(bad, 8, 4)
+        ModelRunner(bad, EngineConfig(num_blocks=8, block_size=4))
     cfg = json.loads((bad / "config.json").read_text())
     cfg["architectures"] = ["FalconForCausalLM"]
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="FalconForCausalLM.*not supported"):
-        ModelRunner(bad, 8, 4)
+        ModelRunner(bad, EngineConfig(num_blocks=8, block_size=4))
 
 
 def test_sampling_seed_n_stop_tokens_and_logprobs(checkpoint):
@@ -137,6 +138,11 @@ def test_sampling_seed_n_stop_tokens_and_logprobs(checkpoint):
                                                  ignore_eos=True))[0].outputs[0]
     first = greedy.index(greedy[3])
     assert stop.token_ids == greedy[:first + 1] and stop.finish_reason == "stop"
+    # ignore_eos drops EOS from a sequence's stop set and keeps the request's own stop tokens
+    with_eos = llm.make_sequences(prompt, SamplingParams(stop_token_ids=(greedy[3],)))[0].stop_token_ids
+    assert with_eos == {greedy[3]} | llm.eos_token_ids
+    assert llm.make_sequences(prompt, SamplingParams(stop_token_ids=(greedy[3],), ignore_eos=True))[0].stop_token_ids \
+        == {greedy[3]}
 
     lp = llm.generate([prompt], SamplingParams(max_tokens=3, temperature=0, logprobs=2, ignore_eos=True))[0].outputs[0]
     with torch.no_grad():
@@ -172,7 +178,7 @@ def test_bfloat16_on_cpu_tracks_float32(checkpoint):
     prompt = [5, 17, 3, 88, 42, 7, 7, 19, 60]
     logits = {}
     for dtype in ("float32", "bfloat16"):
-        runner = ModelRunner(path, num_blocks=8, block_size=4, dtype=dtype)
+        runner = ModelRunner(path, EngineConfig(num_blocks=8, block_size=4, dtype=dtype))
         sched = Scheduler(SchedulerConfig(), BlockManager(8, 4))
         sched.add(Sequence(list(prompt), max_tokens=1))
         logits[dtype] = runner.run(sched.schedule())[0]

@@ -154,7 +154,7 @@ def test_stop_tokens_and_max_model_len():
     stop_at = reference([5, 6, 7], 3)[2]
     a = seq([5, 6, 7], max_tokens=50, stop_token_ids=frozenset({stop_at}))
     b = seq([1] * 10, max_tokens=50)
-    c = seq([5, 6, 7], max_tokens=50, stop_token_ids=frozenset({stop_at}), ignore_eos=True)
+    c = seq([5, 6, 7], max_tokens=50)  # ignore_eos: LLM.make_sequences leaves EOS out of the stop set
     for q in (a, b, c):
         s.add(q)
     run(s)

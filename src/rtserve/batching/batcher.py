@@ -111,7 +111,7 @@ class DynamicBatcher:
         """Stop the instances; requests still queued are answered with 503."""
         with self._cond:
             self._closed = True
-            leftovers = self.queue.take(1 << 62, None, 1 << 62, any_signature=True)
+            leftovers = self.queue.take(1 << 62, 1 << 62, any_signature=True)
             for r in leftovers:
                 r.state = RequestState.DONE
             self._cond.notify_all()
@@ -204,7 +204,7 @@ class DynamicBatcher:
 
     def _take_batch(self) -> list[InferRequest]:
         if not self.max_batch_size:
-            batch = self.queue.take(1, None, 1 << 62)
+            batch = self.queue.take(1, 1 << 62)
         else:
             budget = self.max_batch_size
             preferred = self.config.preferred_batch_sizes
@@ -212,7 +212,7 @@ class DynamicBatcher:
                 fitting = [s for s in preferred if s <= self.queue.num_queued]
                 if fitting and self.queue.num_queued > fitting[-1]:
                     budget = min(budget, fitting[-1])  # the rest goes to the idle instance now
-            batch = self.queue.take(budget, None, budget)
+            batch = self.queue.take(budget, budget)
         now = time.monotonic()
         for r in batch:
             r.state = RequestState.RUNNING

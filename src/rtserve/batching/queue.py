@@ -38,15 +38,15 @@ class RequestQueue:
                 return heap[0][2]
         return None
 
-    def take(self, max_items: int, signature: tuple | None, budget: int,
-             any_signature: bool = False) -> list[InferRequest]:
-        """Pop live requests in priority order whose signature matches ``signature`` (None = the
-        first one's) and whose batch sizes add up to at most ``budget``; ``max_items`` caps the
-        count. Requests that do not fit or do not match stay queued in their order.
+    def take(self, max_items: int, budget: int, any_signature: bool = False) -> list[InferRequest]:
+        """Pop live requests in priority order whose signature matches the first one's (any, with
+        ``any_signature``) and whose batch sizes add up to at most ``budget``; ``max_items`` caps
+        the count. Requests that do not fit or do not match stay queued in their order.
         """
         taken: list[InferRequest] = []
         skipped: list[tuple[float, int, InferRequest]] = []
         used = 0
+        signature = None
         for heap in reversed(self._heaps):
             while heap and len(taken) < max_items and used < budget:
                 entry = heapq.heappop(heap)

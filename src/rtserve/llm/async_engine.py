@@ -32,6 +32,21 @@ class StreamDelta:
     queue_s: float = 0.0       # arrival to first scheduled
 
 
+@dataclass(frozen=True)
+class AddSequences:
+    """Inbox message: schedule a new request's sequences (its ``n`` choices)."""
+    seqs: list[Sequence]
+
+
+@dataclass(frozen=True)
+class AbortSequences:
+    """Inbox message: end a request's sequences (its consumer went away); their blocks are freed."""
+    seqs: list[Sequence]
+
+
+InboxMessage = AddSequences | AbortSequences
+
+
 class _Stream:
     def __init__(self, loop, queue, index: int, hold: int) -> None:
         self.loop, self.queue, self.index, self.hold = loop, queue, index, hold
@@ -42,7 +57,7 @@ class _Stream:
 class AsyncLLM:
     def __init__(self, llm: LLM) -> None:
         self.llm = llm
-        self._inbox: deque = deque()
+        self._inbox: deque[InboxMessage] = deque()
         self._wake = threading.Event()
         self._streams: dict[int, _Stream] = {}
         self._running = True
@@ -65,7 +80,7 @@ class AsyncLLM:
         hold = max((len(x) for x in params.stop), default=1) - 1
         for i, s in enumerate(seqs):
             self._streams[s.seq_id] = _Stream(loop, queue, i, hold)
-        self._inbox.append(("add", seqs))
+        self._inbox.append(AddSequences(seqs))
         self._wake.set()
         remaining = len(seqs)
         try:
@@ -78,7 +93,7 @@ class AsyncLLM:
             for s in seqs:
                 self._streams.pop(s.seq_id, None)
             if remaining:
-                self._inbox.append(("abort", seqs))
+                self._inbox.append(AbortSequences(seqs))
                 self._wake.set()
 
     # -- engine thread -----------------------------------------------------------------------------
@@ -86,13 +101,7 @@ class AsyncLLM:
         llm = self.llm
         while self._running:
             while self._inbox:
-                op, seqs = self._inbox.popleft()
-                for s in seqs:
-                    if op == "add":
-                        llm.scheduler.add(s)
-                    else:
-                        llm.scheduler.abort(s)
-                        llm.forget(s)
+                self._handle(self._inbox.popleft())
             if not llm.scheduler.has_work:
                 self._wake.wait()
                 self._wake.clear()
@@ -105,6 +114,18 @@ class AsyncLLM:
                     self._emit(s, error=f"{type(e).__name__}: {e}")
                 continue
             self._deliver([d for d in (self._delta(s) for s in stepped) if d is not None])
+
+    def _handle(self, msg: InboxMessage) -> None:
+        llm = self.llm
+        if isinstance(msg, AddSequences):
+            for s in msg.seqs:
+                llm.scheduler.add(s)
+        elif isinstance(msg, AbortSequences):
+            for s in msg.seqs:
+                llm.scheduler.abort(s)
+                llm.forget(s)
+        else:
+            raise TypeError(f"unknown engine inbox message {type(msg).__name__}")
 
     @staticmethod
     def _put_all(items: list) -> None:

@@ -69,12 +69,12 @@ class DecodeGraphs:
     def run(self, out: SchedulerOutput) -> torch.Tensor:
         n = len(out.scheduled)
         b = next(s for s in self.sizes if s >= n)
-        ids, pos, slots, tables, lens = self.runner.prepare_decode(out)
-        self.ids[:n].copy_(ids, non_blocking=True)
-        self.pos[:n].copy_(pos, non_blocking=True)
-        self.slots[:n].copy_(slots, non_blocking=True)
-        self.tables[:n].copy_(tables, non_blocking=True)
-        self.lens[:n].copy_(lens, non_blocking=True)
+        d = self.runner.prepare_decode(out)
+        self.ids[:n].copy_(d.ids, non_blocking=True)
+        self.pos[:n].copy_(d.positions, non_blocking=True)
+        self.slots[:n].copy_(d.slot_mapping, non_blocking=True)
+        self.tables[:n].copy_(d.block_tables, non_blocking=True)
+        self.lens[:n].copy_(d.context_lens, non_blocking=True)
         # rows n..b-1 are padding: back to the scratch block
         self.slots[n:b].fill_(self.runner.scratch_block * self.runner.block_size)
         self.tables[n:b].fill_(self.runner.scratch_block)

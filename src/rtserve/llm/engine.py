@@ -6,6 +6,7 @@ are checked on the new text. ``async_engine.AsyncLLM`` runs this loop on a threa
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .block_manager import BlockManager
+from .engine_config import EngineConfig
 from .model_runner import ModelRunner
 from .sampler import SampleRow, sample
 from .sampling_params import SamplingParams
@@ -37,31 +39,30 @@ class RequestOutput:
     outputs: list[CompletionOutput]
 
 
+def with_overrides(config: EngineConfig, overrides: dict) -> EngineConfig:
+    """``config`` with some fields replaced (validated again); an unknown name is a TypeError, as
+    for any keyword argument."""
+    unknown = sorted(set(overrides) - set(EngineConfig.keys()))
+    if unknown:
+        raise TypeError(f"LLM() got an unexpected keyword argument '{unknown[0]}'; "
+                        f"engine options: {', '.join(EngineConfig.keys())}")
+    return dataclasses.replace(config, **overrides) if overrides else config
+
+
 class LLM:
-    def __init__(self, path: Path | str, *, dtype: str = "float32", device: str = "cpu",
-                 num_blocks: int | None = None, kv_cache_memory_fraction: float | None = None,
-                 block_size: int = 16, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-                 max_model_len: int | None = None, enable_prefix_caching: bool = True,
-                 decode_kernel: str | None = None, cuda_graphs: bool | None = None,
-                 pipeline_stages: int | None = None, pipeline_micro_batches: int | None = None) -> None:
-        """``num_blocks`` sizes the KV cache directly; without it ``kv_cache_memory_fraction`` does
-        (see ``cache_size.py``; defaults 0.9 of a GPU, 0.1 of available CPU memory).
-        ``decode_kernel`` and ``cuda_graphs``: see ``ModelRunner`` (both default on for CUDA).
-        ``pipeline_stages`` > 1: the layers run in that many worker processes (``PipelineRunner``),
-        each step cut into ``pipeline_micro_batches`` groups (default: one per stage) that overlap."""
-        if pipeline_stages and pipeline_stages > 1:  # layers split over worker processes
+    def __init__(self, path: Path | str, config: EngineConfig | None = None, *, device: str = "cpu",
+                 **overrides) -> None:
+        """``config`` (default ``EngineConfig()``) with ``overrides`` of its fields, e.g.
+        ``LLM(path, num_blocks=64, dtype="bfloat16")``. ``pipeline_stages`` > 1 runs the layers in
+        worker processes (``PipelineRunner``); otherwise one ``ModelRunner`` in this process."""
+        config = with_overrides(EngineConfig() if config is None else config, overrides)
+        self.engine_config = config
+        if config.pipeline_stages and config.pipeline_stages > 1:  # layers split over worker processes
             from .pipeline_runner import PipelineRunner
 
-            self.runner = PipelineRunner(path, num_blocks, block_size, dtype, device, stages=pipeline_stages,
-                                         micro_batches=pipeline_micro_batches,
-                                         memory_fraction=kv_cache_memory_fraction, max_num_seqs=max_num_seqs,
-                                         max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len)
+            self.runner = PipelineRunner(path, config, device)
         else:
-            self.runner = ModelRunner(path, num_blocks, block_size, dtype, device,
-                                      memory_fraction=kv_cache_memory_fraction, max_num_seqs=max_num_seqs,
-                                      max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-                                      decode_kernel=decode_kernel, cuda_graphs=cuda_graphs)
-        num_blocks = self.runner.num_blocks
+            self.runner = ModelRunner(path, config, device)
         c = self.runner.config
         self.tokenizer = Tokenizer(path) if (Path(path) / "tokenizer.json").is_file() else None
         eos = set(c.eos_token_ids)
@@ -70,9 +71,9 @@ class LLM:
         self.eos_token_ids = frozenset(eos)
         self._detok: dict[int, IncrementalDetokenizer] = {}
         self.scheduler = Scheduler(
-            SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                            max_model_len=max_model_len or c.max_position_embeddings),
-            BlockManager(num_blocks, block_size, enable_prefix_caching))
+            SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+                            max_model_len=self.runner.max_model_len),
+            BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching))
 
     def make_sequences(self, prompt: list[int], params: SamplingParams) -> list[Sequence]:
         """One sequence per choice (``n``); they share the prompt's blocks through the prefix cache."""
@@ -159,4 +160,4 @@ class LLM:
         return [r.outputs[0].token_ids for r in out]
 
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "FinishReason"]
+__all__ = ["LLM", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput", "FinishReason"]

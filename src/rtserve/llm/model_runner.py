@@ -3,6 +3,7 @@ attention metadata, forward, return the logits of the sequences that sample."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -12,12 +13,31 @@ from .attention import AttentionGroup, AttentionMetadata
 from .quant_linear import read_quantized
 from .cache_size import plan_cache
 from .config import DecoderConfig
+from .engine_config import DTYPES as DTYPE_NAMES
+from .engine_config import EngineConfig
 from .models.gpt2 import GPT2LMHeadModel
 from .models.llama import LlamaForCausalLM
 from .scheduler import SchedulerOutput
 from .weights import load_weights
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
+
+
+class ForwardInput(NamedTuple):
+    """One step packed for the model's forward: T tokens of S sequences, flat and ragged."""
+    ids: torch.Tensor           # (T,) int64 token ids
+    positions: torch.Tensor     # (T,) int64 position of each token in its sequence
+    meta: AttentionMetadata     # slots to write, and how each query reads the paged cache
+    logits_index: torch.Tensor  # (N,) int64 rows of the tokens that sample, in ``out.to_sample`` order
+
+
+class DecodeInputs(NamedTuple):
+    """Host tensors of a decode-only step (one token for each of S sequences), kernel path."""
+    ids: torch.Tensor           # (S,) int64
+    positions: torch.Tensor     # (S,) int64
+    slot_mapping: torch.Tensor  # (S,) int64 cache slot each new K/V is written to
+    block_tables: torch.Tensor  # (S, max_blocks_per_seq) int32
+    context_lens: torch.Tensor  # (S,) int32, the new token included
 
 
 def model_class(config: DecoderConfig) -> type[torch.nn.Module]:
@@ -52,42 +72,31 @@ def load_decoder(path: Path, dtype: torch.dtype, device: torch.device) -> torch.
 
 
 class ModelRunner:
-    """Owns the weights and the KV cache. ``decode_kernel``: "gather" (portable: gather the context
-    into a padded batch for SDPA) or "triton" (CUDA default: the paged decode kernel reads the cache
-    through block tables). ``cuda_graphs``: replay captured decode steps on CUDA (needs "triton")."""
+    """Owns the weights and the KV cache, sized and shaped by an ``EngineConfig``. Its
+    ``decode_kernel``: "gather" (portable: gather the context into a padded batch for SDPA) or
+    "triton" (CUDA default: the paged decode kernel reads the cache through block tables).
+    ``cuda_graphs``: replay captured decode steps on CUDA (needs "triton")."""
 
-    def __init__(self, path: Path | str, num_blocks: int | None, block_size: int, dtype: str = "float32",
-                 device: str = "cpu", *, memory_fraction: float | None = None, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
-                 decode_kernel: str | None = None, cuda_graphs: bool | None = None) -> None:
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+    def __init__(self, path: Path | str, config: EngineConfig, device: str = "cpu") -> None:
+        self.engine_config = config
         self.device = torch.device(device)
-        self.dtype = DTYPES[dtype]
+        self.dtype = DTYPES[config.dtype]
         self.model = load_decoder(Path(path), self.dtype, self.device)
-        c = self.model.config
-        self.config = c
-        self.block_size = block_size
-        self.max_model_len = max_model_len or c.max_position_embeddings
-        self.cache = plan_cache(c, block_size=block_size, dtype=self.dtype, device=self.device,
-                                num_blocks=num_blocks, memory_fraction=memory_fraction, max_num_seqs=max_num_seqs,
-                                max_num_batched_tokens=max_num_batched_tokens, max_model_len=self.max_model_len)
-        num_blocks = self.num_blocks = self.cache.num_blocks
+        c = self.config = self.model.config
+        self._plan_cache(c, config, self.device)  # after the weights: on CUDA the cache gets what they leave
         cuda = self.device.type == "cuda"
+        decode_kernel = config.decode_kernel
         if decode_kernel is None:
             decode_kernel = "triton" if cuda and triton_attention.available() else "gather"
-        if decode_kernel not in ("gather", "triton"):
-            raise ValueError(f"decode_kernel '{decode_kernel}' is not one of gather, triton")
         if decode_kernel == "triton" and not triton_attention.available():
             raise ValueError("decode_kernel 'triton' needs the triton package")
         self.decode_kernel = decode_kernel
         # one (2, blocks + 1, block_size, Hkv, D) tensor per layer: K and V. The extra last block is
         # scratch that padded rows of a captured CUDA graph write to; the block manager never hands it out.
-        self.scratch_block = num_blocks
-        self.kv_caches = [torch.zeros(2, num_blocks + 1, block_size, c.num_kv_heads, c.head_dim, dtype=self.dtype,
-                                      device=self.device) for _ in range(c.num_layers)]
-        self.max_blocks_per_seq = -(-self.max_model_len // block_size)
+        self.kv_caches = [torch.zeros(2, self.num_blocks + 1, self.block_size, c.num_kv_heads, c.head_dim,
+                                      dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
         self.graphs = None
+        cuda_graphs = config.cuda_graphs
         if cuda_graphs is None:
             cuda_graphs = cuda and decode_kernel == "triton"
         if cuda_graphs:
@@ -95,11 +104,21 @@ class ModelRunner:
                 raise ValueError("cuda_graphs needs device cuda and the triton decode kernel")
             from .cuda_graphs import DecodeGraphs
 
-            self.graphs = DecodeGraphs(self, max_num_seqs)
+            self.graphs = DecodeGraphs(self, config.max_num_seqs)
 
-    def prepare_decode(self, out: SchedulerOutput):
-        """Host tensors for a decode-only step on the kernel path: ids, positions, slots, block
-        tables (S, max_blocks_per_seq) int32 and context lengths (S,) int32."""
+    def _plan_cache(self, c: DecoderConfig, config: EngineConfig, device: torch.device) -> None:
+        """The KV cache's geometry (shared with ``PipelineRunner``): block size, context cap, block count."""
+        self.block_size = config.block_size
+        self.max_model_len = config.max_model_len or c.max_position_embeddings
+        self.cache = plan_cache(c, block_size=config.block_size, dtype=self.dtype, device=device,
+                                num_blocks=config.num_blocks, memory_fraction=config.kv_cache_memory_fraction,
+                                max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+                                max_model_len=self.max_model_len)
+        self.num_blocks = self.scratch_block = self.cache.num_blocks
+        self.max_blocks_per_seq = -(-self.max_model_len // config.block_size)
+
+    def prepare_decode(self, out: SchedulerOutput) -> DecodeInputs:
+        """Host tensors for a decode-only step on the kernel path."""
         bs, n = self.block_size, len(out.scheduled)
         ids = np.empty(n, np.int64)
         pos = np.empty(n, np.int64)
@@ -111,17 +130,19 @@ class ModelRunner:
             pos[i] = p
             tables[i, :len(seq.block_table)] = seq.block_table
         slots = tables[np.arange(n), pos // bs].astype(np.int64) * bs + pos % bs
-        return (torch.from_numpy(ids), torch.from_numpy(pos), torch.from_numpy(slots), torch.from_numpy(tables),
-                torch.from_numpy((pos + 1).astype(np.int32)))
+        return DecodeInputs(torch.from_numpy(ids), torch.from_numpy(pos), torch.from_numpy(slots),
+                            torch.from_numpy(tables), torch.from_numpy((pos + 1).astype(np.int32)))
 
-    def prepare(self, out: SchedulerOutput):
+    def prepare(self, out: SchedulerOutput) -> ForwardInput:
+        """The step's tensors on the runner's device, and its attention metadata."""
         bs = self.block_size
         dev = self.device
         if self.decode_kernel == "triton" and all(s.num_tokens == 1 for s in out.scheduled):
-            ids, pos, slots, tables, lens = (t.to(dev, non_blocking=True) for t in self.prepare_decode(out))
-            meta = AttentionMetadata(slot_mapping=slots, block_tables=tables, context_lens=lens)
+            d = DecodeInputs(*(t.to(dev, non_blocking=True) for t in self.prepare_decode(out)))
+            meta = AttentionMetadata(slot_mapping=d.slot_mapping, block_tables=d.block_tables,
+                                     context_lens=d.context_lens)
             logits_index = [i for i, s in enumerate(out.scheduled) if s.completes]
-            return ids, pos, meta, torch.tensor(logits_index, dtype=torch.long, device=dev)
+            return ForwardInput(d.ids, d.positions, meta, torch.tensor(logits_index, dtype=torch.long, device=dev))
         ids, pos, slots, tables, logits_index = [], [], [], [], []
         decode, prefill = [], []  # (sequence i, first step row, queries, context)
         offset = 0
@@ -144,8 +165,9 @@ class ModelRunner:
         if prefill:
             groups.append(self._prefill_group(prefill, tables, out_rows=not single))
         meta = AttentionMetadata(slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev), groups=groups)
-        return (torch.tensor(ids, dtype=torch.long, device=dev), torch.from_numpy(np.concatenate(pos)).to(dev),
-                meta, torch.tensor(logits_index, dtype=torch.long, device=dev))
+        return ForwardInput(torch.tensor(ids, dtype=torch.long, device=dev),
+                            torch.from_numpy(np.concatenate(pos)).to(dev), meta,
+                            torch.tensor(logits_index, dtype=torch.long, device=dev))
 
     def _kv_slots(self, members, tables) -> np.ndarray:
         bs = self.block_size
@@ -187,5 +209,5 @@ class ModelRunner:
         """Logits (N, vocab) for ``out.to_sample``, in that order."""
         if self.graphs is not None and self.graphs.can_run(out):
             return self.graphs.run(out)
-        ids, pos, meta, logits_index = self.prepare(out)
-        return self.model(ids, pos, self.kv_caches, meta, logits_index)
+        x = self.prepare(out)
+        return self.model(x.ids, x.positions, self.kv_caches, x.meta, x.logits_index)

@@ -23,7 +23,8 @@ import torch
 
 from ..backends.base import Backend
 from .attention import AttentionGroup, AttentionMetadata
-from .model_runner import DTYPES, ModelRunner
+from .engine_config import EngineConfig
+from .model_runner import DTYPES, ForwardInput, ModelRunner
 from .scheduler import SchedulerOutput
 
 MIN_GROUP_TOKENS = 32  # a step is cut into groups of at least this many tokens
@@ -31,10 +32,11 @@ _GROUP_FIELDS = ("kv_slots", "mask", "rows", "q_index", "q_valid", "out_rows")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 
 
-def flatten(ids, pos, meta: AttentionMetadata, logits_index) -> dict[str, np.ndarray]:
-    out = {"ids": ids.numpy(), "positions": pos.numpy(), "slot_mapping": meta.slot_mapping.numpy(),
-           "logits_index": logits_index.numpy()}
-    for i, g in enumerate(meta.groups):
+def flatten(x: ForwardInput) -> dict[str, np.ndarray]:
+    """A step's inputs as named arrays for the stage workers (``unflatten`` reverses it)."""
+    out = {"ids": x.ids.numpy(), "positions": x.positions.numpy(), "slot_mapping": x.meta.slot_mapping.numpy(),
+           "logits_index": x.logits_index.numpy()}
+    for i, g in enumerate(x.meta.groups):
         for f in _GROUP_FIELDS:
             v = getattr(g, f)
             if v is not None:
@@ -42,7 +44,8 @@ def flatten(ids, pos, meta: AttentionMetadata, logits_index) -> dict[str, np.nda
     return out
 
 
-def unflatten(d: dict[str, np.ndarray]) -> tuple[AttentionMetadata, torch.Tensor, torch.Tensor]:
+def unflatten(d: dict[str, np.ndarray]) -> ForwardInput:
+    """The step's inputs back from ``flatten``'s arrays (``ids`` None where a stage got none)."""
     groups = []
     i = 0
     while f"g{i}.kv_slots" in d:
@@ -50,7 +53,9 @@ def unflatten(d: dict[str, np.ndarray]) -> tuple[AttentionMetadata, torch.Tensor
                                        for f in _GROUP_FIELDS}))
         i += 1
     meta = AttentionMetadata(slot_mapping=torch.from_numpy(np.array(d["slot_mapping"])), groups=groups)
-    return meta, torch.from_numpy(np.array(d["positions"])), torch.from_numpy(np.array(d["logits_index"]))
+    ids = torch.from_numpy(np.array(d["ids"])) if "ids" in d else None
+    return ForwardInput(ids, torch.from_numpy(np.array(d["positions"])), meta,
+                        torch.from_numpy(np.array(d["logits_index"])))
 
 
 class StageBackend(Backend):
@@ -118,51 +123,41 @@ class StageBackend(Backend):
 
     @torch.inference_mode()
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        meta, pos, logits_index = unflatten(inputs)
+        step = unflatten(inputs)
         if self.first:
-            x = self.m.model.embed_tokens(torch.from_numpy(np.array(inputs["ids"])))
+            x = self.m.model.embed_tokens(step.ids)
         else:
             x = torch.from_numpy(np.array(inputs["hidden"]))
-        rope = self.m.rotary.tables(pos, x.dtype)
+        rope = self.m.rotary.tables(step.positions, x.dtype)
         for layer, cache in zip(self.m.model.layers, self.kv):
-            x = layer(x, rope, cache, meta)
+            x = layer(x, rope, cache, step.meta)
         if not self.last:
             return {"hidden": x.numpy()}
-        return {"logits": self.head(self.m.model.norm(x[logits_index])).float().numpy()}
+        return {"logits": self.head(self.m.model.norm(x[step.logits_index])).float().numpy()}
 
 
 class PipelineRunner(ModelRunner):
-    """A ``ModelRunner`` whose model lives in ``stages`` worker processes (layers split evenly)."""
+    """A ``ModelRunner`` whose model lives in ``config.pipeline_stages`` worker processes (layers
+    split evenly), each step cut into ``config.pipeline_micro_batches`` groups (None: one per stage)."""
 
-    def __init__(self, path: Path | str, num_blocks: int | None, block_size: int, dtype: str = "float32",
-                 device: str = "cpu", *, stages: int = 2, micro_batches: int | None = None,
-                 memory_fraction: float | None = None, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 2048, max_model_len: int | None = None, **_) -> None:
+    def __init__(self, path: Path | str, config: EngineConfig, device: str = "cpu") -> None:
         from ..executors.process import ProcessInstance
-        from .cache_size import plan_cache
         from .config import DecoderConfig
 
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+        stages = config.pipeline_stages
         c = DecoderConfig.from_dir(path)
-        if not 2 <= stages <= c.num_layers:
+        if stages is None or not 2 <= stages <= c.num_layers:
             raise ValueError(f"pipeline_stages {stages}: must be between 2 and the model's {c.num_layers} layers")
-        self.config, self.device, self.dtype = c, torch.device("cpu"), DTYPES[dtype]
-        self.block_size = block_size
-        self.max_model_len = max_model_len or c.max_position_embeddings
-        self.cache = plan_cache(c, block_size=block_size, dtype=self.dtype, device=torch.device(device),
-                                num_blocks=num_blocks, memory_fraction=memory_fraction, max_num_seqs=max_num_seqs,
-                                max_num_batched_tokens=max_num_batched_tokens, max_model_len=self.max_model_len)
-        self.num_blocks = self.cache.num_blocks
-        self.scratch_block = self.num_blocks
+        self.engine_config = config
+        self.config, self.device, self.dtype = c, torch.device("cpu"), DTYPES[config.dtype]
+        self._plan_cache(c, config, torch.device(device))
         self.decode_kernel, self.graphs = "gather", None
-        self.max_blocks_per_seq = -(-self.max_model_len // block_size)
         bounds = np.linspace(0, c.num_layers, stages + 1).round().astype(int)
         self.stages = []
         try:
             for k in range(stages):
                 opts = {"layers": [int(bounds[k]), int(bounds[k + 1])], "first": k == 0, "last": k == stages - 1,
-                        "dtype": dtype, "num_blocks": self.num_blocks, "block_size": block_size,
+                        "dtype": config.dtype, "num_blocks": self.num_blocks, "block_size": self.block_size,
                         "threads": max(1, (os.cpu_count() or 1) // stages)}  # the stages share the cores
                 self.stages.append(ProcessInstance(f"{__name__}:StageBackend", Path(path) / "config.json", device,
                                                    opts, 1, None, k))
@@ -170,9 +165,7 @@ class PipelineRunner(ModelRunner):
             self.close()
             raise
         self.layer_bounds = [(int(bounds[k]), int(bounds[k + 1])) for k in range(stages)]
-        self.micro_batches = stages if micro_batches is None else int(micro_batches)
-        if self.micro_batches < 1:
-            raise ValueError(f"pipeline_micro_batches {micro_batches}: must be >= 1")
+        self.micro_batches = stages if config.pipeline_micro_batches is None else config.pipeline_micro_batches
         self.min_group_tokens = MIN_GROUP_TOKENS
         self._drivers = [ThreadPoolExecutor(1, thread_name_prefix=f"rtserve-llm-stage{k}") for k in range(stages)]
 
@@ -196,15 +189,14 @@ class PipelineRunner(ModelRunner):
     def run(self, out: SchedulerOutput) -> torch.Tensor:
         parts = self.split(out)
         if len(parts) == 1:  # nothing to overlap: no thread hand-offs
-            feeds = flatten(*self.prepare(out))
+            feeds = flatten(self.prepare(out))
             res = self.stages[0].run(feeds)
             for k in range(1, len(self.stages)):
                 res = self.stages[k].run({**feeds, "hidden": res["hidden"]})
             return torch.from_numpy(res["logits"])
         finals = []
         for part in parts:  # group i enters stage k once stage k-1 has passed it on
-            ids, pos, meta, logits_index = self.prepare(part)
-            feeds, prev = flatten(ids, pos, meta, logits_index), None
+            feeds, prev = flatten(self.prepare(part)), None
             for k, driver in enumerate(self._drivers):
                 prev = driver.submit(self._stage, k, feeds, prev)
             finals.append(prev)

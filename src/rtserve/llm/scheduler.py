@@ -170,7 +170,7 @@ class Scheduler:
             tok = sampled[seq.seq_id]
             seq.append_token(tok)
             reason = None
-            if tok in seq.stop_token_ids and not seq.ignore_eos:
+            if tok in seq.stop_token_ids:
                 reason = FinishReason.STOP
             elif seq.num_generated >= seq.max_tokens or seq.num_tokens >= self.config.max_model_len:
                 reason = FinishReason.LENGTH

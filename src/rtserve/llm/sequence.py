@@ -32,9 +32,7 @@ class Sequence:
 
     token_ids: list[int]
     max_tokens: int
-    stop_token_ids: frozenset[int] = frozenset()
-    ignore_eos: bool = False
-    priority: int = 0
+    stop_token_ids: frozenset[int] = frozenset()  # EOS included unless the request set ignore_eos
     arrival: float = 0.0
     seq_id: int = field(default_factory=lambda: next(_ids))
     status: SequenceStatus = SequenceStatus.WAITING

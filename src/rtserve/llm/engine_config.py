@@ -1,0 +1,85 @@
+"""The LLM engine's options: model.yaml's ``engine:`` mapping, one field per key, validated once.
+
+``LLM``, ``ModelRunner`` and ``PipelineRunner`` take an ``EngineConfig``; the repository reads the
+mapping with ``EngineConfig.from_dict``. This is the only place the keys are spelled. No torch here:
+the server validates a model's config without loading the engine.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+DTYPES = ("float32", "bfloat16", "float16")
+DECODE_KERNELS = ("gather", "triton")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """``num_blocks`` sizes the KV cache directly; without it ``kv_cache_memory_fraction`` does
+    (``cache_size.py``; defaults 0.9 of a GPU, 0.1 of available CPU memory). ``max_model_len``:
+    None is the checkpoint's ``max_position_embeddings``. ``decode_kernel`` ("gather" or "triton")
+    and ``cuda_graphs``: see ``ModelRunner`` (None: both on for CUDA). ``pipeline_stages`` > 1: the
+    layers run in that many worker processes (``PipelineRunner``), each step cut into
+    ``pipeline_micro_batches`` groups (None: one per stage) that overlap."""
+
+    num_blocks: int | None = None
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    dtype: str = "float32"
+    enable_prefix_caching: bool = True
+    kv_cache_memory_fraction: float | None = None
+    decode_kernel: str | None = None
+    cuda_graphs: bool | None = None
+    pipeline_stages: int | None = None
+    pipeline_micro_batches: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            _check_int(name, getattr(self, name), optional=False)
+        for name in ("num_blocks", "max_model_len", "pipeline_stages", "pipeline_micro_batches"):
+            _check_int(name, getattr(self, name), optional=True)
+        _check_choice("dtype", self.dtype, DTYPES, optional=False)
+        _check_choice("decode_kernel", self.decode_kernel, DECODE_KERNELS, optional=True)
+        _check_bool("enable_prefix_caching", self.enable_prefix_caching, optional=False)
+        _check_bool("cuda_graphs", self.cuda_graphs, optional=True)
+        f = self.kv_cache_memory_fraction
+        if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f <= 1.0):
+            raise ValueError(f"engine.kv_cache_memory_fraction: must be a number in (0, 1] or unset, got {f!r}")
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        """The field names: model.yaml's ``engine:`` keys."""
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> EngineConfig:
+        """The config of a model.yaml ``engine:`` mapping; unset keys keep their defaults.
+        Raises ValueError naming an unknown key or a bad value."""
+        allowed = cls.keys()
+        unknown = sorted(set(raw) - set(allowed))
+        if unknown:
+            raise ValueError(f"engine: unknown key '{unknown[0]}'; allowed: {', '.join(sorted(allowed))}")
+        return cls(**raw)
+
+
+def _check_int(name: str, value, optional: bool) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        unset = " or unset" if optional else ""
+        raise ValueError(f"engine.{name}: must be an integer >= 1{unset}, got {value!r}")
+
+
+def _check_choice(name: str, value, allowed: tuple[str, ...], optional: bool) -> None:
+    if (value is None and optional) or value in allowed:
+        return
+    unset = " (or unset)" if optional else ""
+    raise ValueError(f"engine.{name}: '{value}' is not one of {', '.join(allowed)}{unset}")
+
+
+def _check_bool(name: str, value, optional: bool) -> None:
+    if (value is None and optional) or isinstance(value, bool):
+        return
+    unset = " or unset" if optional else ""
+    raise ValueError(f"engine.{name}: must be true or false{unset}, got {value!r}")
