@@ -302,6 +302,8 @@ def _add_bench_parser(sub) -> None:
 
 
 def _add_generate_parser(sub) -> None:
+    from .llm.engine_config import DTYPES
+
     g = sub.add_parser("generate", help="generate text offline with a Hugging Face decoder folder, streaming")
     g.add_argument("model_dir")
     g.add_argument("--prompt", required=True)
@@ -312,7 +314,7 @@ def _add_generate_parser(sub) -> None:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int)
     g.add_argument("--stop", action="append")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--dtype", default="float32", choices=list(DTYPES))
     g.add_argument("--device", default="cpu")
     g.add_argument("--num-blocks", type=int, default=512)
     g.set_defaults(func=cmd_generate)

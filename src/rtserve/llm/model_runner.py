@@ -15,8 +15,7 @@ from .cache_size import plan_cache
 from .config import DecoderConfig
 from .engine_config import DTYPES as DTYPE_NAMES
 from .engine_config import EngineConfig
-from .models.gpt2 import GPT2LMHeadModel
-from .models.llama import LlamaForCausalLM
+from .models import model_class
 from .scheduler import SchedulerOutput
 from .weights import load_weights
 
@@ -38,10 +37,6 @@ class DecodeInputs(NamedTuple):
     slot_mapping: torch.Tensor  # (S,) int64 cache slot each new K/V is written to
     block_tables: torch.Tensor  # (S, max_blocks_per_seq) int32
     context_lens: torch.Tensor  # (S,) int32, the new token included
-
-
-def model_class(config: DecoderConfig) -> type[torch.nn.Module]:
-    return GPT2LMHeadModel if config.family == "gpt2" else LlamaForCausalLM
 
 
 def load_decoder(path: Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
