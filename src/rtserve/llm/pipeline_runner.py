@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..backends.base import Backend
+from ..executors.base import InstanceSpec, make_instances
 from .attention import AttentionGroup, AttentionMetadata
 from .engine_config import EngineConfig
 from .model_runner import DTYPES, ForwardInput, ModelRunner
@@ -141,7 +142,6 @@ class PipelineRunner(ModelRunner):
     split evenly), each step cut into ``config.pipeline_micro_batches`` groups (None: one per stage)."""
 
     def __init__(self, path: Path | str, config: EngineConfig, device: str = "cpu") -> None:
-        from ..executors.process import ProcessInstance
         from .config import DecoderConfig
 
         stages = config.pipeline_stages
@@ -159,8 +159,8 @@ class PipelineRunner(ModelRunner):
                 opts = {"layers": [int(bounds[k]), int(bounds[k + 1])], "first": k == 0, "last": k == stages - 1,
                         "dtype": config.dtype, "num_blocks": self.num_blocks, "block_size": self.block_size,
                         "threads": max(1, (os.cpu_count() or 1) // stages)}  # the stages share the cores
-                self.stages.append(ProcessInstance(f"{__name__}:StageBackend", Path(path) / "config.json", device,
-                                                   opts, 1, None, k))
+                spec = InstanceSpec(f"{__name__}:StageBackend", str(Path(path) / "config.json"), device, opts)
+                self.stages.append(make_instances("process", spec)[0])
         except BaseException:
             self.close()
             raise
