@@ -120,7 +120,7 @@ def test_a_failure_during_the_work_leaves_no_version(mlp, tmp_path, monkeypatch)
     def boom(*a, **k):
         raise RuntimeError("measurement failed")
 
-    monkeypatch.setattr("rtserve.compress.cli.measure", boom)
+    monkeypatch.setattr("rtserve.compress.onnx_job.measure", boom)
     with pytest.raises(RuntimeError):
         run_job(job)
     assert sorted(p.name for p in model_dir.iterdir()) == ["1", "model.yaml"]

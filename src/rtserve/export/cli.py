@@ -6,16 +6,17 @@ import sys
 from pathlib import Path
 
 from .convert import TARGETS, ConversionError, convert
+from .targets import vias
 
 
 def add_convert_parser(sub) -> None:
     c = sub.add_parser("convert", help="convert a model (HF encoder folder, .pt2, .onnx) to ONNX or .pt2, verified")
     c.add_argument("src", help="a Hugging Face encoder folder, a .pt2 program or an .onnx model")
-    c.add_argument("--to", required=True, choices=TARGETS, help="tflite: from a PyTorch spec model folder")
+    c.add_argument("--to", required=True, choices=tuple(TARGETS), help="tflite: from a PyTorch spec model folder")
     c.add_argument("--out", required=True, help="output file, or a repository model folder (a new version)")
     c.add_argument("--optimize", action="store_true", help="ONNX Runtime offline optimization and fusions")
     c.add_argument("--fp16", action="store_true", help="float16 weights (for GPUs), float32 inputs/outputs")
-    c.add_argument("--via", default="rtserve", choices=("rtserve", "litert"),
+    c.add_argument("--via", default="rtserve", choices=vias(),
                    help="tflite writer: rtserve's own (dynamic batch) or Google's litert-torch (`make litert`; "
                         "the batch is fixed in the file)")
     c.add_argument("--batch", type=int, default=1, help="--via litert: the batch size fixed in the file")
