@@ -119,7 +119,7 @@ LM_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }
                     "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def write_text_lm(path: Path) -> Path:
+def write_text_lm(path: Path, max_position_embeddings: int = 256) -> Path:
     """A tiny Llama checkpoint with a byte-level BPE tokenizer trained here and a chat template."""
     import json
 
@@ -140,7 +140,8 @@ def write_text_lm(path: Path) -> Path:
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=112,
                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=256, tie_word_embeddings=True, eos_token_id=1)
+                                   max_position_embeddings=max_position_embeddings, tie_word_embeddings=True,
+                                   eos_token_id=1)
     m = transformers.LlamaForCausalLM(cfg)
     with torch.no_grad():
         for p in m.parameters():

@@ -4,6 +4,7 @@ chained by the pipeline backend compute exactly what the whole program does."""
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -255,6 +256,9 @@ def test_close_lets_batches_in_flight_finish(program, tmp_path):
     got: dict = {}
     t = threading.Thread(target=lambda: got.update(pipe.run({"features": x, "mask": np.ones((400, 16), np.float32)})))
     t.start()
+    deadline = time.monotonic() + 30
+    while pipe.num_accepted < 1 and time.monotonic() < deadline:  # the batch is in the pipeline
+        time.sleep(0.001)
     pipe.close()
     t.join(30)
     assert not t.is_alive() and got["logits"].shape == (400, 3)

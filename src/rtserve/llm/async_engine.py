@@ -2,6 +2,12 @@
 its deltas through an asyncio queue; a request whose consumer goes away is aborted (its blocks are
 freed at the next step).
 
+Every accepted request gets a terminal delta: its last token, or a ``failure`` (the HTTP status and
+message its client is told) when its own sampling or detokenizing fails, when the forward pass of
+its step fails (only that step's sequences fail; the traceback is logged; the engine goes on), or
+when the engine closes (unload, reload, shutdown: ``close`` lets running requests finish for up to
+its drain timeout, then fails the rest with 503, and refuses new ones at once).
+
 The event loop never takes a lock: new requests and aborts go through a thread-safe inbox that
 the engine thread drains before each step, and deltas come back with ``call_soon_threadsafe`` --
 once per step and loop, not once per sequence: each such call wakes the loop through its self-pipe,
@@ -10,14 +16,22 @@ and at 64 running sequences per-sequence calls cost the loop (and the GIL the en
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from .engine import LLM
+from .engine import LLM, StepFailed
 from .sampling_params import SamplingParams
-from .sequence import FinishReason, Sequence
+from .sequence import RequestFailure, Sequence
+
+log = logging.getLogger("rtserve.llm")
+
+
+class EngineClosed(Exception):
+    """The engine no longer takes requests (its model is unloading or the server shutting down)."""
 
 
 @dataclass
@@ -30,6 +44,7 @@ class StreamDelta:
     num_prompt_tokens: int
     num_generated: int
     queue_s: float = 0.0       # arrival to first scheduled
+    failure: RequestFailure | None = None  # set on the last delta of a request that failed
 
 
 @dataclass(frozen=True)
@@ -44,7 +59,18 @@ class AbortSequences:
     seqs: list[Sequence]
 
 
-InboxMessage = AddSequences | AbortSequences
+@dataclass(frozen=True)
+class FailAll:
+    """Inbox message: end every request the engine holds with this failure (the engine is closing)."""
+    failure: RequestFailure
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Inbox message: leave the engine loop (after everything before it in the inbox)."""
+
+
+InboxMessage = AddSequences | AbortSequences | FailAll | Stop
 
 
 class _Stream:
@@ -61,13 +87,38 @@ class AsyncLLM:
         self._wake = threading.Event()
         self._streams: dict[int, _Stream] = {}
         self._running = True
+        self._accepting = True
+        self._lock = threading.Lock()  # generate's accept-and-post and close's refusal exclude each other
         self._thread = threading.Thread(target=self._run, name="rtserve-llm-engine", daemon=True)
         self._thread.start()
 
-    def shutdown(self) -> None:
-        self._running = False
-        self._wake.set()
+    def close(self, drain_timeout_s: float = 10.0, message: str = "the model stopped serving") -> int:
+        """Refuse new requests, let the running ones finish for up to ``drain_timeout_s``, then end
+        the rest with a 503 ``message`` and stop the engine thread. Blocking (call it off the loop);
+        idempotent. Returns how many requests had to be failed."""
+        with self._lock:
+            if not self._accepting:
+                self._thread.join(30)
+                return 0
+            self._accepting = False
+        deadline = time.monotonic() + drain_timeout_s
+        while self._busy() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        left = len({id(st.queue) for st in list(self._streams.values())})
+        self._post(FailAll(RequestFailure(503, message)))
+        self._post(Stop())
         self._thread.join(30)
+        return left
+
+    def shutdown(self) -> None:
+        self.close(0.0, "the server is shutting down")
+
+    def _busy(self) -> bool:
+        return bool(self._inbox) or self.llm.scheduler.has_work or bool(self._streams)
+
+    def _post(self, msg: InboxMessage) -> None:
+        self._inbox.append(msg)
+        self._wake.set()
 
     async def generate(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[StreamDelta]:
         """Stream the request's deltas. Raises ValueError (bad prompt) or RequestTooLarge at once."""
@@ -78,10 +129,12 @@ class AsyncLLM:
             self.llm.scheduler.check(s)
         queue: asyncio.Queue = asyncio.Queue()
         hold = max((len(x) for x in params.stop), default=1) - 1
-        for i, s in enumerate(seqs):
-            self._streams[s.seq_id] = _Stream(loop, queue, i, hold)
-        self._inbox.append(AddSequences(seqs))
-        self._wake.set()
+        with self._lock:
+            if not self._accepting:
+                raise EngineClosed("the model is not taking requests (it is unloading, or the server is shutting down)")
+            for i, s in enumerate(seqs):
+                self._streams[s.seq_id] = _Stream(loop, queue, i, hold)
+            self._post(AddSequences(seqs))
         remaining = len(seqs)
         try:
             while remaining:
@@ -93,8 +146,7 @@ class AsyncLLM:
             for s in seqs:
                 self._streams.pop(s.seq_id, None)
             if remaining:
-                self._inbox.append(AbortSequences(seqs))
-                self._wake.set()
+                self._post(AbortSequences(seqs))
 
     # -- engine thread -----------------------------------------------------------------------------
     def _run(self) -> None:
@@ -102,18 +154,31 @@ class AsyncLLM:
         while self._running:
             while self._inbox:
                 self._handle(self._inbox.popleft())
+            if not self._running:
+                break
             if not llm.scheduler.has_work:
                 self._wake.wait()
                 self._wake.clear()
                 continue
-            try:
-                stepped = llm.step()
-            except Exception as e:  # a model fault ends every running request, the engine lives on
-                for s in list(llm.scheduler.running) + list(llm.scheduler.waiting):
-                    llm.scheduler.abort(s)
-                    self._emit(s, error=f"{type(e).__name__}: {e}")
-                continue
-            self._deliver([d for d in (self._delta(s) for s in stepped) if d is not None])
+            self._deliver([d for d in (self._delta(s) for s in self._step()) if d is not None])
+
+    def _step(self) -> list[Sequence]:
+        """One engine step; a fault fails the sequences it touched, never the engine."""
+        llm = self.llm
+        try:
+            return llm.step()
+        except StepFailed as e:
+            log.error("the forward pass failed for %d sequences of model %s", len(e.seqs), llm.path,
+                      exc_info=e.error)
+            failed = e.seqs
+            message = f"the model's forward pass failed: {type(e.error).__name__}: {e.error}"
+        except Exception as e:  # noqa: BLE001 - a fault outside the forward (scheduler, sampler setup)
+            log.exception("an engine step failed for model %s", llm.path)
+            failed = list(llm.scheduler.running) + list(llm.scheduler.waiting)
+            message = f"the engine step failed: {type(e).__name__}: {e}"
+        for s in failed:
+            llm.fail(s, 500, message)
+        return failed
 
     def _handle(self, msg: InboxMessage) -> None:
         llm = self.llm
@@ -124,6 +189,13 @@ class AsyncLLM:
             for s in msg.seqs:
                 llm.scheduler.abort(s)
                 llm.forget(s)
+        elif isinstance(msg, FailAll):
+            held = list(llm.scheduler.running) + list(llm.scheduler.waiting)
+            for s in held:
+                llm.fail(s, msg.failure.status, msg.failure.message)
+            self._deliver([d for d in (self._delta(s) for s in held) if d is not None])
+        elif isinstance(msg, Stop):
+            self._running = False
         else:
             raise TypeError(f"unknown engine inbox message {type(msg).__name__}")
 
@@ -140,12 +212,7 @@ class AsyncLLM:
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(self._put_all, items)
 
-    def _emit(self, seq: Sequence, error: str | None = None) -> None:
-        d = self._delta(seq, error)
-        if d is not None:
-            self._deliver([d])
-
-    def _delta(self, seq: Sequence, error: str | None = None) -> tuple["_Stream", StreamDelta] | None:
+    def _delta(self, seq: Sequence) -> tuple["_Stream", StreamDelta] | None:
         st = self._streams.get(seq.seq_id)
         if st is None:
             if seq.is_finished:
@@ -157,11 +224,10 @@ class AsyncLLM:
         new_tokens = seq.generated_ids[st.sent_tokens:]
         lps = seq.output_logprobs[st.sent_tokens:] if seq.params.logprobs is not None else None
         reason = seq.finish_reason.value if done and seq.finish_reason else None
-        if error is not None:
-            reason = FinishReason.ABORT.value
         delta = StreamDelta(st.index, text[st.sent_chars:upto], new_tokens, lps, reason,
                             seq.num_prompt_tokens, seq.num_generated,
-                            max(0.0, seq.first_scheduled - seq.arrival) if seq.first_scheduled else 0.0)
+                            max(0.0, seq.first_scheduled - seq.arrival) if seq.first_scheduled else 0.0,
+                            seq.failure if done else None)
         st.sent_tokens = seq.num_generated
         st.sent_chars = upto
         if done:

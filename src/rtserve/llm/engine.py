@@ -19,7 +19,7 @@ from .model_runner import ModelRunner
 from .sampler import SampleRow, sample
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
-from .sequence import FinishReason, Sequence
+from .sequence import FinishReason, RequestFailure, Sequence
 from .tokenizer import IncrementalDetokenizer, Tokenizer, find_stop
 
 
@@ -49,6 +49,14 @@ def with_overrides(config: EngineConfig, overrides: dict) -> EngineConfig:
     return dataclasses.replace(config, **overrides) if overrides else config
 
 
+class StepFailed(Exception):
+    """The forward pass of a step failed: its sequences (and only those) fail with it."""
+
+    def __init__(self, seqs: list[Sequence], error: BaseException) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.seqs, self.error = seqs, error
+
+
 class LLM:
     def __init__(self, path: Path | str, config: EngineConfig | None = None, *, device: str = "cpu",
                  **overrides) -> None:
@@ -57,6 +65,7 @@ class LLM:
         worker processes (``PipelineRunner``); otherwise one ``ModelRunner`` in this process."""
         config = with_overrides(EngineConfig() if config is None else config, overrides)
         self.engine_config = config
+        self.path = Path(path)
         if config.pipeline_stages and config.pipeline_stages > 1:  # layers split over worker processes
             from .pipeline_runner import PipelineRunner
 
@@ -97,16 +106,26 @@ class LLM:
             return self.tokenizer.encode(prompt)
         return list(prompt)
 
+    def fail(self, seq: Sequence, status: int, message: str) -> None:
+        """End ``seq`` with a failure its client is told about (finish reason ``abort``)."""
+        if seq.failure is None:
+            seq.failure = RequestFailure(status, message)
+        self.scheduler.abort(seq, FinishReason.ABORT)
+
     def _check_stop_strings(self, seqs: list[Sequence]) -> list[Sequence]:
         stopped = []
         for s in seqs:
             detok = self._detok.get(s.seq_id)
-            if detok is None:
+            if detok is None or s.is_finished and s.failure is not None:
                 continue
-            delta = detok.update(s.generated_ids)
-            if not s.params.stop or s.is_finished or not delta:
+            try:
+                delta = detok.update(s.generated_ids)
+                if not s.params.stop or s.is_finished or not delta:
+                    continue
+                i = find_stop(detok.text, s.params.stop, len(delta))
+            except Exception as e:  # noqa: BLE001 - this sequence fails, the step goes on
+                self.fail(s, 500, f"detokenizing the output failed: {type(e).__name__}: {e}")
                 continue
-            i = find_stop(detok.text, s.params.stop, len(delta))
             if i >= 0:
                 detok.text = detok.text[:i]  # the stop string is not part of the output
                 self.scheduler.abort(s, FinishReason.STOP)
@@ -122,20 +141,55 @@ class LLM:
 
     def step(self) -> list[Sequence]:
         """schedule -> run -> sample -> update. Returns the sequences that got a token this step
-        (those that finished have ``is_finished``)."""
+        (those that finished have ``is_finished``; those that failed also have ``failure``).
+        Raises StepFailed when the forward pass fails: only that step's sequences are affected."""
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
-        logits = self.runner.run(out)
+        try:
+            logits = self.runner.run(out)
+        except Exception as e:  # noqa: BLE001 - reported with the step's sequences
+            raise StepFailed([s.seq for s in out.scheduled], e) from e
         to_sample = out.to_sample
-        rows = [SampleRow(s.params, s.token_ids[:s.num_prompt_tokens], s.generated_ids, s.generator) for s in to_sample]
-        result = sample(logits, rows)
-        for s, lp in zip(to_sample, result.logprobs):
-            if lp is not None:
-                s.output_logprobs.append(lp)
-        self.scheduler.update(out, dict(zip((s.seq_id for s in to_sample), result.token_ids)))
+        tokens = self._sample(to_sample, logits)
+        self.scheduler.update(out, tokens)
         self._check_stop_strings(to_sample)
         return to_sample
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> dict[int, int]:
+        """seq_id -> sampled token. A row with NaN/inf logits, or whose sampling raises, fails
+        its own sequence; the other rows are sampled as usual."""
+        # one reduction pass: a row's sum is finite exactly when the row is (logits are far below
+        # float32's range, so a sum of finite values does not overflow)
+        finite = torch.isfinite(logits.sum(dim=-1)).tolist() if len(seqs) else []
+        keep = [i for i, ok in enumerate(finite) if ok]
+        for i, ok in enumerate(finite):
+            if not ok:
+                self.fail(seqs[i], 500, "the model produced NaN or infinite logits for this sequence")
+        rows = [self._row(seqs[i]) for i in keep]
+        if len(keep) != len(seqs):
+            logits = logits[keep]
+        try:
+            result = sample(logits, rows)
+            picked = list(zip(keep, result.token_ids, result.logprobs))
+        except Exception:  # noqa: BLE001 - find the row at fault: sample one at a time
+            picked = []
+            for j, i in enumerate(keep):
+                try:
+                    r = sample(logits[j:j + 1], [rows[j]])
+                    picked.append((i, r.token_ids[0], r.logprobs[0]))
+                except Exception as e:  # noqa: BLE001
+                    self.fail(seqs[i], 500, f"sampling failed: {type(e).__name__}: {e}")
+        tokens = {}
+        for i, tok, lp in picked:
+            if lp is not None:
+                seqs[i].output_logprobs.append(lp)
+            tokens[seqs[i].seq_id] = tok
+        return tokens
+
+    @staticmethod
+    def _row(s: Sequence) -> SampleRow:
+        return SampleRow(s.params, s.token_ids[:s.num_prompt_tokens], s.generated_ids, s.generator)
 
     def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | None = None) -> list[RequestOutput]:
         params = params or SamplingParams()

@@ -15,6 +15,14 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
+@dataclass(frozen=True)
+class RequestFailure:
+    """Why a request ended without its answer: the HTTP status its client gets, and the message."""
+
+    status: int
+    message: str
+
+
 class FinishReason(enum.Enum):
     STOP = "stop"          # a stop token or stop string
     LENGTH = "length"      # max_tokens or max_model_len reached
@@ -46,6 +54,7 @@ class Sequence:
     params: Any = None  # SamplingParams (kept opaque here: this module imports no torch)
     generator: Any = None  # torch.Generator for a seeded request
     output_logprobs: list = field(default_factory=list)
+    failure: RequestFailure | None = None  # set when it ended in a fault, an unload or a shutdown
 
     def __post_init__(self) -> None:
         if not self.num_prompt_tokens:

@@ -100,6 +100,10 @@ class ServedModel(ABC):
     def start(self) -> None:
         """Start serving (called on the event loop once the version is chosen)."""
 
+    async def drain(self, drain_timeout_s: float = 10.0) -> None:
+        """Stop taking requests; finish what was accepted within ``drain_timeout_s`` and answer the
+        rest (503). Called when the server begins to shut down, before connections are closed."""
+
     @abstractmethod
     async def close(self, drain_timeout_s: float = 10.0) -> None:
         """Finish or answer everything accepted, then release the runtimes."""

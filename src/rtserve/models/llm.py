@@ -4,14 +4,24 @@ template, vocabulary and context checks), streams the engine's deltas, and recor
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 from typing import AsyncIterator
 
 from ..config import ModelConfig, torch_device
-from ..errors import ConfigError, InvalidInput
+from ..errors import ConfigError, InvalidInput, RtserveError, Unavailable
 from ..llm.engine_config import EngineConfig
 from .base import LoadContext, ServedModel, register_kind
+
+log = logging.getLogger("rtserve.models")
+
+
+def failure_error(failure) -> RtserveError:
+    """The error a client gets for a request that ended in a ``RequestFailure``."""
+    err = RtserveError(failure.message)
+    err.status = failure.status
+    return err
 
 
 @register_kind
@@ -53,9 +63,18 @@ class LLMModel(ServedModel):
         if self.metrics:
             self.metrics.bind(self.name, self.llm.scheduler)
 
+    async def drain(self, drain_timeout_s: float = 10.0) -> None:
+        """Refuse new requests; running ones get up to ``drain_timeout_s`` to finish, the rest a 503."""
+        if self.engine is None:
+            return
+        message = f"model '{self.name}' stopped serving (unload, reload or shutdown) before this request finished"
+        failed = await asyncio.to_thread(self.engine.close, drain_timeout_s, message)
+        if failed:
+            log.warning("model '%s' version %s: %d requests still running after %.1f s were ended with 503",
+                        self.name, self.version, failed, drain_timeout_s)
+
     async def close(self, drain_timeout_s: float = 10.0) -> None:
-        if self.engine is not None:
-            await asyncio.to_thread(self.engine.shutdown)
+        await self.drain(drain_timeout_s)
 
     @property
     def max_model_len(self) -> int:
@@ -92,6 +111,7 @@ class LLMModel(ServedModel):
                           max_tokens_given: bool = False) -> AsyncIterator:
         """Queue the request; once its first delta is there (so a request that can never run is a
         400 before any response starts), an async iterator of its ``StreamDelta``s, timed."""
+        from ..llm.async_engine import EngineClosed
         from ..llm.scheduler import RequestTooLarge
 
         ids = self.prompt_ids(prompt, messages, params.max_tokens if max_tokens_given else None)
@@ -102,9 +122,15 @@ class LLMModel(ServedModel):
         except RequestTooLarge as e:
             await gen.aclose()
             raise InvalidInput(str(e), param="messages" if messages is not None else "prompt") from None
+        except EngineClosed as e:
+            await gen.aclose()
+            raise Unavailable(f"model '{self.name}': {e}") from None
         except BaseException:
             await gen.aclose()
             raise
+        if first.failure is not None:  # failed before any output: an HTTP error, not a stream
+            await gen.aclose()
+            raise failure_error(first.failure)
         return self._timed(first, gen, t_arrival)
 
     async def _timed(self, first, gen, t_arrival: float):

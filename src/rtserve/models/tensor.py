@@ -244,11 +244,9 @@ class TensorModel(ServedModel):
         req = self.make_request(inputs, priority, timeout_s)
         fut = self.batcher.submit(req)
         try:
-            out = await asyncio.shield(fut)
-        except asyncio.CancelledError:
+            out = await fut
+        except asyncio.CancelledError:  # the caller is gone; the batcher skips a done future
             self.batcher.cancel(req)  # drops it if it has not started
-            if fut.done() and not fut.cancelled():
-                fut.exception()  # retrieved: the caller is gone
             raise
         return self.postprocess(out)
 

@@ -5,6 +5,7 @@ small model's latency is made of on a CPU. Protocol codecs live in ``protocols/`
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import zlib
 
@@ -62,8 +63,21 @@ class App(OpenAIRoutes):
                 return
 
     async def startup(self) -> None:
+        self.loop = asyncio.get_running_loop()
         await self.repository.load_all()
         self.started = True
+
+    def begin_shutdown(self) -> None:
+        """SIGTERM/SIGINT (on the loop): readiness turns 503, and every model starts draining at
+        once, so streams still running get their terminal events (a final chunk, an error, [DONE])
+        within 80% of ``shutdown_timeout_s``, before the server stops waiting for connections."""
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        timeout = 0.8 * self.config.shutdown_timeout_s
+        log.info("shutting down: draining every model for up to %.1f s", timeout)
+        self._drain = asyncio.ensure_future(asyncio.gather(
+            *(m.drain(timeout) for m in self.repository.ready_models()), return_exceptions=True))
 
     async def shutdown(self) -> None:
         self.shutting_down = True

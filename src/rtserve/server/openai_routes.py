@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ..errors import NotFound, RtserveError
 from ..models.base import ServedModel
+from ..models.llm import failure_error
 from .auth import check_api_key
 from .protocols import openai as oai
 from .responses import JSON, ClientGone, Response, json_response, until_disconnect
@@ -84,6 +85,9 @@ async def _stream(send, builder: oai.ResponseBuilder, deltas, include_usage: boo
         await send({"type": "http.response.body", "more_body": True, "body": builder.chunk(
             d.index, d.text, d.token_ids, d.logprobs, d.finish_reason, d.index not in started)})
         started.add(d.index)
+        if d.failure is not None:  # the choice ended with finish_reason "abort": say why, then end
+            await send({"type": "http.response.body", "body": oai.error_event(failure_error(d.failure)) + oai.DONE})
+            return
         prompt_tokens = d.num_prompt_tokens
         if d.finish_reason is not None:
             completion += d.num_generated
@@ -98,6 +102,8 @@ async def _collect(builder: oai.ResponseBuilder, deltas) -> bytes:
     async for d in deltas:
         c = choices.setdefault(d.index, {"index": d.index, "text": "", "token_ids": [], "logprobs": None,
                                          "finish_reason": None})
+        if d.failure is not None:
+            raise failure_error(d.failure)
         c["text"] += d.text
         c["token_ids"] += d.token_ids
         prompt_tokens = d.num_prompt_tokens

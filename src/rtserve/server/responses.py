@@ -34,21 +34,26 @@ def error_response(err: RtserveError) -> Response:
 
 
 async def until_disconnect(receive, work: Awaitable[T]) -> T:
-    """Await ``work`` while watching the connection: if the client disconnects first, ``work`` is
-    cancelled (a queued request leaves its queue, a generation is aborted) and ClientGone raised."""
-    task = asyncio.ensure_future(work)
+    """Await ``work`` while watching the connection: if the client disconnects first, the handler's
+    task is cancelled inside ``work`` (a queued request leaves its queue, a generation is aborted)
+    and ClientGone raised. No extra task: the disconnect callback cancels the running one."""
+    task = asyncio.current_task()
+    gone = False
+
+    def on_receive(w: asyncio.Future) -> None:
+        nonlocal gone
+        if not w.cancelled():  # the body was read already: the only message left is http.disconnect
+            gone = True
+            task.cancel()
+
     watcher = asyncio.ensure_future(receive())
+    watcher.add_done_callback(on_receive)
     try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-        if not task.done():
-            task.cancel()
-            try:
-                await task
-            except BaseException:  # noqa: BLE001 - the client is gone; nobody reads this answer
-                pass
-            raise ClientGone()
-        return task.result()
+        return await work
+    except asyncio.CancelledError:
+        if gone:
+            raise ClientGone() from None
+        raise
     finally:
+        watcher.remove_done_callback(on_receive)
         watcher.cancel()
-        if not task.done():
-            task.cancel()

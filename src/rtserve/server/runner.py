@@ -20,7 +20,11 @@ class _Server(uvicorn.Server):
         self.rt_app = app
 
     def handle_exit(self, sig, frame) -> None:
-        self.rt_app.shutting_down = True
+        loop = getattr(self.rt_app, "loop", None)
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.rt_app.begin_shutdown)
+        else:
+            self.rt_app.shutting_down = True
         super().handle_exit(sig, frame)
 
     @contextlib.contextmanager

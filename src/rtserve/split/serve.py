@@ -82,6 +82,7 @@ class PipelineBackend(Backend):
             raise
         self._closed = False
         self._accepting = threading.Lock()  # run's check-and-enqueue and close's stop marker exclude each other
+        self.num_accepted = 0  # batches taken by run (under the lock), for callers that wait on it
         self.queues = [queue.Queue() for _ in self.stages]
         self.threads = [threading.Thread(target=self._stage_loop, args=(k,), daemon=True, name=f"rtserve-stage-{k}")
                         for k in range(len(self.stages))]
@@ -168,6 +169,7 @@ class PipelineBackend(Backend):
                 raise Unavailable("the pipeline is closed")
             for i, a in enumerate(starts):  # micro-batches: every model input cut along the batch axis
                 self.queues[0].put((job, i, {name: inputs[name][a:a + self.micro] for name in self.input_names}))
+            self.num_accepted += 1
         job.done.wait()
         if job.error is not None:
             raise job.error

@@ -13,6 +13,13 @@ from ...errors import RtserveError
 from ...llm.sampling_params import SamplingParams
 
 
+def error_event(err: RtserveError) -> bytes:
+    """A server-sent event carrying an error in OpenAI's format (a stream that cannot finish)."""
+    body = {"message": err.message, "type": "invalid_request_error" if err.status < 500 else "server_error",
+            "param": getattr(err, "param", None), "code": err.status}
+    return b"data: " + orjson.dumps({"error": body}) + b"\n\n"
+
+
 class OpenAIError(RtserveError):
     """Rendered as {"error": {"message", "type", "param", "code"}}."""
 
