@@ -1,7 +1,7 @@
 """Check the layout rules of docs/architecture.md by reading the source (no imports run).
 
 - no import cycle between top-level parts of ``rtserve`` (a subpackage or a top-level module);
-- the lower layers (``errors``, ``tensors``, ``backends``, ``executors``, ``batching``, ``llm``)
+- the lower layers (``errors``, ``paths``, ``tensors``, ``backends``, ``executors``, ``batching``, ``llm``)
   import nothing from ``models``, ``repository``, ``server`` or ``cli``;
 - no module over ``MAX_MODULE_LINES`` lines, no function over ``MAX_FUNCTION_LINES`` lines.
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 80
-LOWER = ("errors", "tensors", "backends", "executors", "batching", "llm")
+LOWER = ("errors", "paths", "tensors", "backends", "executors", "batching", "llm")
 UPPER = ("models", "repository", "server", "cli")
 
 

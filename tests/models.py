@@ -165,3 +165,32 @@ def write_random_llama(path: Path, std: float = 0.2, seed: int = 0, **config):
             p.normal_(0, std)
     ref.save_pretrained(path, safe_serialization=True)
     return ref
+
+
+def write_tiny_bert(path: Path, **config) -> Path:
+    """A random BertModel (vocabulary 40, 2 layers of width 32) with a word-level tokenizer: enough
+    for an embedding model to load and run, never to mean anything."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + [f"w{i}" for i in range(36)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path / "tokenizer.json"))
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               intermediate_size=64, max_position_embeddings=64)
+    transformers.BertModel(transformers.BertConfig(**{**cfg, **config})).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def set_weight(path: Path, name: str, index: int, value: float) -> None:
+    """Overwrite element ``index`` (of the flattened tensor) of ``name`` in ``path``'s model.safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    f = path / "model.safetensors"
+    tensors = load_file(str(f))
+    tensors[name].view(-1)[index] = value
+    save_file(tensors, str(f), metadata={"format": "pt"})

@@ -36,6 +36,7 @@ def cmd_serve(args) -> int:
         repository=str(repo), host=args.host, port=args.port, max_body_bytes=args.max_body_bytes,
         shutdown_timeout_s=args.shutdown_timeout, log_level=args.log_level,
         protect_inference=True if args.protect_inference else None,
+        allow_symlinks=True if args.allow_symlinks else None,
     )
     print(f"rtserve: serving {repo} on http://{config.host}:{config.port}", file=sys.stderr, flush=True)
     serve(config)
@@ -250,6 +251,9 @@ def _add_serve_parsers(sub) -> None:
     s.add_argument("--shutdown-timeout", type=float, default=None, help="seconds to finish in-flight work")
     s.add_argument("--protect-inference", action="store_true", help="inference needs the API key too")
     s.add_argument("--log-level", default=None)
+    s.add_argument("--allow-symlinks", action="store_true",
+                   help="serve model files that are symlinks to places outside the repository "
+                        "(RTSERVE_ALLOW_SYMLINKS); by default they are refused")
     s.add_argument("--ray", metavar="local|auto|ADDRESS", default=None,
                    help="the Ray cluster for models with executor: ray (default: local)")
     s.set_defaults(func=cmd_serve)

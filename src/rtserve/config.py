@@ -279,6 +279,8 @@ class ServerConfig:
     max_body_bytes: int = 64 * 1024 * 1024
     shutdown_timeout_s: float = 30.0
     log_level: str = "info"
+    #: serve model files that are symlinks to places outside the repository (paths.confined)
+    allow_symlinks: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

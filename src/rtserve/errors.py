@@ -57,6 +57,13 @@ class ConfigError(RtserveError):
     status = 400
 
 
+class ModelLoadError(RtserveError):
+    """A model failed to load for a reason other than its configuration (an exception from a
+    runtime or a library: out of memory, an I/O error, a bug); names model, version and error."""
+
+    status = 500
+
+
 class BackendError(RtserveError):
     """The backend failed while running a batch (a real server-side fault)."""
 

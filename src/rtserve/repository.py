@@ -6,8 +6,15 @@
 ``model.yaml``'s ``backend:`` picks the model kind (``models.base.kind_for``); the repository only
 knows the ``ServedModel`` contract.
 
-A model that fails to load is recorded with one message naming the model, the file and the
-problem; every other model still loads and serves.
+A model that fails to load, whatever the exception, is recorded (UNAVAILABLE) with one message
+naming the model, the version, the file when known and the problem, and logged (with the
+traceback when the failure is not the configuration's); every other model still loads and serves,
+and a later load tries again. A failed reload keeps serving the versions that were loaded.
+Errors raised: ConfigError (400) when the model.yaml or a model file cannot be used,
+ModelLoadError (500) for any other failure, NotFound (404) for a model that is not on disk.
+
+Every file a model reads stays inside the repository folder: the model folder, its model files and
+checkpoints may not be symlinks to elsewhere unless ``allow_symlinks`` (``paths.confined``).
 """
 from __future__ import annotations
 
@@ -19,9 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import CONFIG_FILE, ModelConfig, list_versions, read_config  # noqa: F401 - re-exported
-from .errors import ConfigError, InvalidInput, NotFound, RtserveError, Unavailable
+from .errors import ConfigError, InvalidInput, ModelLoadError, NotFound, RtserveError, Unavailable
 from .metrics import ServingMetrics
 from .models.base import LoadContext, ServedModel, kind_for
+from .paths import confined
 
 log = logging.getLogger("rtserve.repository")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
@@ -56,9 +64,10 @@ class ModelEntry:
 class ModelRepository:
     """All models of one repository folder and their loaded versions."""
 
-    def __init__(self, root: Path | str, metrics: ServingMetrics | None = None) -> None:
+    def __init__(self, root: Path | str, metrics: ServingMetrics | None = None, allow_symlinks: bool = False) -> None:
         self.root = Path(root)
         self.metrics = metrics
+        self.allow_symlinks = allow_symlinks
         self.entries: dict[str, ModelEntry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -95,11 +104,12 @@ class ModelRepository:
     def _loads_last(self, name: str) -> bool:
         try:
             return kind_for(read_config(self.root / name).backend).loads_last
-        except (ConfigError, OSError):
+        except Exception:  # the load itself reports it
             return False
 
     async def load(self, name: str) -> ModelEntry:
-        """Load (or reload) ``name`` from disk without stopping the others. Raises ConfigError."""
+        """Load (or reload) ``name`` from disk without stopping the others. Raises ConfigError,
+        ModelLoadError or NotFound; the entry is never left LOADING."""
         check_model_name(name)
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
@@ -107,30 +117,69 @@ class ModelRepository:
             if not (model_dir / CONFIG_FILE).is_file():
                 raise NotFound(f"model '{name}' is not in the repository {self.root}")
             old = self.entries.get(name)
-            if old is None or old.state is not ModelState.READY:
+            serving = old is not None and old.state is ModelState.READY
+            if not serving:
                 self.entries[name] = ModelEntry(name, ModelState.LOADING)
             try:
                 versions = await asyncio.to_thread(self._load_versions, model_dir)
-            except ConfigError as e:
-                log.error("%s", e.message)
-                if old is not None and old.state is ModelState.READY:
-                    raise  # keep serving the versions that were loaded
-                self.entries[name] = ModelEntry(name, ModelState.UNAVAILABLE, e.message)
-                raise
-            for m in versions.values():
-                m.start()
+                await self._start(versions)
+            except BaseException as e:
+                err = self._failed(name, e)
+                if serving:  # keep serving the versions that were loaded
+                    old.reason = f"reload failed, serving the loaded versions: {err.message}"
+                else:
+                    self.entries[name] = ModelEntry(name, ModelState.UNAVAILABLE, err.message)
+                if err is e or not isinstance(e, Exception):  # cancelled or interrupted: as it was
+                    raise
+                raise err from e
             self.entries[name] = ModelEntry(name, ModelState.READY, "", versions)
             if old is not None and old.versions:
                 await self._close_versions(old.versions, keep=versions)
             log.info("loaded model '%s' versions %s", name, sorted(versions))
             return self.entries[name]
 
+    @staticmethod
+    def _failed(name: str, e: BaseException) -> RtserveError:
+        """The error a failed load of ``name`` answers with, logged once (traceback unless it is
+        the configuration's fault)."""
+        if isinstance(e, RtserveError):
+            log.error("%s", e.message, exc_info=e if isinstance(e, ModelLoadError) else None)
+            return e
+        if not isinstance(e, Exception):  # cancelled, interrupted
+            log.error("loading model '%s' was interrupted (%s)", name, type(e).__name__)
+            return ModelLoadError(f"model '{name}': loading was interrupted ({type(e).__name__})")
+        err = ModelLoadError(f"model '{name}': {type(e).__name__}: {e}")
+        log.error("%s", err.message, exc_info=e)
+        return err
+
+    @staticmethod
+    async def _start(versions: dict[int, ServedModel]) -> None:
+        """Start every version; if one fails, close those started and release the rest."""
+        started: list[ServedModel] = []
+        try:
+            for m in versions.values():
+                m.start()
+                started.append(m)
+        except BaseException:
+            for m in versions.values():
+                try:
+                    if any(m is s for s in started):
+                        await m.close(0.0)
+                    else:
+                        m.release()
+                except Exception:
+                    log.exception("closing model '%s' version %s after a failed start", m.name, m.version)
+            raise
+
     def _load_versions(self, model_dir: Path) -> dict[int, ServedModel]:
+        name = model_dir.name
+        confined(self.root, name, f"model '{name}' folder", self.allow_symlinks)
+        confined(self.root, f"{name}/{CONFIG_FILE}", f"model '{name}' {CONFIG_FILE}", self.allow_symlinks)
         config = read_config(model_dir)
         kind = kind_for(config.backend)
-        ctx = LoadContext(self.metrics, self.get)
+        ctx = LoadContext(self.metrics, self.get, self.allow_symlinks)
         if kind.versionless:  # no files of its own: one version built from the loaded models
-            return {1: kind.load(config, model_dir, 1, ctx)}
+            return {1: _load_version(kind, config, model_dir, 1, ctx)}
         available = list_versions(model_dir)
         chosen = config.version_policy.select(available)
         if not chosen:
@@ -139,12 +188,7 @@ class ModelRepository:
         loaded: dict[int, ServedModel] = {}
         try:
             for v in chosen:
-                try:
-                    loaded[v] = kind.load(config, model_dir, v, ctx)
-                except ConfigError as e:
-                    if e.message.startswith("model '"):
-                        raise
-                    raise ConfigError(f"model '{config.name}': {e.message}") from None
+                loaded[v] = _load_version(kind, config, model_dir, v, ctx)
         except BaseException:
             for m in loaded.values():
                 m.release()
@@ -161,6 +205,7 @@ class ModelRepository:
             versions = e.versions or {}
             self.entries[name] = ModelEntry(name, ModelState.UNAVAILABLE, "unloaded")
             await self._close_versions(versions, keep={}, drain_timeout_s=drain_timeout_s)
+            log.info("unloaded model '%s' versions %s", name, sorted(versions))
 
     async def _close_versions(self, versions: dict[int, ServedModel], keep: dict[int, ServedModel],
                               drain_timeout_s: float = 10.0) -> None:
@@ -202,3 +247,19 @@ class ModelRepository:
     def ready_models(self) -> list[ServedModel]:
         return [m for e in self.entries.values() if e.state is ModelState.READY and e.versions
                 for m in e.versions.values()]
+
+
+def _load_version(kind, config: ModelConfig, model_dir: Path, version: int, ctx: LoadContext) -> ServedModel:
+    """``kind.load`` whose failures all name the model and version: a ConfigError as it is, any
+    other exception as a ModelLoadError with its type and message (traceback chained)."""
+    try:
+        return kind.load(config, model_dir, version, ctx)
+    except ConfigError as e:
+        if e.message.startswith("model '"):
+            raise
+        raise ConfigError(f"model '{config.name}': {e.message}") from None
+    except RtserveError:
+        raise
+    except Exception as e:
+        raise ModelLoadError(f"model '{config.name}' version {version} ({model_dir / str(version)}): "
+                             f"{type(e).__name__}: {e}") from e

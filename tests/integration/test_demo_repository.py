@@ -16,6 +16,9 @@ from rtserve.server.app import App
 @pytest.mark.slow
 def test_demo_repository_serves_digits_on_every_backend(tmp_path):
     repo = ensure_demo_repository(tmp_path)
+    # files of its own (hard links or copies): the server refuses symlinks out of a repository
+    assert (repo / "demo-lm" / "1" / "model.safetensors").is_file()
+    assert [p for p in repo.rglob("*") if p.is_symlink()] == []
     _, _, xte, yte = digits_data()
     x, y = xte[:64], yte[:64]
 
@@ -65,6 +68,8 @@ def test_demo_repository_serves_the_demo_lm_and_minilm(tmp_path):
         await app.startup()
         try:
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                idx = (await c.post("/v2/repository/index")).json()
+                assert all(e["state"] == "READY" for e in idx), idx
                 ids = {m["id"] for m in (await c.get("/v1/models")).json()["data"]}
                 assert {"demo-lm", "minilm"} <= ids
                 r = await c.post("/v1/completions", json={

@@ -102,6 +102,13 @@ class Backend(ABC):
                 return p
         raise ConfigError(f"{version_dir}: no model file found (looked for {', '.join(cls.file_names)})")
 
+    @classmethod
+    def model_files(cls, path: Path) -> list[Path]:
+        """Every file an instance will read for the model file ``path`` (``find_file``'s answer):
+        the model kind checks they stay inside the repository before loading. A backend whose
+        file names others (a pipeline's stages) lists them too."""
+        return [path]
+
 
 def check_options(backend: str, options: dict, allowed: set[str]) -> None:
     unknown = sorted(set(options) - allowed)

@@ -22,21 +22,26 @@ def minilm_source() -> Path | None:
     return src if all((src / f).is_file() for f in MINILM_FILES) else None
 
 
+def place_file(src: Path, dst: Path) -> None:
+    """Put ``src`` at ``dst`` as a file of its own: a hard link when both are on one filesystem,
+    else a copy. Never a symlink: the server refuses files that resolve outside its repository."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.is_symlink() or dst.exists():
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 def install_minilm(model_dir: Path) -> bool:
-    """Write a repository model folder for all-MiniLM-L6-v2 (``model.yaml`` + ``1/``), linking the
-    package's files (copies where links cannot be made). False if the package is not installed."""
+    """Write a repository model folder for all-MiniLM-L6-v2 (``model.yaml`` + ``1/``) with the
+    package's files (hard links, copies across filesystems). False if the package is not installed."""
     src = minilm_source()
     if src is None:
         return False
     model_dir = Path(model_dir)
     for name in MINILM_FILES:
-        dst = model_dir / "1" / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if dst.is_symlink() or dst.exists():
-            dst.unlink()
-        try:
-            os.symlink(src / name, dst)
-        except OSError:
-            shutil.copyfile(src / name, dst)
+        place_file(src / name, model_dir / "1" / name)
     (model_dir / "model.yaml").write_text(MINILM_YAML)
     return True

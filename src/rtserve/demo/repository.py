@@ -24,7 +24,7 @@ from pathlib import Path
 
 log = logging.getLogger("rtserve.demo")
 
-DEMO_VERSION = "5"
+DEMO_VERSION = "6"  # 6: files hard-linked or copied, no symlinks out of the repository
 LABELS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 _MODEL_YAML = """\
 backend: {backend}
@@ -151,22 +151,15 @@ def build_demo_repository(root: Path) -> Path:
     return root
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.symlink(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
 def add_language_models(root: Path) -> None:
-    """``demo-lm`` from the package's data (linked, not copied) and ``minilm`` if its package is there."""
-    from .minilm import install_minilm
+    """``demo-lm`` from the package's data and ``minilm`` if its package is there (hard links, or
+    copies across filesystems: never symlinks, which the server refuses without --allow-symlinks)."""
+    from .minilm import install_minilm, place_file
 
     if (DEMO_LM / "model.safetensors").is_file():
         for f in sorted(DEMO_LM.iterdir()):
             if f.is_file():
-                _link_or_copy(f, root / "demo-lm" / "1" / f.name)
+                place_file(f, root / "demo-lm" / "1" / f.name)
         (root / "demo-lm" / "model.yaml").write_text(_LM_YAML)
     else:
         log.warning("the demo language model is missing from %s; serving without it", DEMO_LM)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .block_manager import BlockManager
+from .config import DecoderConfig
 from .engine_config import EngineConfig
 from .model_runner import ModelRunner
 from .sampler import SampleRow, sample
@@ -57,6 +58,15 @@ class StepFailed(Exception):
         self.seqs, self.error = seqs, error
 
 
+def check_context(path: Path | str, config: EngineConfig) -> None:
+    """Before any weight is read: ``max_model_len`` must not exceed the positions the checkpoint has
+    (a longer context would run past its position embeddings or trained RoPE range). ValueError."""
+    limit = DecoderConfig.from_dir(path).max_position_embeddings
+    if config.max_model_len is not None and config.max_model_len > limit:
+        raise ValueError(f"engine.max_model_len {config.max_model_len} is above the checkpoint's "
+                         f"max_position_embeddings {limit} (config.json); set max_model_len <= {limit}")
+
+
 class LLM:
     def __init__(self, path: Path | str, config: EngineConfig | None = None, *, device: str = "cpu",
                  **overrides) -> None:
@@ -64,6 +74,7 @@ class LLM:
         ``LLM(path, num_blocks=64, dtype="bfloat16")``. ``pipeline_stages`` > 1 runs the layers in
         worker processes (``PipelineRunner``); otherwise one ``ModelRunner`` in this process."""
         config = with_overrides(EngineConfig() if config is None else config, overrides)
+        check_context(path, config)
         self.engine_config = config
         self.path = Path(path)
         if config.pipeline_stages and config.pipeline_stages > 1:  # layers split over worker processes

@@ -129,9 +129,7 @@ def read_quantized(path, device: torch.device) -> tuple[dict | None, dict]:
     import json
     from pathlib import Path
 
-    from safetensors import safe_open
-
-    from .weights import checkpoint_files
+    from .weights import check_finite, checkpoint_files, open_checkpoint
 
     side = Path(path) / SIDECAR
     if not side.is_file():
@@ -141,13 +139,15 @@ def read_quantized(path, device: torch.device) -> tuple[dict | None, dict]:
         raise ValueError(f"{side}: 'bits' must be 4 or 8")
     tensors = {}
     for f in checkpoint_files(Path(path)):
-        with safe_open(str(f), framework="pt") as st:
+        with open_checkpoint(f) as st:
             keys = set(st.keys())
             for name in recipe.get("modules", []):
                 if name + ".qweight" in keys and name + ".scales" in keys:
                     q = st.get_tensor(name + ".qweight")
                     q = q if recipe["bits"] == 8 else unpack_int4(q)
-                    tensors[name] = (q.to(device), st.get_tensor(name + ".scales").to(device))
+                    scales = st.get_tensor(name + ".scales")
+                    check_finite(scales, f"{f.name}: tensor '{name}.scales'")
+                    tensors[name] = (q.to(device), scales.to(device))
     missing = [m for m in recipe.get("modules", []) if m not in tensors]
     if missing:
         raise ValueError(f"{path}: quantized tensor '{missing[0]}.qweight' (or its .scales) is missing")

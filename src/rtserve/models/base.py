@@ -25,6 +25,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..errors import ConfigError, InvalidInput
+from ..paths import check_inside
 
 if TYPE_CHECKING:
     from ..metrics import ServingMetrics
@@ -52,18 +53,28 @@ class TensorRequest:
 
 @dataclass
 class LoadContext:
-    """What a kind may use while it loads: the repository's metric families, and a lookup of
-    other loaded models (``get_model(name, version)``, raising NotFound) for ensembles."""
+    """What a kind may use while it loads: the repository's metric families, a lookup of other
+    loaded models (``get_model(name, version)``, raising NotFound) for ensembles, and whether
+    files may be symlinks to places outside the repository (``allow_symlinks``)."""
 
     metrics: ServingMetrics | None = None
     get_model: Callable | None = None
+    allow_symlinks: bool = False
+
+    def check_inside(self, model_dir: Path, files) -> None:
+        """Refuse (ConfigError naming the file and why) any of ``files`` (paths under ``model_dir``)
+        that resolves outside the repository folder, ``model_dir``'s parent. A kind calls this
+        before it reads them."""
+        check_inside(model_dir.parent, files, self.allow_symlinks)
 
 
 class ServedModel(ABC):
     """One loaded version of a repository model.
 
-    Lifecycle: ``load`` builds it (in a worker thread; raises ConfigError naming the file and the
-    problem), ``start`` starts its serving threads (on the event loop), ``close`` drains what is
+    Lifecycle: ``load`` builds it (in a worker thread; reads files only after
+    ``LoadContext.check_inside``; raises ConfigError naming the file and the problem, and any other
+    exception is reported by the repository as the model's failure, naming model and version),
+    ``start`` starts its serving threads (on the event loop), ``close`` drains what is
     queued (bounded by ``drain_timeout_s``), answers the rest with 503 and releases its runtimes.
     ``release`` frees the runtimes of a version that loaded but was never started.
     """

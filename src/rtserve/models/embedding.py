@@ -23,11 +23,16 @@ from ..backends.base import check_options, default_threads
 from ..config import ModelConfig, torch_device
 from ..errors import ConfigError, InvalidInput, QueueFull, RtserveError, Unavailable
 from .base import LoadContext, ServedModel, register_kind
+from .llm import check_checkpoint
 
 OPTIONS = {"intra_op_threads", "dtype", "max_batch_tokens"}
 DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_MAX_BATCH_TOKENS = 16384  # padded tokens per forward: bounds activation memory
 _DTYPES = ("float32", "float16", "bfloat16")
+#: the files of a version folder read besides the safetensors files, when present (llm/models/bert.py,
+#: the tokenizer, the length limits; modules.json names the pooling folder, checked after it)
+READS = ("config.json", "tokenizer.json", "tokenizer_config.json", "sentence_bert_config.json", "modules.json",
+         "model.safetensors.index.json")
 
 
 @dataclass
@@ -49,7 +54,15 @@ class EmbeddingModel(ServedModel):
 
     @classmethod
     def load(cls, config: ModelConfig, model_dir: Path, version: int, ctx: LoadContext) -> "EmbeddingModel":
+        from ..llm.models.bert import PoolingConfig
+
         try:
+            check_checkpoint(ctx, model_dir, version, READS)
+            try:
+                _, pooling_file = PoolingConfig.modules(model_dir / str(version))
+            except ValueError as e:
+                raise ConfigError(f"{model_dir / str(version)}: {e}") from None
+            ctx.check_inside(model_dir, [pooling_file] if pooling_file is not None else [])
             return cls(config, model_dir, version, ctx.metrics.embedding if ctx.metrics else None)
         except ConfigError as e:
             raise ConfigError(f"model '{config.name}' version {version}: {e.message}") from None

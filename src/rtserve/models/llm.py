@@ -24,6 +24,27 @@ def failure_error(failure) -> RtserveError:
     return err
 
 
+#: the files of a version folder the engine reads besides the safetensors files, when present
+#: (llm/config.py, llm/tokenizer.py, llm/quant_linear.py, llm/weights.py)
+ENGINE_READS = ("config.json", "tokenizer.json", "tokenizer_config.json", "quantization.json",
+                "model.safetensors.index.json")
+
+
+def check_checkpoint(ctx: LoadContext, model_dir: Path, version: int, names: tuple[str, ...]) -> list[Path]:
+    """Before a checkpoint folder is read: ``names`` (when present), then its safetensors files, must
+    resolve inside the repository (``LoadContext.check_inside``). Returns the safetensors files."""
+    from ..llm.weights import checkpoint_files
+
+    path = model_dir / str(version)
+    ctx.check_inside(model_dir, [path / n for n in names])
+    try:
+        files = checkpoint_files(path)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    ctx.check_inside(model_dir, files)
+    return files
+
+
 @register_kind
 class LLMModel(ServedModel):
     kind = "llm"
@@ -35,6 +56,7 @@ class LLMModel(ServedModel):
     @classmethod
     def load(cls, config: ModelConfig, model_dir: Path, version: int, ctx: LoadContext) -> "LLMModel":
         try:
+            check_checkpoint(ctx, model_dir, version, ENGINE_READS)
             return cls(config, model_dir, version, ctx.metrics.llm if ctx.metrics else None)
         except ConfigError as e:
             raise ConfigError(f"model '{config.name}' version {version}: {e.message}") from None

@@ -5,6 +5,7 @@ instances, the tensor specs reconciled between the file and model.yaml, the labe
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 
@@ -16,11 +17,13 @@ from ..config import ModelConfig
 from ..errors import ConfigError, InvalidInput
 from ..executors.base import InstanceSpec, make_instances
 from ..metrics import ModelMetrics
+from ..paths import confined
 from ..split import serve as _pipeline  # noqa: F401 - registers backend: pipeline
 from ..tensors import TensorSpec
 from .base import LoadContext, ServedModel, TensorRequest, register_kind
 from .outputs import LABEL_OUTPUT, check_outputs, select_outputs
 
+log = logging.getLogger("rtserve.models")
 PLATFORMS = {"onnx": "onnxruntime_onnx", "torch": "pytorch_export", "tflite": "tflite"}
 
 
@@ -77,17 +80,20 @@ class TensorModel(ServedModel):
 
     @classmethod
     def load(cls, config: ModelConfig, model_dir: Path, version: int, ctx: LoadContext) -> "TensorModel":
-        path = get_backend(config.backend).find_file(model_dir / str(version))
+        backend_cls = get_backend(config.backend)
+        path = backend_cls.find_file(model_dir / str(version))
         metrics = ctx.metrics.tensor.for_model(config.name, str(version)) if ctx.metrics else None
         try:
-            return cls(config, model_dir, version, path, metrics)
+            ctx.check_inside(model_dir, [path])  # before model_files reads it
+            ctx.check_inside(model_dir, backend_cls.model_files(path))
+            return cls(config, model_dir, version, path, metrics, ctx.allow_symlinks)
         except ConfigError as e:
             if e.message.startswith("model '"):
                 raise
             raise ConfigError(f"model '{config.name}' version {version} ({path}): {e.message}") from None
 
     def __init__(self, config: ModelConfig, model_dir: Path, version: int, path: Path,
-                 metrics: ModelMetrics | None = None) -> None:
+                 metrics: ModelMetrics | None = None, allow_symlinks: bool = False) -> None:
         self.config = config
         self.name = config.name
         self.version = version
@@ -104,7 +110,7 @@ class TensorModel(ServedModel):
             self.inputs = _reconcile("input", config.inputs, first.file_inputs, self.batched, where)
             self.outputs = _reconcile("output", config.outputs, first.file_outputs, self.batched, where)
             self.input_by_name = {s.name: s for s in self.inputs}
-            self.labels = self._read_labels(model_dir, where)
+            self.labels = self._read_labels(model_dir, where, allow_symlinks)
             if config.warmup:
                 self._warmup(where)
         except BaseException:
@@ -115,10 +121,10 @@ class TensorModel(ServedModel):
         runners = [b.run for b in self.instances for _ in range(b.in_flight)]
         self.batcher = DynamicBatcher(self.name, runners, config.max_batch_size, config.batching, metrics)
 
-    def _read_labels(self, model_dir: Path, where: str) -> list[str] | None:
+    def _read_labels(self, model_dir: Path, where: str, allow_symlinks: bool = False) -> list[str] | None:
         if not self.config.labels:
             return None
-        p = model_dir / self.config.labels
+        p = confined(model_dir, self.config.labels, f"{where}: labels", allow_symlinks)
         try:
             return [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
         except OSError as e:
@@ -131,9 +137,14 @@ class TensorModel(ServedModel):
         feeds = {s.name: np.zeros(lead + list(s.shape), dtype=s.dtype) for s in self.inputs}
         for inst in self.instances:
             try:
-                inst.run(feeds)
+                out = inst.run(feeds)
             except Exception as e:
                 raise ConfigError(f"{where}: warm-up run failed: {type(e).__name__}: {e}") from None
+        # a hint only: a model may rightly answer NaN or inf for all-zero inputs (log, x / |x|)
+        bad = [k for k, v in out.items() if v.dtype.kind in "fc" and not np.isfinite(v).all()]
+        if bad:
+            log.warning("%s: warm-up outputs %s hold NaN or inf for all-zero inputs; check the weights",
+                        where, ", ".join(bad))
 
     def start(self) -> None:
         self.batcher.start()

@@ -32,7 +32,8 @@ class App(OpenAIRoutes):
         self.config = config
         self.registry = Registry()
         self.metrics = ServingMetrics(self.registry)
-        self.repository = repository or ModelRepository(config.repository, self.metrics)
+        self.repository = repository or ModelRepository(config.repository, self.metrics,
+                                                        allow_symlinks=config.allow_symlinks)
         if self.repository.metrics is None:
             self.repository.metrics = self.metrics
         self.started = False

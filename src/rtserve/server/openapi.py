@@ -84,8 +84,9 @@ def openapi_document() -> dict:
                                           "responses": {"200": {"description": "index"}, "401": _err("API key needed")}}},
         "/v2/repository/models/{model}/load": {"post": {
             "summary": "Load or reload a model", "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
-            "responses": {"200": {"description": "loaded"}, "400": _err("model does not load"), "401": _err("API key needed"),
-                          "404": _err("not in the repository")}}},
+            "responses": {"200": {"description": "loaded"}, "400": _err("model does not load: its model.yaml or a model file cannot be used"),
+                          "401": _err("API key needed"), "404": _err("not in the repository"),
+                          "500": _err("model failed to load for another reason (names model, version and error)")}}},
         "/v2/repository/models/{model}/unload": {"post": {
             "summary": "Unload a model", "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
             "responses": {"200": {"description": "unloaded"}, "401": _err("API key needed"), "404": _err("not loaded")}}},

@@ -24,6 +24,7 @@ import numpy as np
 from ..backends.base import Backend, check_options, get_backend, register
 from ..errors import ConfigError, Unavailable
 from ..executors.base import InstanceSpec, make_instances
+from ..paths import confined
 
 
 class _Job:
@@ -40,6 +41,11 @@ class _Job:
             self.left -= 1
             if self.left == 0:
                 self.done.set()
+
+
+def _stage_file(path: Path, i: int, st: dict) -> Path:
+    """Stage ``i``'s model file, which must stay in pipeline.json's folder."""
+    return confined(Path(path).parent, st["file"], f"{path}: stage {i} 'file'", allow_symlinks=True)
 
 
 @register
@@ -89,10 +95,19 @@ class PipelineBackend(Backend):
         for t in self.threads:
             t.start()
 
+    @classmethod
+    def model_files(cls, path: Path) -> list[Path]:
+        """pipeline.json and its stages' files (an unreadable description is ``__init__``'s error)."""
+        try:
+            stages = json.loads(Path(path).read_text())["stages"]
+            return [path] + [_stage_file(path, i, st) for i, st in enumerate(stages)]
+        except (OSError, ValueError, KeyError, TypeError):
+            return [path]
+
     @staticmethod
     def _make_stage(path: Path, i: int, st: dict):
         """Stage ``i``: an ONNX or .pt2 file on its executor (local, process or ray) and device."""
-        file = Path(path).parent / st["file"]
+        file = _stage_file(path, i, st)
         # the stage backend's options: threads, plus any it names (e.g. memory_fraction)
         opts = {"intra_op_threads": int(st.get("threads", 1)), **st.get("options", {})}
         backend = get_backend("torch" if file.suffix == ".pt2" else "onnx")

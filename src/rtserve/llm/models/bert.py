@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...paths import confined
 from ..weights import load_weights
 
 ARCHITECTURES = ("BertModel",)
@@ -94,17 +95,26 @@ class PoolingConfig:
     mode: str = "mean"  # mean | cls
     normalize: bool = True
 
-    @classmethod
-    def from_dir(cls, path: Path | str) -> "PoolingConfig":
+    @staticmethod
+    def modules(path: Path | str) -> tuple[bool, Path | None]:
+        """From ``modules.json`` (when there is one): whether a Normalize module follows, and the
+        Pooling module's ``config.json`` (its folder must stay inside ``path``; None without one)."""
         path = Path(path)
         modules_file = path / "modules.json"
         if not modules_file.is_file():
-            return cls()
+            return True, None
         modules = json.loads(modules_file.read_text())
         types = {m.get("type", "").rsplit(".", 1)[-1]: m for m in modules}
-        normalize = "Normalize" in types
         pooling = types.get("Pooling")
-        pooling_file = path / (pooling.get("path") or "1_Pooling") / "config.json" if pooling else None
+        if not pooling:
+            return "Normalize" in types, None
+        folder = confined(path, pooling.get("path") or "1_Pooling", f"{modules_file}: Pooling path",
+                          allow_symlinks=True)
+        return "Normalize" in types, folder / "config.json"
+
+    @classmethod
+    def from_dir(cls, path: Path | str) -> "PoolingConfig":
+        normalize, pooling_file = cls.modules(path)
         if pooling_file is None or not pooling_file.is_file():
             return cls("mean", normalize)
         p = json.loads(pooling_file.read_text())
