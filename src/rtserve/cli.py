@@ -37,6 +37,7 @@ def cmd_serve(args) -> int:
         shutdown_timeout_s=args.shutdown_timeout, log_level=args.log_level,
         protect_inference=True if args.protect_inference else None,
         allow_symlinks=True if args.allow_symlinks else None,
+        **{name: getattr(args, name) for name in _SERVER_FLAGS},
     )
     print(f"rtserve: serving {repo} on http://{config.host}:{config.port}", file=sys.stderr, flush=True)
     serve(config)
@@ -241,6 +242,28 @@ def _client_args(sp) -> None:
     sp.add_argument("--api-key", default=None, help="default: RTSERVE_API_KEY")
 
 
+# ServerConfig fields whose flag (--field-name), environment variable (RTSERVE_FIELD_NAME) and
+# default all come from the field: (type, metavar, help)
+_SERVER_FLAGS = {
+    "timeout_keep_alive": (float, "SECONDS", "close a keep-alive connection idle this long"),
+    "timeout_header": (float, "SECONDS", "close a connection whose request line and headers take longer"),
+    "limit_concurrency": (int, "N", "answer 503 while N connections (this one included) are open or N "
+                                    "requests are in progress"),
+}
+
+
+def _server_flags(s) -> None:
+    from dataclasses import fields
+
+    from .config import ServerConfig
+
+    defaults = {f.name: f.default for f in fields(ServerConfig)}
+    for name, (kind, metavar, text) in _SERVER_FLAGS.items():
+        default = "no limit" if defaults[name] is None else defaults[name]
+        s.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None, metavar=metavar,
+                       help=f"{text} (default {default}; RTSERVE_{name.upper()})")
+
+
 def _add_serve_parsers(sub) -> None:
     """serve, models, infer."""
     s = sub.add_parser("serve", help="serve a model repository over HTTP (KServe v2)")
@@ -254,6 +277,7 @@ def _add_serve_parsers(sub) -> None:
     s.add_argument("--allow-symlinks", action="store_true",
                    help="serve model files that are symlinks to places outside the repository "
                         "(RTSERVE_ALLOW_SYMLINKS); by default they are refused")
+    _server_flags(s)
     s.add_argument("--ray", metavar="local|auto|ADDRESS", default=None,
                    help="the Ray cluster for models with executor: ray (default: local)")
     s.set_defaults(func=cmd_serve)

@@ -269,7 +269,16 @@ def list_versions(model_dir: Path) -> list[int]:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """Server settings; CLI flags map 1:1 to fields, environment variables use the RTSERVE_ prefix."""
+    """Server settings; CLI flags map 1:1 to fields, environment variables use the RTSERVE_ prefix.
+
+    timeout_keep_alive: seconds an idle keep-alive connection stays open between requests.
+    timeout_header: seconds a request's line and headers may take to arrive, from the connection's
+        opening or the request's first byte; then the connection is closed (408 if part of a
+        request came). uvicorn has no such setting: ``server/http_protocol.py`` adds it.
+    limit_concurrency: None = no limit. Otherwise uvicorn's limit_concurrency: a request is answered
+        503 (and its connection closed) when the open connections, this one included, or the
+        requests in progress number ``limit_concurrency``; idle keep-alive connections count.
+    """
 
     repository: str = "model_repository"
     host: str = "127.0.0.1"
@@ -281,12 +290,21 @@ class ServerConfig:
     log_level: str = "info"
     #: serve model files that are symlinks to places outside the repository (paths.confined)
     allow_symlinks: bool = False
+    timeout_keep_alive: float = 30.0
+    timeout_header: float = 60.0
+    limit_concurrency: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port: {self.port} is not in 0..65535")
         if self.max_body_bytes < 1024:
             raise ConfigError(f"max_body_bytes: {self.max_body_bytes} is below 1024")
+        for key in ("timeout_keep_alive", "timeout_header"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key}: must be a number of seconds > 0, got {getattr(self, key)!r}")
+        if self.limit_concurrency is not None and self.limit_concurrency < 2:
+            raise ConfigError(f"limit_concurrency: must be at least 2 (the requesting connection counts, so 1 "
+                              f"would refuse every request), got {self.limit_concurrency}")
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "ServerConfig":
@@ -294,16 +312,21 @@ class ServerConfig:
         env = os.environ
         kw: dict[str, Any] = {}
         for f in fields(cls):
-            raw = env.get("RTSERVE_" + f.name.upper())
+            var = "RTSERVE_" + f.name.upper()
+            raw = env.get(var)
             if raw is None:
                 continue
-            if f.type in ("int",):
-                kw[f.name] = int(raw)
-            elif f.type in ("float",):
-                kw[f.name] = float(raw)
-            elif f.type in ("bool",):
-                kw[f.name] = raw.lower() in ("1", "true", "yes", "on")
-            else:
-                kw[f.name] = raw
+            kind = str(f.type).removesuffix(" | None")
+            try:
+                if kind == "int":
+                    kw[f.name] = int(raw)
+                elif kind == "float":
+                    kw[f.name] = float(raw)
+                elif kind == "bool":
+                    kw[f.name] = raw.lower() in ("1", "true", "yes", "on")
+                else:
+                    kw[f.name] = raw
+            except ValueError:
+                raise ConfigError(f"{var}: '{raw}' is not {'an integer' if kind == 'int' else 'a number'}") from None
         kw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**kw)

@@ -106,6 +106,24 @@ def test_bad_requests_get_400_and_the_server_keeps_serving(lm_server, kw, status
     assert client.completions.create(model="lm", prompt="ok", max_tokens=2).choices[0].text is not None
 
 
+def test_zero_max_completion_tokens_and_stop_token_ids_outside_the_vocabulary_are_400s(lm_server):
+    _, _, url = lm_server
+    chat = {"model": "lm", "messages": [{"role": "user", "content": "hi"}]}
+    cases = [({**chat, "max_completion_tokens": 0}, "max_completion_tokens", "must be at least 1"),
+             ({**chat, "stop_token_ids": [1, 99999]}, "stop_token_ids", "vocabulary size"),
+             ({"model": "lm", "prompt": "x", "stop_token_ids": [99999]}, "stop_token_ids", "vocabulary size"),
+             ({"model": "lm", "prompt": "x", "stop_token_ids": [-1]}, "stop_token_ids", "integers >= 0")]
+    for doc, param, needle in cases:
+        path = "/v1/chat/completions" if "messages" in doc else "/v1/completions"
+        r = httpx.post(url + path, json=doc, timeout=30)
+        assert r.status_code == 400, (doc, r.text)
+        err = r.json()["error"]
+        assert err["param"] == param and needle in err["message"], err
+    r = httpx.post(url + "/v1/completions", json={"model": "lm", "prompt": "x", "max_tokens": 2,
+                                                  "stop_token_ids": [1]}, timeout=30)
+    assert r.status_code == 200, r.text
+
+
 def test_closing_the_stream_cancels_the_request(lm_server):
     client, _, url = lm_server
     stream = client.completions.create(model="lm", prompt="The quick", max_tokens=190, temperature=0,

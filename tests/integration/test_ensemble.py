@@ -121,3 +121,27 @@ def test_bad_graphs_fail_at_load_naming_the_step(repo, steps, needle):
         assert (await c.get("/v2/models/affine/ready")).status_code == 200  # the rest keep serving
 
     asyncio.run(_with_app(repo, main))
+
+
+def test_inputs_are_checked_against_the_ensemble_before_their_data_is_converted(repo):
+    def doc(name="x", datatype="FP32", shape=(100_000, 4), data=None):
+        n = int(np.prod(shape))
+        data = data if data is not None else [0.0] * (n - 1) + ["x"]  # the last element is not a number
+        return orjson.dumps({"inputs": [{"name": name, "shape": list(shape), "datatype": datatype, "data": data}]})
+
+    async def main(c, app):
+        cases = [
+            (doc(), "model 'ens': batch size 100000 exceeds max_batch_size 8"),
+            (doc(shape=(0, 4), data=[]), "batch size must be at least 1"),
+            (doc(name="image", shape=(1, 4)), "unknown input 'image'"),
+            (doc(datatype="INT32", shape=(1, 4)), "datatype INT32, the model takes FP32"),
+            (doc(shape=(2, 5)), "shape [2, 5], the model takes [-1, 4]"),
+            (doc(shape=(1, 4)), "element 3 is str 'x', not a number"),  # a valid shape: now the data
+        ]
+        for body_, needle in cases:
+            r = await c.post("/v2/models/ens/infer", content=body_)
+            assert r.status_code == 400 and needle in r.json()["error"], (needle, r.text)
+        ok = await c.post("/v2/models/ens/infer", content=body(np.ones((1, 4), np.float32)))
+        assert ok.status_code == 200
+
+    asyncio.run(_with_app(repo, main))

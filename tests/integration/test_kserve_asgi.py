@@ -105,6 +105,16 @@ def test_versions_and_policy(affine_repo):
     (infer_body(X, outputs=[{"name": "nope"}]), "unknown output 'nope'"),
     (infer_body(X, parameters={"priority": 7}), "priority 7"),
     (infer_body(X, parameters={"timeout": -5}), "'timeout'"),
+    (orjson.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, None, 3, 4]}]}),
+     "input 'x': data is not a valid FP32 array: element 1 is null"),
+    (infer_body(X, outputs=[{"name": "y"}, {"name": "y"}]), "output 'y' is requested twice"),
+    (orjson.dumps({"inputs": [{"name": "x", "shape": [100_000, 4], "datatype": "FP32",
+                               "data": [0.0] * 399_999 + ["x"]}]}),
+     "model 'affine': batch size 100000 exceeds max_batch_size 8"),
+    (orjson.dumps({"inputs": [{"name": "z", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, None, 4]}]}),
+     "unknown input 'z'"),
+    (orjson.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "INT32", "data": [1, 2, 3.5, 4]}]}),
+     "input 'x' must be FP32"),
 ])
 def test_bad_requests_get_400_naming_the_problem(affine_repo, body, needle):
     async def fn(c, app):

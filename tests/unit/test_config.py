@@ -65,3 +65,38 @@ def test_batching_defaults_and_server_env(monkeypatch):
     assert ServerConfig.from_env(port=1).port == 1
     with pytest.raises(ConfigError, match="port"):
         ServerConfig(port=70000)
+
+
+def test_connection_settings_from_env_flags_and_into_uvicorn(monkeypatch):
+    import argparse
+
+    from rtserve.cli import _add_serve_parsers
+    from rtserve.server.app import App
+    from rtserve.server.http_protocol import HeaderTimeoutProtocol
+    from rtserve.server.runner import uvicorn_config
+
+    c = ServerConfig()
+    assert (c.timeout_keep_alive, c.timeout_header, c.limit_concurrency) == (30.0, 60.0, None)
+    monkeypatch.setenv("RTSERVE_TIMEOUT_KEEP_ALIVE", "2.5")
+    monkeypatch.setenv("RTSERVE_LIMIT_CONCURRENCY", "10")
+    c = ServerConfig.from_env()
+    assert c.timeout_keep_alive == 2.5 and c.limit_concurrency == 10  # an int, not the string "10"
+    parser = argparse.ArgumentParser()
+    _add_serve_parsers(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve", "--timeout-keep-alive", "4", "--timeout-header", "7", "--limit-concurrency", "3"])
+    assert (args.timeout_keep_alive, args.timeout_header, args.limit_concurrency) == (4.0, 7.0, 3)
+    u = uvicorn_config(App(c), c)
+    assert u.timeout_keep_alive == 2.5 and u.limit_concurrency == 10
+    assert u.http.func is HeaderTimeoutProtocol and u.http.keywords == {"timeout_header": 60.0}
+    monkeypatch.setenv("RTSERVE_LIMIT_CONCURRENCY", "ten")
+    with pytest.raises(ConfigError, match="RTSERVE_LIMIT_CONCURRENCY: 'ten' is not an integer"):
+        ServerConfig.from_env()
+
+
+@pytest.mark.parametrize("kw,needle", [
+    ({"timeout_keep_alive": 0}, "timeout_keep_alive"), ({"timeout_header": -1}, "timeout_header"),
+    ({"limit_concurrency": 1}, "limit_concurrency: must be at least 2"),
+])
+def test_bad_connection_settings_name_the_field(kw, needle):
+    with pytest.raises(ConfigError, match=needle):
+        ServerConfig(**kw)

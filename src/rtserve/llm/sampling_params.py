@@ -1,6 +1,7 @@
 """Per-request sampling parameters (OpenAI's and vLLM's names), validated on construction."""
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 
@@ -50,6 +51,8 @@ class SamplingParams:
             bad("n", "must be in [1, 64]")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop", "must be non-empty strings")
+        if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0 for t in self.stop_token_ids):
+            bad("stop_token_ids", "must be token ids (integers >= 0)")
 
     @property
     def greedy(self) -> bool:

@@ -141,6 +141,12 @@ class ServedModel(ABC):
         """Refuse at once (QueueFull) when the model cannot take another request: called before a
         request's body is read, so shedding load is cheap."""
 
+    def check_input(self, name: str, datatype: str, shape: list[int]) -> None:
+        """Raise InvalidInput (naming the input) unless an input of this name, KServe v2 datatype and
+        shape (the batch dimension included) can be given to ``infer``. The protocol calls it before
+        it converts the input's data, so an oversized or mis-shaped request costs no conversion;
+        ``infer`` still checks the decoded arrays. Default: no check."""
+
     async def infer(self, request: TensorRequest) -> dict[str, np.ndarray]:
         """Run a tensor request; the requested outputs in order (KServe v2)."""
         raise self.wrong_api()

@@ -254,6 +254,21 @@ class EnsembleModel(ServedModel):
     def all_outputs(self) -> list[TensorSpec]:
         return list(self.outputs)
 
+    def check_input(self, name: str, datatype: str, shape) -> None:
+        """Name, datatype, shape ([batch, *declared]) and batch size against the declared inputs."""
+        spec = self.input_by_name.get(name)
+        if spec is None:
+            raise InvalidInput(f"model '{self.name}': unknown input '{name}'; expected {sorted(self.input_by_name)}")
+        if datatype != spec.datatype:
+            raise InvalidInput(f"input '{name}': datatype {datatype}, the model takes {spec.datatype}")
+        if len(shape) != len(spec.shape) + 1 or any(d != -1 and d != a for d, a in zip(spec.shape, shape[1:])):
+            raise InvalidInput(f"input '{name}': shape {list(shape)}, the model takes {[-1, *spec.shape]}")
+        if shape[0] == 0:
+            raise InvalidInput(f"model '{self.name}': batch size must be at least 1")
+        if shape[0] > self.config.max_batch_size:
+            raise InvalidInput(f"model '{self.name}': batch size {shape[0]} exceeds max_batch_size "
+                               f"{self.config.max_batch_size}")
+
     def check_inputs(self, inputs: dict[str, np.ndarray]) -> int:
         """Names, datatypes and shapes against the declared inputs; returns the batch size."""
         missing = sorted(set(self.input_by_name) - set(inputs))
@@ -261,20 +276,10 @@ class EnsembleModel(ServedModel):
             raise InvalidInput(f"model '{self.name}': missing input '{missing[0]}'")
         batch = None
         for name, arr in inputs.items():
-            spec = self.input_by_name.get(name)
-            if spec is None:
-                raise InvalidInput(f"model '{self.name}': unknown input '{name}'")
-            dt = numpy_to_v2(arr.dtype)
-            if dt != spec.datatype:
-                raise InvalidInput(f"input '{name}': datatype {dt}, the model takes {spec.datatype}")
-            if arr.ndim != len(spec.shape) + 1 or any(d != -1 and d != a for d, a in zip(spec.shape, arr.shape[1:])):
-                raise InvalidInput(f"input '{name}': shape {list(arr.shape)}, the model takes "
-                                   f"{[-1, *spec.shape]}")
+            self.check_input(name, numpy_to_v2(arr.dtype), arr.shape)
             if batch is not None and arr.shape[0] != batch:
                 raise InvalidInput(f"input '{name}': batch {arr.shape[0]} differs from the other inputs' {batch}")
             batch = arr.shape[0]
-        if batch is not None and batch > self.config.max_batch_size:
-            raise InvalidInput(f"batch {batch} is above the model's max_batch_size {self.config.max_batch_size}")
         return batch or 0
 
     async def infer(self, request: TensorRequest) -> dict[str, np.ndarray]:

@@ -107,9 +107,11 @@ class LLMModel(ServedModel):
         return self.llm.tokenizer
 
     # -- the OpenAI API -------------------------------------------------------------------------------
-    def prompt_ids(self, prompt: str | list[int] | None, messages: list | None, max_tokens: int | None) -> list[int]:
+    def prompt_ids(self, prompt: str | list[int] | None, messages: list | None, max_tokens: int | None,
+                   stop_token_ids: tuple[int, ...] = ()) -> list[int]:
         """The prompt's token ids: ``messages`` through the chat template, or ``prompt`` as text or
-        ids. Checks the vocabulary and, when ``max_tokens`` was given, that it fits the context."""
+        ids. Checks the vocabulary (the prompt's ids and ``stop_token_ids``) and, when ``max_tokens``
+        was given, that it fits the context."""
         param = "messages" if messages is not None else "prompt"
         llm = self.llm
         try:
@@ -123,6 +125,10 @@ class LLMModel(ServedModel):
                 raise ValueError(f"prompt token ids must be below the vocabulary size {vocab}")
         except ValueError as e:
             raise InvalidInput(str(e), param=param) from None
+        over = [t for t in stop_token_ids if t >= vocab]
+        if over:  # it could never be sampled: the stop would be silently ignored
+            raise InvalidInput(f"stop_token_ids must be below the vocabulary size {vocab}, got {over[0]}",
+                               param="stop_token_ids")
         limit = self.max_model_len
         if max_tokens is not None and len(ids) + max_tokens > limit:
             raise InvalidInput(f"this model's maximum context is {limit} tokens; the prompt has {len(ids)} and "
@@ -136,7 +142,8 @@ class LLMModel(ServedModel):
         from ..llm.async_engine import EngineClosed
         from ..llm.scheduler import RequestTooLarge
 
-        ids = self.prompt_ids(prompt, messages, params.max_tokens if max_tokens_given else None)
+        ids = self.prompt_ids(prompt, messages, params.max_tokens if max_tokens_given else None,
+                              params.stop_token_ids)
         t_arrival = time.perf_counter()
         gen = self.engine.generate(ids, params)
         try:

@@ -182,18 +182,34 @@ class TensorModel(ServedModel):
             "output": [s.to_json(self.batched) for s in self.all_outputs],
         }
 
+    def _spec(self, name: str) -> TensorSpec:
+        spec = self.input_by_name.get(name)
+        if spec is None:
+            raise InvalidInput(f"model '{self.name}': unknown input '{name}'; expected {sorted(self.input_by_name)}")
+        return spec
+
+    def check_input(self, name: str, datatype: str, shape) -> None:
+        """Name, datatype, shape against the spec and the batch size against max_batch_size."""
+        spec = self._spec(name)
+        if datatype != spec.datatype:
+            raise InvalidInput(f"model '{self.name}': input '{name}' must be {spec.datatype}")
+        spec.check(tuple(shape), self.batched)
+        if self.batched:
+            if shape[0] == 0:
+                raise InvalidInput(f"model '{self.name}': batch size must be at least 1")
+            if shape[0] > self.config.max_batch_size:
+                raise InvalidInput(f"model '{self.name}': batch size {shape[0]} exceeds max_batch_size "
+                                   f"{self.config.max_batch_size}")
+
     def make_request(self, inputs: dict[str, np.ndarray], priority: int | None = None,
                      timeout_s: float | None = None) -> InferRequest:
         """Validate names, datatypes and shapes and build the queued request."""
         batch = None
         for name, arr in inputs.items():
-            spec = self.input_by_name.get(name)
-            if spec is None:
-                raise InvalidInput(f"model '{self.name}': unknown input '{name}'; "
-                                   f"expected {sorted(self.input_by_name)}")
+            spec = self._spec(name)
             if arr.dtype != spec.dtype and not (spec.datatype == "BYTES" and arr.dtype == object):
                 raise InvalidInput(f"model '{self.name}': input '{name}' must be {spec.datatype}")
-            spec.check(arr.shape, self.batched)
+            self.check_input(name, spec.datatype, arr.shape)
             if self.batched:
                 if batch is None:
                     batch = arr.shape[0]
@@ -204,8 +220,6 @@ class TensorModel(ServedModel):
         if missing:
             raise InvalidInput(f"model '{self.name}': missing input '{missing[0]}'; "
                                f"expected {sorted(self.input_by_name)}")
-        if self.batched and batch == 0:
-            raise InvalidInput(f"model '{self.name}': batch size must be at least 1")
         return InferRequest(
             inputs=inputs, batch_size=batch or 1,
             priority=self.config.batching.default_priority if priority is None else priority,

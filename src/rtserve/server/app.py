@@ -93,7 +93,7 @@ class App(OpenAIRoutes):
             else:
                 resp = await self._route(scope, receive)
         except oai.OpenAIError as e:
-            resp = Response(e.status, e.body(), JSON)
+            resp = Response(e.status, e.body(), JSON + [(k.encode(), v.encode()) for k, v in e.headers.items()])
         except RtserveError as e:
             resp = error_response(e)
         except ClientGone:
@@ -101,7 +101,10 @@ class App(OpenAIRoutes):
         except Exception as e:  # never crash the connection on a bug: answer 500 and log it
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             resp = json_response({"error": f"internal error: {type(e).__name__}: {e}"}, 500)
-        await send({"type": "http.response.start", "status": resp.status, "headers": resp.headers})
+        headers = resp.headers
+        if resp.status == 413:  # the rest of the body is unread: close the connection rather than read it
+            headers = [*headers, (b"connection", b"close")]
+        await send({"type": "http.response.start", "status": resp.status, "headers": headers})
         await send({"type": "http.response.body", "body": resp.body})
 
     # -- routing ------------------------------------------------------------------------------
@@ -117,12 +120,11 @@ class App(OpenAIRoutes):
             section = parts[1]
             if section == "models" and n >= 3:
                 return await self._model_route(scope, receive, method, parts[2], parts[3:])
-            if section == "health" and n == 3:
+            if section == "health" and n == 3 and parts[2] in ("live", "ready"):
                 self._method(method, "GET")
                 if parts[2] == "live":
                     return Response(200)
-                if parts[2] == "ready":
-                    return Response(200 if self.started and not self.shutting_down else 503)
+                return Response(200 if self.started and not self.shutting_down else 503)
             if section == "repository":
                 return await self._repository_route(scope, receive, method, parts[2:])
         elif head == "metrics" and len(parts) == 1:
@@ -136,8 +138,11 @@ class App(OpenAIRoutes):
 
     @staticmethod
     def _method(method: str, allowed: str) -> None:
+        """405 with ``Allow`` unless ``method`` is ``allowed`` (GET routes answer HEAD too). Called once
+        the path is known to name a route: an unknown path is a 404 whatever its method."""
         if method != allowed and not (allowed == "GET" and method == "HEAD"):
-            err = RtserveError(f"method {method} is not allowed here; use {allowed}", headers={"allow": allowed})
+            allow = "GET, HEAD" if allowed == "GET" else allowed
+            err = RtserveError(f"method {method} is not allowed here; use {allowed}", headers={"allow": allow})
             err.status = 405
             raise err
 
@@ -146,7 +151,7 @@ class App(OpenAIRoutes):
         if len(rest) >= 2 and rest[0] == "versions":
             version, rest = rest[1], rest[2:]
         action = rest[0] if rest else ""
-        if len(rest) > 1:
+        if len(rest) > 1 or action not in ("", "ready", "config", "infer"):
             raise NotFound(f"no route for {method} {scope['path']}")
         if action == "infer":
             self._method(method, "POST")
@@ -166,23 +171,22 @@ class App(OpenAIRoutes):
             except Unavailable:
                 return Response(503)
             return Response(200)
-        if action == "config":
-            return json_response(self.repository.get(name, version).config_json())
-        raise NotFound(f"no route for {method} {scope['path']}")
+        return json_response(self.repository.get(name, version).config_json())
 
     async def _repository_route(self, scope, receive, method, rest) -> Response:
+        action = len(rest) == 3 and rest[0] == "models" and rest[2] in ("load", "unload")
+        if rest != ["index"] and not action:
+            raise NotFound(f"no route for {method} {scope['path']}")
         self._method(method, "POST")
         check_api_key(self.config.api_key, dict(scope["headers"]))
         await self._read_body(scope, receive, dict(scope["headers"]))
-        if rest == ["index"]:
+        if not action:
             return json_response(self.repository.index())
-        if len(rest) == 3 and rest[0] == "models" and rest[2] in ("load", "unload"):
-            if rest[2] == "load":
-                await self.repository.load(rest[1])
-            else:
-                await self.repository.unload(rest[1], self.config.shutdown_timeout_s)
-            return Response(200, b"{}", JSON)
-        raise NotFound(f"no route for {method} {scope['path']}")
+        if rest[2] == "load":
+            await self.repository.load(rest[1])
+        else:
+            await self.repository.unload(rest[1], self.config.shutdown_timeout_s)
+        return Response(200, b"{}", JSON)
 
     # -- request bodies -------------------------------------------------------------------------
     async def _read_body(self, scope, receive, headers: dict) -> bytes:
@@ -228,7 +232,7 @@ class App(OpenAIRoutes):
         model.admit()  # a full queue answers 503 before the body is read
         body = await self._read_body(scope, receive, headers)
         try:
-            dec = kserve_v2.decode_request(body, kserve_v2.header_length(headers))
+            dec = kserve_v2.decode_request(body, kserve_v2.header_length(headers), model.check_input)
         except InvalidInput:
             model.count_rejected("invalid_input")
             raise

@@ -32,7 +32,7 @@ class OpenAIRoutes:
         except oai.OpenAIError:
             raise
         except RtserveError as e:
-            raise oai.OpenAIError(e.message, status=e.status, param=e.param,
+            raise oai.OpenAIError(e.message, status=e.status, param=e.param, headers=e.headers,
                                   type_="invalid_request_error" if e.status < 500 else "server_error") from None
 
     async def _body(self, scope, receive) -> bytes:

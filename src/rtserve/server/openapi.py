@@ -3,6 +3,10 @@ from __future__ import annotations
 
 from .. import __version__
 
+_DATA = {"description": "row-major, flat or nested lists: numbers, true/false for BOOL, strings for BYTES; "
+                        "never null",
+         "anyOf": [{"type": ["number", "boolean", "string"]},
+                   {"type": "array", "items": {"$ref": "#/components/schemas/TensorData"}}]}
 _TENSOR = {
     "type": "object", "required": ["name", "shape", "datatype"],
     "properties": {
@@ -10,13 +14,84 @@ _TENSOR = {
         "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
         "datatype": {"type": "string", "enum": ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16",
                                                 "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"]},
-        "parameters": {"type": "object"},
-        "data": {"type": "array", "items": {}},
+        "parameters": {"type": ["object", "null"], "properties": {
+            "binary_data_size": {"type": ["integer", "null"], "minimum": 0}}},
+        "data": {"$ref": "#/components/schemas/TensorData"},
     },
 }
 _META_TENSOR = {"type": "object", "properties": {"name": {"type": "string"}, "datatype": {"type": "string"},
                                                  "shape": {"type": "array", "items": {"type": "integer"}}}}
 _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
+_INFER_REQUEST = {"type": "object", "required": ["inputs"], "properties": {
+    "id": {"type": ["string", "null"]},
+    "parameters": {"type": ["object", "null"], "properties": {
+        "priority": {"type": ["integer", "null"], "minimum": 0},
+        "timeout": {"type": ["integer", "null"], "minimum": 0, "description": "microseconds"},
+        "binary_data_output": {"type": "boolean"}}},
+    "inputs": {"type": "array", "minItems": 1, "items": _TENSOR,
+               "description": "each input once; 'data', or 'parameters.binary_data_size' bytes of the binary "
+                              "section; BYTES elements must be valid UTF-8"},
+    "outputs": {"type": ["array", "null"], "description": "each output at most once", "items": {
+        "type": "object", "required": ["name"], "properties": {
+            "name": {"type": "string"},
+            "parameters": {"type": ["object", "null"], "properties": {
+                "binary_data": {"type": "boolean"},
+                "classification": {"type": ["integer", "null"], "minimum": 0}}}}}}}}
+
+
+def _nullable(kind: str, **limits) -> dict:
+    return {"type": [kind, "null"], **limits}
+
+
+def _openai_schemas() -> dict:
+    """What ``protocols/openai.py`` accepts (null is the same as absent; other fields are not read)."""
+    ids = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
+    text = {"type": "string", "minLength": 1}
+    model = {"type": "string", "minLength": 1}
+    sampling = {
+        "temperature": _nullable("number", minimum=0, maximum=100),
+        "top_p": _nullable("number", exclusiveMinimum=0, maximum=1),
+        "top_k": _nullable("integer", minimum=-1, description="0 or -1: off"),
+        "min_p": _nullable("number", minimum=0, maximum=1),
+        "repetition_penalty": _nullable("number", exclusiveMinimum=0, maximum=10),
+        "presence_penalty": _nullable("number", minimum=-2, maximum=2),
+        "frequency_penalty": _nullable("number", minimum=-2, maximum=2),
+        "seed": _nullable("integer"),
+        "stop": {"anyOf": [text, {"type": "array", "items": text}, {"type": "null"}]},
+        "stop_token_ids": {"type": ["array", "null"], "items": {"type": "integer", "minimum": 0},
+                           "description": "each below the model's vocabulary size"},
+        "ignore_eos": _nullable("boolean"),
+        "n": _nullable("integer", minimum=1, maximum=64),
+        "stream": _nullable("boolean"),
+        "stream_options": {"type": ["object", "null"], "properties": {"include_usage": _nullable("boolean")}},
+        "max_tokens": _nullable("integer", minimum=1),
+    }
+    message = {"type": "object", "required": ["role"], "properties": {
+        "role": {"type": "string"},
+        "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"},
+                                                    "description": "parts; the text parts are joined"}]}}}
+    return {
+        "CompletionRequest": {"type": "object", "required": ["model", "prompt"], "properties": {
+            "model": model,
+            "prompt": {"anyOf": [text, ids, {"type": "array", "minItems": 1, "maxItems": 1,
+                                             "items": {"anyOf": [text, ids]}}]},
+            "logprobs": _nullable("integer", minimum=0, maximum=20), **sampling}},
+        "ChatCompletionRequest": {"type": "object", "required": ["model", "messages"], "properties": {
+            "model": model,
+            "messages": {"type": "array", "minItems": 1, "items": message},
+            "logprobs": _nullable("boolean"),
+            "top_logprobs": _nullable("integer", minimum=0, maximum=20),
+            "max_completion_tokens": _nullable("integer", minimum=1), **sampling}},
+        "EmbeddingRequest": {"type": "object", "required": ["model", "input"], "properties": {
+            "model": model,
+            "input": {"anyOf": [text,
+                                {"type": "array", "minItems": 1, "maxItems": 2048, "items": text},
+                                ids,
+                                {"type": "array", "minItems": 1, "maxItems": 2048, "items": ids}]},
+            "encoding_format": {"enum": ["float", "base64", None]},
+            "dimensions": _nullable("integer", minimum=1),
+            "user": _nullable("string")}},
+    }
 
 
 def _err(desc: str) -> dict:
@@ -57,20 +132,23 @@ def _openai_paths() -> dict:
             "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": ["string", "null"]},
             "code": {"type": ["string", "null"]}}}}}}}}
 
-    def post(summary: str, streams: bool) -> dict:
+    def post(summary: str, streams: bool, request: str) -> dict:
         ok = {"description": "result", "content": {"application/json": {"schema": {"type": "object"}}}}
         if streams:
             ok["content"]["text/event-stream"] = {"schema": {"type": "string"}}
         return {"post": {"summary": summary, "requestBody": {"required": True, "content": {
-            "application/json": {"schema": {"type": "object", "required": ["model"]}}}},
-            "responses": {"200": ok, "400": oai_err, "401": oai_err, "404": oai_err, "503": oai_err}}}
+            "application/json": {"schema": {"$ref": f"#/components/schemas/{request}"}}}},
+            "responses": {"200": ok, "400": oai_err, "401": oai_err, "404": oai_err, "413": oai_err,
+                          "503": oai_err}}}
 
     return {
         "/v1/models": {"get": {"summary": "Language and embedding models (OpenAI list format)",
                                "responses": {"200": {"description": "list"}}}},
-        "/v1/completions": post("Text completion; SSE chunks when stream is true", True),
-        "/v1/chat/completions": post("Chat completion with the model's chat template; SSE when stream is true", True),
-        "/v1/embeddings": post("Embeddings of a string, strings or token ids (float or base64)", False),
+        "/v1/completions": post("Text completion; SSE chunks when stream is true", True, "CompletionRequest"),
+        "/v1/chat/completions": post("Chat completion with the model's chat template; SSE when stream is true",
+                                     True, "ChatCompletionRequest"),
+        "/v1/embeddings": post("Embeddings of a string, strings or token ids (float or base64)", False,
+                               "EmbeddingRequest"),
     }
 
 
@@ -103,11 +181,8 @@ def openapi_document() -> dict:
         "paths": paths,
         "components": {"schemas": {
             "Error": _ERROR,
-            "InferRequest": {"type": "object", "required": ["inputs"], "properties": {
-                "id": {"type": "string"}, "parameters": {"type": "object"},
-                "inputs": {"type": "array", "items": _TENSOR},
-                "outputs": {"type": "array", "items": {"type": "object", "properties": {
-                    "name": {"type": "string"}, "parameters": {"type": "object"}}}}}},
+            "TensorData": _DATA,
+            "InferRequest": _INFER_REQUEST,
             "InferResponse": {"type": "object", "properties": {
                 "model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {"type": "string"},
                 "outputs": {"type": "array", "items": _TENSOR}}},
@@ -115,5 +190,6 @@ def openapi_document() -> dict:
                 "name": {"type": "string"}, "versions": {"type": "array", "items": {"type": "string"}},
                 "platform": {"type": "string"}, "inputs": {"type": "array", "items": _META_TENSOR},
                 "outputs": {"type": "array", "items": _META_TENSOR}}},
+            **_openai_schemas(),
         }},
     }

@@ -12,6 +12,7 @@ import uvicorn
 
 from ..config import ServerConfig
 from .app import App
+from .http_protocol import protocol_factory
 
 
 class _Server(uvicorn.Server):
@@ -49,9 +50,10 @@ def uvicorn_config(app: App, config: ServerConfig) -> uvicorn.Config:
     except ImportError:
         loop = "asyncio"
     return uvicorn.Config(
-        app, host=config.host, port=config.port, loop=loop, http="httptools", lifespan="on",
-        log_level=config.log_level, access_log=False, timeout_graceful_shutdown=config.shutdown_timeout_s,
-        backlog=4096, timeout_keep_alive=30,
+        app, host=config.host, port=config.port, loop=loop, http=protocol_factory(config.timeout_header),
+        lifespan="on", log_level=config.log_level, access_log=False,
+        timeout_graceful_shutdown=config.shutdown_timeout_s, backlog=4096,
+        timeout_keep_alive=config.timeout_keep_alive, limit_concurrency=config.limit_concurrency,
     )
 
 

@@ -24,8 +24,8 @@ class OpenAIError(RtserveError):
     """Rendered as {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, message: str, status: int = 400, param: str | None = None,
-                 type_: str = "invalid_request_error") -> None:
-        super().__init__(message)
+                 type_: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, headers=headers)
         self.status, self.param, self.type = status, param, type_
 
     def body(self) -> bytes:
@@ -77,23 +77,31 @@ def _request_doc(body: bytes) -> tuple[dict, str]:
     return doc, model
 
 
+def _messages(doc: dict) -> list[dict]:
+    """Chat messages; content parts are joined into one string (their text parts)."""
+    messages = _get(doc, "messages", list)
+    if not messages:
+        raise OpenAIError("'messages' must be a non-empty list", param="messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise OpenAIError(f"messages[{i}] must be an object with a 'role'", param="messages")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: keep the text ones
+            texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+            if not all(isinstance(t, str) for t in texts):
+                raise OpenAIError(f"messages[{i}].content: a text part's 'text' must be a string", param="messages")
+            m = {**m, "content": "".join(texts)}
+            messages[i] = m
+        if not isinstance(m.get("content", ""), str):
+            raise OpenAIError(f"messages[{i}].content must be a string", param="messages")
+    return messages
+
+
 def parse(body: bytes, chat: bool) -> GenerationRequest:
     doc, model = _request_doc(body)
     prompt = messages = None
     if chat:
-        messages = _get(doc, "messages", list)
-        if not messages:
-            raise OpenAIError("'messages' must be a non-empty list", param="messages")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                raise OpenAIError(f"messages[{i}] must be an object with a 'role'", param="messages")
-            content = m.get("content")
-            if isinstance(content, list):  # content parts: keep the text ones
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-                m = {**m, "content": content}
-                messages[i] = m
-            if not isinstance(m.get("content", ""), str):
-                raise OpenAIError(f"messages[{i}].content must be a string", param="messages")
+        messages = _messages(doc)
     else:
         prompt = doc.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
@@ -113,8 +121,15 @@ def parse(body: bytes, chat: bool) -> GenerationRequest:
     if chat:
         want = _get(doc, "logprobs", bool, False)
         top_logprobs = _get(doc, "top_logprobs", int, 0)
+        if not 0 <= top_logprobs <= 20:
+            raise OpenAIError(f"'top_logprobs' must be in [0, 20], got {top_logprobs}", param="top_logprobs")
         logprobs = top_logprobs if want else None
-        max_tokens = _get(doc, "max_completion_tokens", int) or _get(doc, "max_tokens", int)
+        max_tokens = _get(doc, "max_completion_tokens", int)
+        if max_tokens is None:
+            max_tokens = _get(doc, "max_tokens", int)
+        elif max_tokens < 1:
+            raise OpenAIError(f"'max_completion_tokens' must be at least 1, got {max_tokens}",
+                              param="max_completion_tokens")
     else:
         logprobs = _get(doc, "logprobs", int)
         max_tokens = _get(doc, "max_tokens", int, 16)
@@ -137,7 +152,7 @@ def parse(body: bytes, chat: bool) -> GenerationRequest:
         raise OpenAIError(str(e), param=field) from None
     return GenerationRequest(model=model, prompt=prompt, messages=messages, params=params,
                              stream=_get(doc, "stream", bool, False),
-                             include_usage=bool(stream_options.get("include_usage", False)), chat=chat,
+                             include_usage=_get(stream_options, "include_usage", bool, False), chat=chat,
                              top_logprobs=top_logprobs,
                              max_tokens_given=any(doc.get(k) is not None for k in ("max_tokens", "max_completion_tokens")))
 
