@@ -8,6 +8,8 @@ from dataclasses import dataclass
 class SamplingParams:
     """temperature 0 = greedy. top_k 0 = off. logprobs = number of top alternatives to return
     (None = no logprobs). ``seed`` makes a request's tokens reproducible whatever it is batched with.
+    ``priority`` orders the waiting queue, not sampling (it travels with the request's options):
+    lower values start first, vLLM's convention; equal ones in arrival order.
     """
 
     max_tokens: int = 16
@@ -24,6 +26,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     n: int = 1
+    priority: int = 0
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str):
@@ -50,6 +53,8 @@ class SamplingParams:
             bad("n", "must be in [1, 64]")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop", "must be non-empty strings")
+        if isinstance(self.priority, bool) or not isinstance(self.priority, int) or not -2**63 <= self.priority < 2**63:
+            bad("priority", "must be a 64-bit integer")
 
     @property
     def greedy(self) -> bool:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from ..config import ModelConfig, torch_device
-from ..errors import ConfigError, InvalidInput
+from ..errors import ConfigError, InvalidInput, TooManyRequests
 from ..llm.engine_config import EngineConfig
 from .base import LoadContext, ServedModel, register_kind
 
@@ -91,8 +91,9 @@ class LLMModel(ServedModel):
     async def open_stream(self, prompt: str | list[int] | None, messages: list | None, params, *,
                           max_tokens_given: bool = False) -> AsyncIterator:
         """Queue the request; once its first delta is there (so a request that can never run is a
-        400 before any response starts), an async iterator of its ``StreamDelta``s, timed."""
-        from ..llm.scheduler import RequestTooLarge
+        400, one refused by admission control a 429, before any response starts), an async iterator
+        of its ``StreamDelta``s, timed."""
+        from ..llm.scheduler import Overloaded, RequestTooLarge
 
         ids = self.prompt_ids(prompt, messages, params.max_tokens if max_tokens_given else None)
         t_arrival = time.perf_counter()
@@ -102,6 +103,11 @@ class LLMModel(ServedModel):
         except RequestTooLarge as e:
             await gen.aclose()
             raise InvalidInput(str(e), param="messages" if messages is not None else "prompt") from None
+        except Overloaded as e:
+            await gen.aclose()
+            if self.metrics:
+                self.metrics.refused.labels(self.name).inc()
+            raise TooManyRequests(str(e), e.retry_after_s) from None
         except BaseException:
             await gen.aclose()
             raise
@@ -141,4 +147,5 @@ class LLMModel(ServedModel):
         return {"name": self.name, "backend": "llm", "platform": "rtserve_llm", "device": self.device,
                 "engine": {"num_blocks": self.llm.scheduler.bm.num_blocks, "block_size": self.llm.scheduler.bm.block_size,
                            "max_num_seqs": sc.max_num_seqs, "max_num_batched_tokens": sc.max_num_batched_tokens,
-                           "max_model_len": sc.max_model_len}}
+                           "max_model_len": sc.max_model_len, "max_waiting": sc.max_waiting,
+                           "max_waiting_tokens": sc.max_waiting_tokens}}
