@@ -30,6 +30,16 @@ class PayloadTooLarge(RtserveError):
     status = 413
 
 
+class TooManyRequests(RtserveError):
+    """A language model's waiting queue is at its limit (admission control): try again after
+    ``retry_after_s`` (sent as ``Retry-After``)."""
+
+    status = 429
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message, headers={"retry-after": str(retry_after_s)})
+
+
 class Unavailable(RtserveError):
     """Model not ready, or the server is shutting down."""
 

@@ -239,6 +239,8 @@ class LLMMetrics:
         self.generation_tokens = r.add(Counter("rtserve_llm_generation_tokens_total", "Generated tokens", m))
         self.requests = r.add(Counter("rtserve_llm_request_success_total", "Finished requests by reason", m +
                                       ("finished_reason",)))
+        self.refused = r.add(Counter("rtserve_llm_request_refused_total",
+                                     "Requests refused by admission control (429): the waiting queue was full", m))
         self._bound: dict[int, object] = {}
 
     def bind(self, name: str, scheduler) -> None:

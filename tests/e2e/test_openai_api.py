@@ -95,6 +95,7 @@ def test_seed_stop_n_and_logprobs(lm_server):
     (dict(model="lm", prompt=" ".join(["snow"] * 300)), 400, "maximum context"),
     (dict(model="lm", prompt=[1, 2, 99999]), 400, "vocabulary"),
     (dict(model="lm", prompt="x", max_tokens=100_000), 400, "max_tokens asks for 100000 more"),
+    (dict(model="lm", prompt="x", extra_body={"priority": "high"}), 400, "priority"),
 ])
 def test_bad_requests_get_400_and_the_server_keeps_serving(lm_server, kw, status, needle):
     client, _, url = lm_server

@@ -10,12 +10,22 @@ def test_keys_and_defaults():
     assert EngineConfig.keys() == (
         "num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "dtype",
         "enable_prefix_caching", "kv_cache_memory_fraction", "decode_kernel", "cuda_graphs", "pipeline_stages",
-        "pipeline_micro_batches")
+        "pipeline_micro_batches", "max_waiting", "max_waiting_tokens")
     c = EngineConfig()
     assert (c.num_blocks, c.block_size, c.max_num_seqs, c.max_num_batched_tokens, c.max_model_len) == \
         (None, 16, 64, 2048, None)
     assert (c.dtype, c.enable_prefix_caching, c.kv_cache_memory_fraction) == ("float32", True, None)
     assert (c.decode_kernel, c.cuda_graphs, c.pipeline_stages, c.pipeline_micro_batches) == (None, None, None, None)
+
+
+def test_admission_limits_default_to_multiples_of_the_batch_limits():
+    c = EngineConfig()
+    assert (c.max_waiting, c.max_waiting_tokens) == (None, None)
+    assert (c.waiting_limit, c.waiting_tokens_limit) == (4 * 64, 8 * 2048)
+    small = EngineConfig.from_dict({"max_num_seqs": 2, "max_num_batched_tokens": 100})
+    assert (small.waiting_limit, small.waiting_tokens_limit) == (8, 800)  # follow the batch limits
+    set_ = EngineConfig.from_dict({"max_waiting": 3, "max_waiting_tokens": 50})
+    assert (set_.waiting_limit, set_.waiting_tokens_limit) == (3, 50)
 
 
 def test_from_dict_keeps_defaults_and_takes_values():
@@ -40,6 +50,8 @@ def test_unknown_key_names_it_and_the_allowed_ones():
     ({"max_model_len": -1}, "engine.max_model_len: must be an integer >= 1 or unset"),
     ({"pipeline_stages": 0}, "engine.pipeline_stages: must be an integer >= 1 or unset"),
     ({"pipeline_micro_batches": 0}, "engine.pipeline_micro_batches: must be an integer >= 1 or unset"),
+    ({"max_waiting": 0}, "engine.max_waiting: must be an integer >= 1 or unset, got 0"),
+    ({"max_waiting_tokens": "lots"}, "engine.max_waiting_tokens: must be an integer >= 1 or unset, got 'lots'"),
     ({"dtype": "float64"}, "engine.dtype: 'float64' is not one of float32, bfloat16, float16"),
     ({"decode_kernel": "flash"}, "engine.decode_kernel: 'flash' is not one of gather, triton (or unset)"),
     ({"enable_prefix_caching": "yes"}, "engine.enable_prefix_caching: must be true or false, got 'yes'"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from rtserve.llm.block_manager import BlockManager
-from rtserve.llm.scheduler import RequestTooLarge, Scheduler, SchedulerConfig
+from rtserve.llm.scheduler import Overloaded, RequestTooLarge, Scheduler, SchedulerConfig
 from rtserve.llm.sequence import FinishReason, Sequence
 
 
@@ -197,3 +197,169 @@ def test_max_num_seqs_limits_running():
     s.update(out, {x.seq_id: fake_next(x.token_ids) for x in out.to_sample})
     run(s)
     assert all(q.num_generated == 3 for q in qs)
+
+
+# -- priority and admission control
+
+def start_order(sched: Scheduler) -> list[int]:
+    """Run to the end; the seq_ids in the order they were first scheduled."""
+    order: list[int] = []
+
+    def on_step(out):
+        for x in out.scheduled:
+            if x.seq.seq_id not in order:
+                order.append(x.seq.seq_id)
+    run(sched, on_step=on_step)
+    return order
+
+
+def test_waiting_queue_runs_lower_priority_values_first_then_arrival():
+    s = make(max_num_seqs=1, max_num_batched_tokens=100)
+    first = seq([1, 2], max_tokens=3)  # runs first: nothing else is there
+    s.add(first)
+    s.update(out := s.schedule(), {x.seq_id: fake_next(x.token_ids) for x in out.to_sample})
+    qs = [seq([i, i + 1], max_tokens=2, priority=p) for i, p in enumerate([5, 0, 5, -3, 0])]
+    for q in qs:
+        s.add(q)
+    assert [q.priority for q in s.waiting] == [-3, 0, 0, 5, 5]
+    order = start_order(s)
+    # lower value first (vLLM's convention), equal priorities in arrival order
+    assert order == [first.seq_id] + [qs[i].seq_id for i in (3, 1, 4, 0, 2)]
+    assert all(q.num_generated == 2 for q in qs)
+
+
+def test_priority_never_preempts_a_running_sequence():
+    s = make(max_num_seqs=1, max_num_batched_tokens=100)
+    low = seq([1, 2], max_tokens=4, priority=10)
+    s.add(low)
+    s.update(out := s.schedule(), {x.seq_id: fake_next(x.token_ids) for x in out.to_sample})
+    urgent = seq([3, 4], max_tokens=1, priority=-10)
+    s.add(urgent)
+    out = s.schedule()
+    assert [x.seq for x in out.scheduled] == [low] and s.waiting[0] is urgent
+    s.update(out, {x.seq_id: fake_next(x.token_ids) for x in out.to_sample})
+    assert start_order(s) == [low.seq_id, urgent.seq_id]
+    assert low.num_preemptions == 0 and low.num_generated == 4
+
+
+def test_a_preempted_sequence_goes_back_by_its_priority():
+    # 6 blocks of 4 tokens: two 8-token prompts growing by 8 each cannot both stay
+    s = make(num_blocks=6, block_size=4, caching=False, max_num_batched_tokens=64, max_num_seqs=2)
+    a, b = seq(range(10, 18), max_tokens=8, priority=1), seq(range(20, 28), max_tokens=8, priority=1)
+    s.add(a)
+    s.add(b)
+    urgent_seen = []
+
+    def on_step(out):
+        if out.preempted and not urgent_seen:
+            urgent = seq([1, 2], max_tokens=1, priority=0)
+            s.add(urgent)
+            urgent_seen.append(urgent)
+            assert list(s.waiting) == [urgent, b]  # the preempted b waits behind a better priority
+    run(s, on_step=on_step)
+    assert urgent_seen and b.num_preemptions >= 1
+    assert a.generated_ids == reference(range(10, 18), 8) and b.generated_ids == reference(range(20, 28), 8)
+
+
+def test_admission_limits_the_waiting_sequences():
+    s = make(max_num_seqs=1, max_waiting=2)
+    a, b, c = (seq([i, i + 1], max_tokens=3) for i in range(3))
+    s.admit([a])
+    s.admit([b])
+    with pytest.raises(Overloaded, match="2 sequences are waiting to start .*max_waiting is 2"):
+        s.admit([c])
+    assert s.admission.num_waiting == 2 and not c.admitted
+    for q in (a, b):
+        s.add(q)
+    s.update(out := s.schedule(), {x.seq_id: fake_next(x.token_ids) for x in out.to_sample})
+    assert s.admission.num_waiting == 1  # a started: one place is free again
+    s.admit([c])
+    s.add(c)
+    run(s)
+    assert s.admission.num_waiting == 0 and s.admission.num_waiting_tokens == 0
+
+
+def test_admission_limits_the_waiting_prompt_tokens():
+    s = make(max_waiting=100, max_waiting_tokens=10)
+    s.admit([seq(range(1, 7))])  # 6 tokens
+    with pytest.raises(Overloaded, match="6 prompt tokens are waiting to start, 5 more would pass "
+                                         r"engine.max_waiting_tokens \(10\)"):
+        s.admit([seq(range(1, 6))])
+    s.admit([seq(range(1, 5))])  # 6 + 4 = 10 fits
+    assert s.admission.num_waiting_tokens == 10
+
+
+def test_an_empty_queue_admits_any_request():
+    s = make(max_waiting=1, max_waiting_tokens=4)
+    big = [seq(range(1, 20)), seq(range(1, 20))]  # n=2 choices of 19 tokens: over both limits
+    s.admit(big)
+    with pytest.raises(Overloaded):
+        s.admit([seq([1])])
+
+
+def test_aborted_and_preempted_sequences_leave_the_count_once():
+    s = make(num_blocks=6, block_size=4, caching=False, max_num_batched_tokens=64, max_num_seqs=2,
+             max_waiting=3)
+    a, b, gone = seq(range(10, 18), max_tokens=8), seq(range(20, 28), max_tokens=8), seq([5, 6], max_tokens=2)
+    s.admit([a, b])
+    s.admit([gone])
+    for q in (a, b, gone):
+        s.add(q)
+    s.abort(gone)  # ended while waiting
+    assert s.admission.num_waiting == 2
+    preempted = []
+    run(s, on_step=lambda out: preempted.extend(out.preempted))
+    assert preempted and s.admission.num_waiting == 0  # preemption is not counted twice
+    assert (s.admission.num_admitted, s.admission.num_started) == (3, 3)
+
+
+def test_the_offline_path_is_not_counted():
+    s = make(max_waiting=1)
+    qs = [seq([i, i + 1]) for i in range(4)]
+    for q in qs:
+        s.add(q)  # LLM.generate adds without admit: no limit, no count
+    run(s)
+    assert s.admission.num_waiting == 0 and s.admission.num_started == 0
+
+
+def test_admission_counters_hold_under_concurrent_admit_and_schedule():
+    """The front end admits from threads while the 'engine' schedules: no update is lost and the
+    queue never passes its limit."""
+    import threading
+
+    s = make(max_num_seqs=4, max_num_batched_tokens=64, max_waiting=8)
+    refused, peak, stop = [], [0], threading.Event()
+    inbox: list = []
+
+    def front():
+        for i in range(300):
+            q = seq([i % 50 + 1, 2, 3], max_tokens=2)
+            try:
+                s.admit([q])
+            except Overloaded:
+                refused.append(q)
+                continue
+            inbox.append(q)  # list.append/pop are atomic under the GIL, like the engine's deque inbox
+
+    def engine():
+        while not stop.is_set() or inbox or s.has_work:
+            while inbox:
+                s.add(inbox.pop(0))
+            peak[0] = max(peak[0], len(s.waiting))
+            if s.has_work:
+                out = s.schedule()
+                s.update(out, {x.seq_id: fake_next(x.token_ids) for x in out.to_sample})
+
+    fronts = [threading.Thread(target=front) for _ in range(3)]
+    eng = threading.Thread(target=engine)
+    eng.start()
+    for t in fronts:
+        t.start()
+    for t in fronts:
+        t.join()
+    stop.set()
+    eng.join(30)
+    a = s.admission
+    assert a.num_admitted + len(refused) == 900 and a.num_admitted == a.num_started
+    assert a.num_waiting == 0 and a.num_waiting_tokens == 0 and peak[0] <= 8
+    s.bm.check_integrity()

@@ -69,6 +69,24 @@ def test_slo_edges():
         OpenAIBenchConfig("m", rate=1, num_requests=1, slos={"itl": 5})
 
 
+def test_summary_counts_statuses_and_times_refusals():
+    def refusal(t_start, t_end, status=429):
+        r = RequestRecord(0, 4, 8, t_start)
+        r.finish(t_end, status, [], b'{"error": {"message": "overloaded"}}')
+        return r
+
+    records = [rec(0.0, [0.1, 0.2], 0.2), refusal(1.0, 1.002), refusal(2.0, 2.004), refusal(3.0, 3.001, 503),
+               RequestRecord(0, 4, 8, 4.0)]
+    records[-1].fail(4.5, "unanswered")
+    s = summarize(records, 5.0, {})
+    assert s["status_counts"] == {"0": 1, "200": 1, "429": 2, "503": 1}
+    assert s["refused"]["count"] == 3 and s["refused"]["latency_ms"]["p50"] == pytest.approx(2.0)
+    assert s["errors"] == {"HTTP 429: overloaded": 2, "HTTP 503: overloaded": 1, "unanswered": 1}
+    from rtserve.bench.openai_report import format_summary
+
+    assert "refused    3 (HTTP 429/503), answered in p50 2.0 ms" in format_summary(s)
+
+
 def test_empty_summary_is_nan_not_an_error():
     s = summarize([], 0.0, {})
     assert s["completed"] == 0 and math.isnan(s["ttft_ms"]["p99"]) and s["request_throughput"] == 0.0

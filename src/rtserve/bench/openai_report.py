@@ -25,14 +25,22 @@ def meets_slos(rec: RequestRecord, slos: dict[str, float]) -> bool:
     return all(got[k] <= bound for k, bound in slos.items())
 
 
+REFUSED = (429, 503)  # a server shedding load: answered at once, with Retry-After
+
+
 def summarize(records: list[RequestRecord], duration_s: float, slos: dict[str, float]) -> dict:
     """Counts, throughputs (per second of ``duration_s``, successful requests only), latency stats
-    in ms and goodput: requests/s within every SLO, and their fraction of all requests."""
+    in ms and goodput: requests/s within every SLO, and their fraction of all requests. Also the
+    answers by HTTP status ("0": none came) and the requests refused (429/503) with the latency
+    of their refusal."""
     ok = [r for r in records if r.ok]
     errors: dict[str, int] = {}
+    statuses: dict[str, int] = {}
     for r in records:
         if not r.ok:
             errors[r.error] = errors.get(r.error, 0) + 1
+        statuses[str(r.status)] = statuses.get(str(r.status), 0) + 1
+    refused = [r for r in records if r.status in REFUSED and r.t_end is not None]
     out_tok = sum(r.output_tokens for r in ok)
     in_tok = sum(r.prompt_tokens for r in ok)
     per_s = (lambda n: n / duration_s) if duration_s > 0 else (lambda n: 0.0)
@@ -47,6 +55,8 @@ def summarize(records: list[RequestRecord], duration_s: float, slos: dict[str, f
         "e2e_ms": _stats_ms([r.e2e for r in ok]),
         "goodput": {"slos": dict(slos), "requests_per_s": per_s(good),
                     "fraction": good / len(records) if records else math.nan},
+        "status_counts": dict(sorted(statuses.items())),
+        "refused": {"count": len(refused), "latency_ms": _stats_ms([r.e2e for r in refused])},
     }
 
 
@@ -60,6 +70,11 @@ def format_summary(s: dict) -> str:
         lines.append(f"goodput    {g['requests_per_s']:.2f} req/s within {bounds} ({g['fraction']:.1%} of requests)")
     for err, n in s["errors"].items():
         lines.append(f"error      {n} x {err}")
+    ref = s.get("refused")
+    if ref and ref["count"]:
+        lat = ref["latency_ms"]
+        lines.append(f"refused    {ref['count']} (HTTP 429/503), answered in p50 {lat['p50']:.1f} ms, "
+                     f"p99 {lat['p99']:.1f} ms")
     rows = [{"metric": m, **s[m]} for m in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")]
     return "\n".join(lines) + "\n" + format_table(rows, ["metric", "mean", "p50", "p90", "p99"])
 

@@ -125,8 +125,7 @@ class AsyncLLM:
         loop = asyncio.get_running_loop()
         tokens = self.llm.encode(prompt)
         seqs = self.llm.make_sequences(tokens, params)
-        for s in seqs:
-            self.llm.scheduler.check(s)
+        self.llm.admit(seqs)  # RequestTooLarge (400) or Overloaded (429): nothing is queued
         queue: asyncio.Queue = asyncio.Queue()
         hold = max((len(x) for x in params.stop), default=1) - 1
         with self._lock:

@@ -92,7 +92,8 @@ class LLM:
         self._detok: dict[int, IncrementalDetokenizer] = {}
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-                            max_model_len=self.runner.max_model_len),
+                            max_model_len=self.runner.max_model_len, max_waiting=config.waiting_limit,
+                            max_waiting_tokens=config.waiting_tokens_limit),
             BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching))
 
     def make_sequences(self, prompt: list[int], params: SamplingParams) -> list[Sequence]:
@@ -104,11 +105,24 @@ class LLM:
             if params.seed is not None:
                 gen = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)
             seq = Sequence(list(prompt), params.max_tokens, stop_token_ids=stops, params=params, generator=gen,
-                           arrival=time.monotonic())
+                           arrival=time.monotonic(), priority=params.priority)
             if self.tokenizer is not None:
                 self._detok[seq.seq_id] = IncrementalDetokenizer(self.tokenizer)
             seqs.append(seq)
         return seqs
+
+    def admit(self, seqs: list[Sequence]) -> None:
+        """Front end, before posting a request's sequences to the engine: raise RequestTooLarge
+        (never fits) or Overloaded (queue at a limit, ``Scheduler.admit``); a refused request's
+        sequences are forgotten. Thread-safe."""
+        try:
+            for s in seqs:
+                self.scheduler.check(s)
+            self.scheduler.admit(seqs)
+        except Exception:
+            for s in seqs:
+                self.forget(s)
+            raise
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):

@@ -19,7 +19,16 @@ class EngineConfig:
     None is the checkpoint's ``max_position_embeddings``. ``decode_kernel`` ("gather" or "triton")
     and ``cuda_graphs``: see ``ModelRunner`` (None: both on for CUDA). ``pipeline_stages`` > 1: the
     layers run in that many worker processes (``PipelineRunner``), each step cut into
-    ``pipeline_micro_batches`` groups (None: one per stage) that overlap."""
+    ``pipeline_micro_batches`` groups (None: one per stage) that overlap.
+
+    Admission control (``admission.py``): a request is refused at once (429 with ``Retry-After``)
+    when the sequences admitted and not yet started would pass ``max_waiting`` (None: 4 x
+    ``max_num_seqs``) or their prompt tokens ``max_waiting_tokens`` (None: 8 x
+    ``max_num_batched_tokens``); an empty queue admits any request. The defaults absorb a burst of
+    five batches and bound a new request's wait to about four generations of the running batch, a
+    prefill backlog to eight full steps. Under a latency target, size ``max_waiting`` by Little's
+    law: about the completions per second times the queueing time allowed (see
+    ``benchmarks/llm_admission.py``)."""
 
     num_blocks: int | None = None
     block_size: int = 16
@@ -33,11 +42,14 @@ class EngineConfig:
     cuda_graphs: bool | None = None
     pipeline_stages: int | None = None
     pipeline_micro_batches: int | None = None
+    max_waiting: int | None = None
+    max_waiting_tokens: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             _check_int(name, getattr(self, name), optional=False)
-        for name in ("num_blocks", "max_model_len", "pipeline_stages", "pipeline_micro_batches"):
+        for name in ("num_blocks", "max_model_len", "pipeline_stages", "pipeline_micro_batches", "max_waiting",
+                     "max_waiting_tokens"):
             _check_int(name, getattr(self, name), optional=True)
         _check_choice("dtype", self.dtype, DTYPES, optional=False)
         _check_choice("decode_kernel", self.decode_kernel, DECODE_KERNELS, optional=True)
@@ -46,6 +58,16 @@ class EngineConfig:
         f = self.kv_cache_memory_fraction
         if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f <= 1.0):
             raise ValueError(f"engine.kv_cache_memory_fraction: must be a number in (0, 1] or unset, got {f!r}")
+
+    @property
+    def waiting_limit(self) -> int:
+        """``max_waiting``, or its default: 4 x ``max_num_seqs``."""
+        return self.max_waiting if self.max_waiting is not None else 4 * self.max_num_seqs
+
+    @property
+    def waiting_tokens_limit(self) -> int:
+        """``max_waiting_tokens``, or its default: 8 x ``max_num_batched_tokens``."""
+        return self.max_waiting_tokens if self.max_waiting_tokens is not None else 8 * self.max_num_batched_tokens
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:

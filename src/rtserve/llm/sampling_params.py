@@ -9,6 +9,8 @@ from dataclasses import dataclass
 class SamplingParams:
     """temperature 0 = greedy. top_k 0 = off. logprobs = number of top alternatives to return
     (None = no logprobs). ``seed`` makes a request's tokens reproducible whatever it is batched with.
+    ``priority`` orders the waiting queue, not sampling (it travels with the request's options):
+    lower values start first, vLLM's convention; equal ones in arrival order.
     """
 
     max_tokens: int = 16
@@ -25,6 +27,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     n: int = 1
+    priority: int = 0
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str):
@@ -53,6 +56,8 @@ class SamplingParams:
             bad("stop", "must be non-empty strings")
         if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "must be token ids (integers >= 0)")
+        if isinstance(self.priority, bool) or not isinstance(self.priority, int) or not -2**63 <= self.priority < 2**63:
+            bad("priority", "must be a 64-bit integer")
 
     @property
     def greedy(self) -> bool:

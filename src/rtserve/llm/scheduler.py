@@ -8,6 +8,11 @@ Policy (one step):
 2. Then waiting sequences, in order, while budget, blocks and ``max_num_seqs`` allow: each first
    takes what the prefix cache holds of its tokens, then a prefill chunk of what is left.
 Invariant: the tokens scheduled in a step add up to at most ``max_num_batched_tokens``.
+
+The waiting queue is ordered by (priority, arrival): a lower ``Sequence.priority`` starts first
+(vLLM's convention), equal priorities in arrival order, a preempted sequence by its own priority and
+arrival. Priority only orders admission into running: no running sequence is preempted for it.
+Admission control (``admit``, ``admission.py``) bounds the queue before anything reaches it.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from .admission import AdmissionControl, Overloaded  # noqa: F401 (raised by admit)
 from .block_manager import BlockManager
 from .sequence import FinishReason, Sequence, SequenceStatus
 
@@ -25,14 +31,22 @@ class RequestTooLarge(ValueError):
 
 @dataclass(frozen=True)
 class SchedulerConfig:
+    """``max_waiting`` / ``max_waiting_tokens``: admission limits (None: none; ``EngineConfig``
+    gives the served defaults)."""
+
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
+    max_waiting: int | None = None
+    max_waiting_tokens: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        for name in ("max_waiting", "max_waiting_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 or None")
 
 
 @dataclass
@@ -64,18 +78,32 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
         self.config = config
         self.bm = block_manager
-        self.waiting: deque[Sequence] = deque()
+        self.waiting: deque[Sequence] = deque()  # by (priority, seq_id)
         self.running: list[Sequence] = []
+        self.admission = AdmissionControl(config.max_waiting, config.max_waiting_tokens)
 
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def admit(self, seqs: list[Sequence]) -> None:
+        """Count a request's sequences into the queue before they are posted to the engine, or
+        raise Overloaded naming the limit. Thread-safe: the front end calls it (``admission.py``)."""
+        self.admission.admit(seqs)
+
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence. Raises RequestTooLarge if it could never run."""
         self.check(seq)
         seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        self._enqueue(seq)
+
+    def _enqueue(self, seq: Sequence) -> None:
+        """Insert by (priority, seq_id), scanning from the back: O(1) when priorities are equal."""
+        w, key = self.waiting, (seq.priority, seq.seq_id)
+        i = len(w)
+        while i and (w[i - 1].priority, w[i - 1].seq_id) > key:
+            i -= 1
+        w.insert(i, seq)
 
     def check(self, seq: Sequence) -> None:
         """Raise RequestTooLarge if ``seq`` could never be scheduled (safe from any thread)."""
@@ -105,6 +133,7 @@ class Scheduler:
         self._finish(seq, reason)
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        self.admission.started(seq)  # when it ends before it ever ran
         self.bm.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
@@ -114,7 +143,7 @@ class Scheduler:
         seq.num_computed_tokens = seq.num_cached_tokens = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        self._enqueue(seq)  # ahead of every later arrival of its priority
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -146,6 +175,7 @@ class Scheduler:
                 seq.num_computed_tokens = seq.num_cached_tokens = 0
                 break
             self.waiting.popleft()
+            self.admission.started(seq)  # after it left the queue: see admission.py's invariant
             if not seq.first_scheduled:
                 seq.first_scheduled = time.monotonic()
             seq.status = SequenceStatus.RUNNING

@@ -42,7 +42,8 @@ class Sequence:
     max_tokens: int
     stop_token_ids: frozenset[int] = frozenset()  # EOS included unless the request set ignore_eos
     arrival: float = 0.0
-    seq_id: int = field(default_factory=lambda: next(_ids))
+    priority: int = 0  # lower runs first (vLLM's convention); ties go by arrival (seq_id)
+    seq_id: int = field(default_factory=lambda: next(_ids))  # creation order: arrival order
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     num_prompt_tokens: int = 0
@@ -50,6 +51,7 @@ class Sequence:
     num_cached_tokens: int = 0
     num_preemptions: int = 0
     first_scheduled: float = 0.0  # time.monotonic() when it first ran (0 = not yet)
+    admitted: bool = False  # counted by admission control until it first runs (admission.py)
     block_table: list[int] = field(default_factory=list)
     params: Any = None  # SamplingParams (kept opaque here: this module imports no torch)
     generator: Any = None  # torch.Generator for a seeded request

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from ..config import ModelConfig, torch_device
-from ..errors import ConfigError, InvalidInput, RtserveError, Unavailable
+from ..errors import ConfigError, InvalidInput, RtserveError, TooManyRequests, Unavailable
 from ..llm.engine_config import EngineConfig
 from .base import LoadContext, ServedModel, register_kind
 
@@ -138,9 +138,10 @@ class LLMModel(ServedModel):
     async def open_stream(self, prompt: str | list[int] | None, messages: list | None, params, *,
                           max_tokens_given: bool = False) -> AsyncIterator:
         """Queue the request; once its first delta is there (so a request that can never run is a
-        400 before any response starts), an async iterator of its ``StreamDelta``s, timed."""
+        400, one refused by admission control a 429, before any response starts), an async iterator
+        of its ``StreamDelta``s, timed."""
         from ..llm.async_engine import EngineClosed
-        from ..llm.scheduler import RequestTooLarge
+        from ..llm.scheduler import Overloaded, RequestTooLarge
 
         ids = self.prompt_ids(prompt, messages, params.max_tokens if max_tokens_given else None,
                               params.stop_token_ids)
@@ -154,6 +155,11 @@ class LLMModel(ServedModel):
         except EngineClosed as e:
             await gen.aclose()
             raise Unavailable(f"model '{self.name}': {e}") from None
+        except Overloaded as e:
+            await gen.aclose()
+            if self.metrics:
+                self.metrics.refused.labels(self.name).inc()
+            raise TooManyRequests(str(e), e.retry_after_s) from None
         except BaseException:
             await gen.aclose()
             raise
@@ -196,4 +202,5 @@ class LLMModel(ServedModel):
         return {"name": self.name, "backend": "llm", "platform": "rtserve_llm", "device": self.device,
                 "engine": {"num_blocks": self.llm.scheduler.bm.num_blocks, "block_size": self.llm.scheduler.bm.block_size,
                            "max_num_seqs": sc.max_num_seqs, "max_num_batched_tokens": sc.max_num_batched_tokens,
-                           "max_model_len": sc.max_model_len}}
+                           "max_model_len": sc.max_model_len, "max_waiting": sc.max_waiting,
+                           "max_waiting_tokens": sc.max_waiting_tokens}}

@@ -21,7 +21,7 @@ from .openapi import openapi_document
 from .openai_routes import OpenAIRoutes
 from .protocols import kserve_v2
 from .protocols import openai as oai
-from .responses import JSON, ClientGone, Response, error_response, json_response, until_disconnect
+from .responses import JSON, ClientGone, Response, error_headers, error_response, json_response, until_disconnect
 
 log = logging.getLogger("rtserve.server")
 
@@ -93,7 +93,7 @@ class App(OpenAIRoutes):
             else:
                 resp = await self._route(scope, receive)
         except oai.OpenAIError as e:
-            resp = Response(e.status, e.body(), JSON + [(k.encode(), v.encode()) for k, v in e.headers.items()])
+            resp = Response(e.status, e.body(), error_headers(e))
         except RtserveError as e:
             resp = error_response(e)
         except ClientGone:

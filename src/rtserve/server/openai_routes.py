@@ -32,8 +32,8 @@ class OpenAIRoutes:
         except oai.OpenAIError:
             raise
         except RtserveError as e:
-            raise oai.OpenAIError(e.message, status=e.status, param=e.param, headers=e.headers,
-                                  type_="invalid_request_error" if e.status < 500 else "server_error") from None
+            raise oai.OpenAIError(e.message, status=e.status, param=e.param, type_=_error_type(e.status),
+                                  headers=e.headers) from None
 
     async def _body(self, scope, receive) -> bytes:
         headers = dict(scope["headers"])
@@ -74,6 +74,11 @@ class OpenAIRoutes:
         model = self._model(req.model)
         vectors, num_tokens = await model.embed_texts(req.texts, req.token_ids, req.dimensions)
         return Response(200, oai.embeddings_response(req, vectors, num_tokens), JSON)
+
+
+def _error_type(status: int) -> str:
+    """OpenAI's error ``type`` for an HTTP status."""
+    return "server_error" if status >= 500 else "rate_limit_error" if status == 429 else "invalid_request_error"
 
 
 async def _stream(send, builder: oai.ResponseBuilder, deltas, include_usage: bool) -> None:

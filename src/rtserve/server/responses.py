@@ -28,9 +28,13 @@ def json_response(obj, status: int = 200) -> Response:
     return Response(status, orjson.dumps(obj), JSON)
 
 
+def error_headers(err: RtserveError) -> list:
+    """The JSON content type and the error's own headers (``Retry-After``, ``Allow``)."""
+    return JSON + [(k.encode(), v.encode()) for k, v in err.headers.items()]
+
+
 def error_response(err: RtserveError) -> Response:
-    headers = JSON + [(k.encode(), v.encode()) for k, v in err.headers.items()]
-    return Response(err.status, orjson.dumps({"error": err.message}), headers)
+    return Response(err.status, orjson.dumps({"error": err.message}), error_headers(err))
 
 
 async def until_disconnect(receive, work: Awaitable[T]) -> T:

@@ -21,7 +21,8 @@ def error_event(err: RtserveError) -> bytes:
 
 
 class OpenAIError(RtserveError):
-    """Rendered as {"error": {"message", "type", "param", "code"}}."""
+    """Rendered as {"error": {"message", "type", "param", "code"}}, with ``headers`` (e.g.
+    ``Retry-After`` on a 429) on the response."""
 
     def __init__(self, message: str, status: int = 400, param: str | None = None,
                  type_: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
@@ -146,7 +147,8 @@ def parse(body: bytes, chat: bool) -> GenerationRequest:
             frequency_penalty=float(_get(doc, "frequency_penalty", (int, float), 0.0)),
             seed=_get(doc, "seed", int), stop=tuple(stop or ()),
             stop_token_ids=tuple(_get(doc, "stop_token_ids", list, [])),
-            ignore_eos=_get(doc, "ignore_eos", bool, False), logprobs=logprobs, n=_get(doc, "n", int, 1))
+            ignore_eos=_get(doc, "ignore_eos", bool, False), logprobs=logprobs, n=_get(doc, "n", int, 1),
+            priority=_get(doc, "priority", int, 0))
     except ValueError as e:
         field = str(e).split(":", 1)[0]
         raise OpenAIError(str(e), param=field) from None
