@@ -13,7 +13,7 @@ import numpy as np
 from ..backends.base import BACKENDS, get_backend
 from ..batching import DynamicBatcher, InferRequest
 from ..config import ModelConfig
-from ..errors import ConfigError, InvalidInput
+from ..errors import ConfigError, InvalidInput, QueueFull, Unavailable
 from ..executors.base import InstanceSpec, make_instances
 from ..metrics import ModelMetrics
 from ..split import serve as _pipeline  # noqa: F401 - registers backend: pipeline
@@ -242,7 +242,13 @@ class TensorModel(ServedModel):
                           timeout_s: float | None = None) -> dict[str, np.ndarray]:
         """Every output (labels included) for ``inputs``, through the batcher (ensemble steps call this)."""
         req = self.make_request(inputs, priority, timeout_s)
-        fut = self.batcher.submit(req)
+        try:
+            fut = self.batcher.submit(req)
+        except Unavailable as e:  # closed after a reload: the replacement serves it
+            successor = self.replaced_by
+            if isinstance(e, QueueFull) or not isinstance(successor, TensorModel):
+                raise
+            return await successor.run_tensors(inputs, priority, timeout_s)
         try:
             out = await asyncio.shield(fut)
         except asyncio.CancelledError:
