@@ -134,6 +134,9 @@ class ModelRepository:
                 raise err from e
             self.entries[name] = ModelEntry(name, ModelState.READY, "", versions)
             if old is not None and old.versions:
+                for v, m in old.versions.items():
+                    if versions.get(v) is not None and versions[v] is not m:
+                        m.replaced_by = versions[v]  # requests in flight to it go on to the new one
                 await self._close_versions(old.versions, keep=versions)
             log.info("loaded model '%s' versions %s", name, sorted(versions))
             return self.entries[name]

@@ -221,6 +221,27 @@ def test_repository_api_hot_unload_load_and_api_key(affine_repo):
     run(_with_app(affine_repo, fn, api_key="k3y"))
 
 
+def test_a_request_that_reaches_a_reloaded_version_is_served_by_the_new_one(affine_repo):
+    """Found by benchmarks/soak.py: a request that looked the model up before a reload and reached it
+    after the old version closed answered 503 ("not serving"); the replacement serves it now. An
+    unloaded model has no replacement and still answers 503."""
+    from rtserve.errors import Unavailable
+    from rtserve.models.base import TensorRequest
+
+    async def fn(c, app):
+        old = app.repository.get("affine")
+        await app.repository.load("affine")
+        assert app.repository.get("affine") is not old  # a new version object; the old one is closed
+        out = await old.infer(TensorRequest({"x": X}))
+        np.testing.assert_allclose(out["y"], expected(X), rtol=1e-5)
+        current = app.repository.get("affine")
+        await app.repository.unload("affine")
+        with pytest.raises(Unavailable):
+            await current.infer(TensorRequest({"x": X}))
+
+    run(_with_app(affine_repo, fn))
+
+
 def test_protected_inference(affine_repo):
     async def fn(c, app):
         assert (await c.post("/v2/models/affine/infer", content=infer_body(X))).status_code == 401

@@ -84,6 +84,10 @@ def test_logprobs_with_alternatives():
     (dict(min_p=2), "min_p"), (dict(max_tokens=0), "max_tokens"), (dict(presence_penalty=3), "presence_penalty"),
     (dict(repetition_penalty=0), "repetition_penalty"), (dict(logprobs=50), "logprobs"), (dict(n=0), "n"),
     (dict(stop=("",)), "stop"),
+    # found by the fuzz tier: these reached the engine and answered 500
+    (dict(stop_token_ids=([1],)), "stop_token_ids"), (dict(stop_token_ids=(-1,)), "stop_token_ids"),
+    (dict(stop_token_ids=(True,)), "stop_token_ids"), (dict(stop_token_ids=("a",)), "stop_token_ids"),
+    (dict(seed=2**64 - 1, n=2), "seed"), (dict(seed=-(2**63) - 1), "seed"), (dict(seed=1.5), "seed"),
 ])
 def test_invalid_values_name_the_field(kw, needle):
     with pytest.raises(ValueError, match=needle):

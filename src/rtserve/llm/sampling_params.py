@@ -1,8 +1,14 @@
 """Per-request sampling parameters (OpenAI's and vLLM's names), validated on construction."""
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
+from numbers import Integral
+
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a 64-bit signed integer, as OpenAI's API has it
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, Integral) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)
@@ -54,8 +60,12 @@ class SamplingParams:
             bad("n", "must be in [1, 64]")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop", "must be non-empty strings")
-        if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0 for t in self.stop_token_ids):
+        if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "must be token ids (integers >= 0)")
+        # each of the n sequences draws from a generator seeded with seed + its index: keep those in
+        # the range torch's generators take (a 500 from the engine otherwise)
+        if self.seed is not None and (not _is_int(self.seed) or not SEED_MIN <= self.seed <= SEED_MAX):
+            bad("seed", f"must be an integer in [{SEED_MIN}, {SEED_MAX}]")
         if isinstance(self.priority, bool) or not isinstance(self.priority, int) or not -2**63 <= self.priority < 2**63:
             bad("priority", "must be a 64-bit integer")
 

@@ -97,6 +97,10 @@ class ServedModel(ABC):
     name: str
     version: int
     config: ModelConfig
+    #: the version that a reload put in this one's place (set by the repository before this one
+    #: closes): a request that looked this one up before the swap and reaches it closed is handed on
+    #: to the replacement instead of answering 503
+    replaced_by: "ServedModel | None" = None
 
     @classmethod
     def served_backends(cls) -> tuple[str, ...]:

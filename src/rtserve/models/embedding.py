@@ -174,12 +174,16 @@ class EmbeddingModel(ServedModel):
         loop = asyncio.get_running_loop()
         job = EmbedJob(token_ids, loop.create_future(), loop)
         with self._cond:
-            if self._closed:
-                raise Unavailable(f"model '{self.name}' is unloading")
-            if len(self._jobs) >= self.config.batching.max_queue_size:
+            closed = self._closed
+            if not closed and len(self._jobs) >= self.config.batching.max_queue_size:
                 raise QueueFull(f"model '{self.name}': the queue is full ({len(self._jobs)} requests waiting)")
-            self._jobs.append(job)
-            self._cond.notify()
+            if not closed:
+                self._jobs.append(job)
+                self._cond.notify()
+        if closed:  # after a reload the replacement serves it
+            if isinstance(self.replaced_by, EmbeddingModel):
+                return await self.replaced_by.embed(token_ids)
+            raise Unavailable(f"model '{self.name}' is unloading")
         return await job.future
 
     # -- worker thread ------------------------------------------------------------------------

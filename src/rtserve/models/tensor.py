@@ -14,7 +14,7 @@ import numpy as np
 from ..backends.base import BACKENDS, get_backend
 from ..batching import DynamicBatcher, InferRequest
 from ..config import ModelConfig
-from ..errors import ConfigError, InvalidInput
+from ..errors import ConfigError, InvalidInput, QueueFull, Unavailable
 from ..executors.base import InstanceSpec, make_instances
 from ..metrics import ModelMetrics
 from ..paths import confined
@@ -267,7 +267,13 @@ class TensorModel(ServedModel):
                           timeout_s: float | None = None) -> dict[str, np.ndarray]:
         """Every output (labels included) for ``inputs``, through the batcher (ensemble steps call this)."""
         req = self.make_request(inputs, priority, timeout_s)
-        fut = self.batcher.submit(req)
+        try:
+            fut = self.batcher.submit(req)
+        except Unavailable as e:  # closed after a reload: the replacement serves it
+            successor = self.replaced_by
+            if isinstance(e, QueueFull) or not isinstance(successor, TensorModel):
+                raise
+            return await successor.run_tensors(inputs, priority, timeout_s)
         try:
             out = await fut
         except asyncio.CancelledError:  # the caller is gone; the batcher skips a done future

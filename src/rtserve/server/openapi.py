@@ -98,6 +98,14 @@ def _err(desc: str) -> dict:
     return {"description": desc, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 
 
+_SSE_EVENT = {
+    "type": "object", "required": ["data"],
+    "description": "One server-sent event: its data is a chunk (JSON) or, last, [DONE]",
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"},
+                   "retry": {"type": "integer"}}}
+_NOT_READY = _err("model not ready: loading, unloading, unloaded or failed to load")
+
+
 def _model_paths() -> dict:
     name = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
     ver = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
@@ -105,11 +113,12 @@ def _model_paths() -> dict:
     for prefix, params in (("/v2/models/{model}", [name]), ("/v2/models/{model}/versions/{version}", [name, ver])):
         paths[prefix] = {"get": {"summary": "Model metadata", "parameters": params, "responses": {
             "200": {"description": "metadata", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ModelMetadata"}}}},
-            "404": _err("unknown model or version")}}}
+            "404": _err("unknown model or version"), "503": _NOT_READY}}}
         paths[prefix + "/ready"] = {"get": {"summary": "Model readiness", "parameters": params, "responses": {
-            "200": {"description": "ready"}, "404": _err("unknown model"), "503": _err("not ready")}}}
-        paths[prefix + "/config"] = {"get": {"summary": "Model configuration", "parameters": params,
-                                             "responses": {"200": {"description": "configuration"}, "404": _err("unknown model")}}}
+            "200": {"description": "ready (no body)"}, "404": _err("unknown model or version"),
+            "503": {"description": "not ready (no body)"}}}}
+        paths[prefix + "/config"] = {"get": {"summary": "Model configuration", "parameters": params, "responses": {
+            "200": {"description": "configuration"}, "404": _err("unknown model or version"), "503": _NOT_READY}}}
         paths[prefix + "/infer"] = {"post": {
             "summary": "Inference (JSON, or JSON header + binary tensors with Inference-Header-Content-Length)",
             "parameters": params + [{"name": "Inference-Header-Content-Length", "in": "header", "required": False,
@@ -118,7 +127,11 @@ def _model_paths() -> dict:
                 "application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}},
                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
             "responses": {
-                "200": {"description": "outputs", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/InferResponse"}}}},
+                "200": {"description": "outputs: JSON, or with binary outputs a JSON header of "
+                                       "Inference-Header-Content-Length bytes followed by the tensors' bytes",
+                        "headers": {"Inference-Header-Content-Length": {"schema": {"type": "integer", "minimum": 0}}},
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/InferResponse"}},
+                                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
                 "400": _err("invalid input"), "401": _err("API key needed"), "404": _err("unknown model or version"),
                 "413": _err("body too large"), "503": _err("queue full or model not ready"),
                 "504": _err("request timed out in the queue")}}}
@@ -134,8 +147,8 @@ def _openai_paths() -> dict:
 
     def post(summary: str, streams: bool, request: str) -> dict:
         ok = {"description": "result", "content": {"application/json": {"schema": {"type": "object"}}}}
-        if streams:
-            ok["content"]["text/event-stream"] = {"schema": {"type": "string"}}
+        if streams:  # in OpenAPI 3.1 the schema of text/event-stream describes one event
+            ok["content"]["text/event-stream"] = {"schema": _SSE_EVENT}
         return {"post": {"summary": summary, "requestBody": {"required": True, "content": {
             "application/json": {"schema": {"$ref": f"#/components/schemas/{request}"}}}},
             "responses": {"200": ok, "400": oai_err, "401": oai_err, "404": oai_err, "413": oai_err,
