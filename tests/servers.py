@@ -86,3 +86,28 @@ def start_server(repo: Path, log_dir: Path, *flags: str, env: dict | None = None
         yield srv
     finally:
         _stop(proc)
+
+
+def serve_in_process(repo: Path, fn, **cfg):
+    """Run ``await fn(client)`` against the app in process (``httpx.ASGITransport``), started on
+    ``repo`` with ``ServerConfig(**cfg)`` and shut down afterwards; returns what ``fn`` returns."""
+    import asyncio
+
+    from rtserve.config import ServerConfig
+    from rtserve.server.app import App
+
+    async def main():
+        app = App(ServerConfig(repository=str(repo), **cfg))
+        await app.startup()
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                return await fn(c)
+        finally:
+            await app.shutdown()
+
+    return asyncio.run(main())
+
+
+async def repository_index(client) -> dict:
+    """``/v2/repository/index`` by model name."""
+    return {e["name"]: e for e in (await client.post("/v2/repository/index")).json()}

@@ -10,6 +10,7 @@ import pytest
 
 from rtserve.config import ServerConfig
 from rtserve.server.app import App
+from servers import repository_index, serve_in_process  # noqa: E402
 
 GET_ROUTES = ["/v2", "/v2/health/live", "/v2/health/ready", "/v2/models/affine", "/v2/models/affine/ready",
               "/v2/models/affine/config", "/v2/models/affine/versions/2", "/v2/models/affine/versions/2/ready",
@@ -21,17 +22,7 @@ UNKNOWN = ["/v2/models/affine/bogus", "/v2/models/affine/versions", "/v2/health/
            "/v2/repository/models/affine/reload", "/v1/bogus", "/nothing"]
 
 
-def _with_app(repo, fn, **cfg):
-    async def main():
-        app = App(ServerConfig(repository=str(repo), **cfg))
-        await app.startup()
-        try:
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
-                return await fn(c)
-        finally:
-            await app.shutdown()
-
-    return asyncio.run(main())
+_with_app = serve_in_process
 
 
 def test_every_route_answers_a_wrong_method_with_405_and_allow(affine_repo):

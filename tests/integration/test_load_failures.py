@@ -17,6 +17,7 @@ import pytest
 from models import AFFINE_YAML, set_weight, write_model, write_random_llama, write_tiny_bert
 from rtserve.config import ServerConfig
 from rtserve.server.app import App
+from servers import repository_index, serve_in_process  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 LM_YAML = "backend: llm\ndevice: cpu\nengine:\n  num_blocks: 32\n  block_size: 4\n"
@@ -24,21 +25,10 @@ EMB_YAML = "backend: embedding\ndevice: cpu\nmax_batch_size: 4\n"
 X = np.array([[1, 2, 3, 4]], np.float32)
 
 
-def serve(repo, fn, **cfg):
-    async def main():
-        app = App(ServerConfig(repository=str(repo), **cfg))
-        await app.startup()
-        try:
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
-                return await fn(c)
-        finally:
-            await app.shutdown()
-
-    return asyncio.run(main())
+serve = serve_in_process
 
 
-async def index(c) -> dict:
-    return {e["name"]: e for e in (await c.post("/v2/repository/index")).json()}
+index = repository_index
 
 
 def infer_body(x: np.ndarray) -> bytes:
