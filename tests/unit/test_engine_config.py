@@ -50,7 +50,7 @@ def test_unknown_key_names_it_and_the_allowed_ones():
     ({"max_model_len": -1}, "engine.max_model_len: must be an integer >= 1 or unset"),
     ({"pipeline_stages": 0}, "engine.pipeline_stages: must be an integer >= 1 or unset"),
     ({"pipeline_micro_batches": 0}, "engine.pipeline_micro_batches: must be an integer >= 1 or unset"),
-    ({"max_waiting": 0}, "engine.max_waiting: must be an integer >= 1 or unset, got 0"),
+    ({"max_waiting": -1}, "engine.max_waiting: must be an integer >= 0 or unset, got -1"),
     ({"max_waiting_tokens": "lots"}, "engine.max_waiting_tokens: must be an integer >= 1 or unset, got 'lots'"),
     ({"dtype": "float64"}, "engine.dtype: 'float64' is not one of float32, bfloat16, float16"),
     ({"decode_kernel": "flash"}, "engine.decode_kernel: 'flash' is not one of gather, triton (or unset)"),

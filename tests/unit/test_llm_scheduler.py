@@ -261,22 +261,47 @@ def test_a_preempted_sequence_goes_back_by_its_priority():
     assert a.generated_ids == reference(range(10, 18), 8) and b.generated_ids == reference(range(20, 28), 8)
 
 
-def test_admission_limits_the_waiting_sequences():
-    s = make(max_num_seqs=1, max_waiting=2)
+def test_admission_limits_the_sequences_waiting_for_a_slot():
+    s = make(max_num_seqs=1, max_waiting=1)
     a, b, c = (seq([i, i + 1], max_tokens=3) for i in range(3))
-    s.admit([a])
-    s.admit([b])
-    with pytest.raises(Overloaded, match="2 sequences are waiting to start .*max_waiting is 2"):
+    s.admit([a])  # takes the slot
+    s.admit([b])  # waits for it: one waiting
+    with pytest.raises(Overloaded, match="2 sequences are in flight for 1 batch slots .*max_waiting is 1"):
         s.admit([c])
-    assert s.admission.num_waiting == 2 and not c.admitted
+    assert s.admission.num_in_flight == 2 and not c.admitted
     for q in (a, b):
         s.add(q)
     s.update(out := s.schedule(), {x.seq_id: fake_next(x.token_ids) for x in out.to_sample})
-    assert s.admission.num_waiting == 1  # a started: one place is free again
+    assert s.admission.num_waiting == 1 and s.admission.num_in_flight == 2
+    with pytest.raises(Overloaded):  # a started but still holds the slot: b still waits for it
+        s.admit([c])
+    while not a.is_finished:
+        s.update(out := s.schedule(), {x.seq_id: fake_next(x.token_ids) for x in out.to_sample})
+    assert s.admission.num_in_flight == 1  # a ended: b can take its slot, c can wait
     s.admit([c])
     s.add(c)
     run(s)
-    assert s.admission.num_waiting == 0 and s.admission.num_waiting_tokens == 0
+    assert (s.admission.num_waiting, s.admission.num_waiting_tokens, s.admission.num_in_flight) == (0, 0, 0)
+
+
+def test_max_waiting_zero_admits_only_into_a_free_slot():
+    s = make(max_num_seqs=2, max_waiting=0)
+    a, b, c = (seq([i, i + 1], max_tokens=2 + i) for i in range(3))
+    s.admit([a])
+    s.admit([b])
+    with pytest.raises(Overloaded, match="max_waiting is 0"):
+        s.admit([c])
+    for q in (a, b):
+        s.add(q)
+    while not a.is_finished:
+        s.update(out := s.schedule(), {x.seq_id: fake_next(x.token_ids) for x in out.to_sample})
+    assert not b.is_finished
+    s.admit([c])  # a's slot is free
+    s.add(c)
+    out = s.schedule()
+    assert {x.seq for x in out.scheduled} == {b, c}  # c starts at the next step: no wait
+    s.update(out, {x.seq_id: fake_next(x.token_ids) for x in out.to_sample})
+    run(s)
 
 
 def test_admission_limits_the_waiting_prompt_tokens():
@@ -310,7 +335,7 @@ def test_aborted_and_preempted_sequences_leave_the_count_once():
     preempted = []
     run(s, on_step=lambda out: preempted.extend(out.preempted))
     assert preempted and s.admission.num_waiting == 0  # preemption is not counted twice
-    assert (s.admission.num_admitted, s.admission.num_started) == (3, 3)
+    assert (s.admission.num_admitted, s.admission.num_started, s.admission.num_ended) == (3, 3, 3)
 
 
 def test_the_offline_path_is_not_counted():
@@ -345,7 +370,7 @@ def test_admission_counters_hold_under_concurrent_admit_and_schedule():
         while not stop.is_set() or inbox or s.has_work:
             while inbox:
                 s.add(inbox.pop(0))
-            peak[0] = max(peak[0], len(s.waiting))
+            peak[0] = max(peak[0], len(s.waiting) + len(s.running))
             if s.has_work:
                 out = s.schedule()
                 s.update(out, {x.seq_id: fake_next(x.token_ids) for x in out.to_sample})
@@ -360,6 +385,6 @@ def test_admission_counters_hold_under_concurrent_admit_and_schedule():
     stop.set()
     eng.join(30)
     a = s.admission
-    assert a.num_admitted + len(refused) == 900 and a.num_admitted == a.num_started
-    assert a.num_waiting == 0 and a.num_waiting_tokens == 0 and peak[0] <= 8
+    assert a.num_admitted + len(refused) == 900 and a.num_admitted == a.num_started == a.num_ended
+    assert a.num_waiting == 0 and a.num_waiting_tokens == 0 and peak[0] <= 4 + 8  # slots + max_waiting
     s.bm.check_integrity()

@@ -22,13 +22,14 @@ class EngineConfig:
     ``pipeline_micro_batches`` groups (None: one per stage) that overlap.
 
     Admission control (``admission.py``): a request is refused at once (429 with ``Retry-After``)
-    when the sequences admitted and not yet started would pass ``max_waiting`` (None: 4 x
-    ``max_num_seqs``) or their prompt tokens ``max_waiting_tokens`` (None: 8 x
-    ``max_num_batched_tokens``); an empty queue admits any request. The defaults absorb a burst of
+    when the sequences waiting for one of the ``max_num_seqs`` batch slots would pass
+    ``max_waiting`` (None: 4 x ``max_num_seqs``; 0: admit only into a free slot), or the prompt
+    tokens admitted and not yet started ``max_waiting_tokens`` (None: 8 x
+    ``max_num_batched_tokens``); an idle model admits any request. The defaults absorb a burst of
     five batches and bound a new request's wait to about four generations of the running batch, a
-    prefill backlog to eight full steps. Under a latency target, size ``max_waiting`` by Little's
-    law: about the completions per second times the queueing time allowed (see
-    ``benchmarks/llm_admission.py``)."""
+    prefill backlog to eight full steps. Under a TTFT target, ``max_waiting: 0`` keeps an admitted
+    request's TTFT that of a full batch at any overload; in between, size it by Little's law: about
+    the completions per second times the queueing time allowed (``benchmarks/llm_admission.py``)."""
 
     num_blocks: int | None = None
     block_size: int = 16
@@ -48,9 +49,10 @@ class EngineConfig:
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             _check_int(name, getattr(self, name), optional=False)
-        for name in ("num_blocks", "max_model_len", "pipeline_stages", "pipeline_micro_batches", "max_waiting",
+        for name in ("num_blocks", "max_model_len", "pipeline_stages", "pipeline_micro_batches",
                      "max_waiting_tokens"):
             _check_int(name, getattr(self, name), optional=True)
+        _check_int("max_waiting", self.max_waiting, optional=True, minimum=0)
         _check_choice("dtype", self.dtype, DTYPES, optional=False)
         _check_choice("decode_kernel", self.decode_kernel, DECODE_KERNELS, optional=True)
         _check_bool("enable_prefix_caching", self.enable_prefix_caching, optional=False)
@@ -85,12 +87,12 @@ class EngineConfig:
         return cls(**raw)
 
 
-def _check_int(name: str, value, optional: bool) -> None:
+def _check_int(name: str, value, optional: bool, minimum: int = 1) -> None:
     if value is None and optional:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         unset = " or unset" if optional else ""
-        raise ValueError(f"engine.{name}: must be an integer >= 1{unset}, got {value!r}")
+        raise ValueError(f"engine.{name}: must be an integer >= {minimum}{unset}, got {value!r}")
 
 
 def _check_choice(name: str, value, allowed: tuple[str, ...], optional: bool) -> None:

@@ -44,9 +44,10 @@ class SchedulerConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        for name in ("max_waiting", "max_waiting_tokens"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1 or None")
+        if self.max_waiting is not None and self.max_waiting < 0:
+            raise ValueError("max_waiting must be >= 0 or None")
+        if self.max_waiting_tokens is not None and self.max_waiting_tokens < 1:
+            raise ValueError("max_waiting_tokens must be >= 1 or None")
 
 
 @dataclass
@@ -80,7 +81,7 @@ class Scheduler:
         self.bm = block_manager
         self.waiting: deque[Sequence] = deque()  # by (priority, seq_id)
         self.running: list[Sequence] = []
-        self.admission = AdmissionControl(config.max_waiting, config.max_waiting_tokens)
+        self.admission = AdmissionControl(config.max_waiting, config.max_waiting_tokens, config.max_num_seqs)
 
     @property
     def has_work(self) -> bool:
@@ -134,6 +135,7 @@ class Scheduler:
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         self.admission.started(seq)  # when it ends before it ever ran
+        self.admission.ended(seq)
         self.bm.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason

@@ -52,6 +52,7 @@ class Sequence:
     num_preemptions: int = 0
     first_scheduled: float = 0.0  # time.monotonic() when it first ran (0 = not yet)
     admitted: bool = False  # counted by admission control until it first runs (admission.py)
+    in_flight: bool = False  # counted by admission control from its start until it ends
     block_table: list[int] = field(default_factory=list)
     params: Any = None  # SamplingParams (kept opaque here: this module imports no torch)
     generator: Any = None  # torch.Generator for a seeded request
