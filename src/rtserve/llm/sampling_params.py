@@ -3,6 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from numbers import Integral
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .structured import StructuredSpec
 
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a 64-bit signed integer, as OpenAI's API has it
 
@@ -34,6 +38,7 @@ class SamplingParams:
     logprobs: int | None = None
     n: int = 1
     priority: int = 0
+    structured: "StructuredSpec | None" = None  # constrained decoding (llm/structured/)
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str):
