@@ -11,6 +11,7 @@ import orjson
 
 from ...errors import RtserveError
 from ...llm.sampling_params import SamplingParams
+from . import openai_fields
 
 
 def error_event(err: RtserveError) -> bytes:
@@ -64,6 +65,18 @@ def _kind_name(kinds) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
+def _logit_bias(doc: dict) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``logit_bias``: {"<token id>": bias in [-100, 100]}, as sorted (id, bias) pairs."""
+    bias = _get(doc, "logit_bias", dict, {})
+    out = []
+    for k, v in bias.items():
+        if not (k.isascii() and k.isdigit()) or isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise OpenAIError(f"'logit_bias' maps token ids (strings of digits) to numbers, got {k!r}: {v!r}",
+                              param="logit_bias")
+        out.append((int(k), float(v)))
+    return tuple(sorted(out))
+
+
 def _request_doc(body: bytes) -> tuple[dict, str]:
     """The JSON object of a request and its ``model`` (both endpoints require one)."""
     try:
@@ -100,6 +113,7 @@ def _messages(doc: dict) -> list[dict]:
 
 def parse(body: bytes, chat: bool) -> GenerationRequest:
     doc, model = _request_doc(body)
+    openai_fields.check(doc, openai_fields.CHAT if chat else openai_fields.COMPLETIONS)
     prompt = messages = None
     if chat:
         messages = _messages(doc)
@@ -148,7 +162,7 @@ def parse(body: bytes, chat: bool) -> GenerationRequest:
             seed=_get(doc, "seed", int), stop=tuple(stop or ()),
             stop_token_ids=tuple(_get(doc, "stop_token_ids", list, [])),
             ignore_eos=_get(doc, "ignore_eos", bool, False), logprobs=logprobs, n=_get(doc, "n", int, 1),
-            priority=_get(doc, "priority", int, 0))
+            priority=_get(doc, "priority", int, 0), logit_bias=_logit_bias(doc))
     except ValueError as e:
         field = str(e).split(":", 1)[0]
         raise OpenAIError(str(e), param=field) from None
@@ -247,8 +261,9 @@ def _is_id(t) -> bool:
 
 def parse_embeddings(body: bytes) -> EmbeddingRequest:
     """OpenAI's embeddings request: ``input`` is a string, a list of strings, a list of token ids
-    or a list of lists of token ids; ``user`` is accepted and ignored. Raises OpenAIError (400)."""
+    or a list of lists of token ids; ``user`` is checked, not used (``openai_fields``). Raises OpenAIError (400)."""
     doc, model = _request_doc(body)
+    openai_fields.check(doc, openai_fields.EMBEDDINGS)
     inp = doc.get("input")
     texts = token_ids = None
     shape = "'input' must be a string, a list of strings, a list of token ids or a list of lists of token ids"
