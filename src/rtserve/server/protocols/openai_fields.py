@@ -58,7 +58,7 @@ def _str_map(v, doc) -> bool:
 
 
 def _best_of(v, doc) -> bool:
-    n = doc.get("n") if doc.get("n") is not None else 1
+    n = dict.get(doc, "n") if dict.get(doc, "n") is not None else 1
     return isinstance(v, int) and not isinstance(v, bool) and v == n
 
 
@@ -87,7 +87,7 @@ FIELDS: tuple[Field, ...] = (
     _impl("logit_bias", _G, "token id (a string) -> bias in [-100, 100], added to the logits before "
           "penalties and logprobs; ids outside the vocabulary -> 400"),
     _impl("max_tokens", _G, "default 16 (completions) or 256 (chat); over the context -> 400"),
-    _impl("n", _G, "choices per request, 1 to 64; they share the prompt's cache blocks"),
+    _impl("n", _G, "choices per request, 1 to 64"),
     _impl("seed", _G, "64-bit; choice i draws from a generator seeded with seed + i, whatever the batch"),
     _impl("stop", _G, "a string or a list of strings; the stop text is not returned"),
     _impl("stream", _G, "server-sent events, ending with data: [DONE]"),
@@ -111,9 +111,9 @@ FIELDS: tuple[Field, ...] = (
     _impl("max_completion_tokens", _H, "as max_tokens, and wins over it; 0 -> 400"),
     _impl("top_logprobs", _H, "0 to 20 alternatives per token, with logprobs: true"),
     _impl("response_format", _H, "text, json_object or json_schema: constrained decoding (structured outputs)"),
-    _impl("tools", _H, "function tools, given to the chat template; calls parsed into message.tool_calls"),
-    _impl("tool_choice", _H, "none, auto, required or a named function (the last two constrain decoding)"),
-    _impl("parallel_tool_calls", _H, "false: at most one tool call per answer"),
+    _impl("tools", _H, "function tools, given to the chat template; calls come back in message.tool_calls"),
+    _impl("tool_choice", _H, "none, auto, required or a named function"),
+    _impl("parallel_tool_calls", _H, "whether one answer may hold several tool calls"),
     _impl("functions", _H, "deprecated spelling of tools (function calling)"),
     _impl("function_call", _H, "deprecated spelling of tool_choice"),
     _refused("audio", _H, "this model takes and gives text only"),
@@ -196,18 +196,17 @@ def check(doc: dict, endpoint: str) -> None:
         f = table.get(name)
         if f is None:
             raise OpenAIError(_unknown(name, endpoint), param=name)
+        if name == "stream_options" and isinstance(value, dict):
+            extra = next((k for k in value if k not in STREAM_OPTIONS), None)
+            if extra is not None:
+                raise OpenAIError(f"'stream_options.{extra}' is not supported: stream_options takes "
+                                  f"{', '.join(STREAM_OPTIONS)}", param="stream_options")
+        if name == "messages" and endpoint == CHAT:
+            _check_parts(value, OpenAIError)
         if value is None or f.status is Status.IMPLEMENTED:
             continue
         if f.accepts is None or not f.accepts(value, doc):
             raise OpenAIError(f.message, param=name)
-    opts = doc.get("stream_options")
-    if isinstance(opts, dict):
-        extra = next((k for k in opts if k not in STREAM_OPTIONS), None)
-        if extra is not None:
-            raise OpenAIError(f"'stream_options.{extra}' is not supported: stream_options takes "
-                              f"{', '.join(STREAM_OPTIONS)}", param="stream_options")
-    if endpoint == CHAT:
-        _check_parts(doc.get("messages"), OpenAIError)
 
 
 def _unknown(name: str, endpoint: str) -> str:
@@ -256,3 +255,7 @@ def markdown_table() -> str:
         name = f"`{f.name}`" + (" (vLLM)" if f.source != "OpenAI" else "")
         rows.append(f"| {name} | {ends} | {f.status.value} | {f.note.replace('|', '/')} |")
     return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":  # the README's table: python -m rtserve.server.protocols.openai_fields
+    print(markdown_table(), end="")
