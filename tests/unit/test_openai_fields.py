@@ -191,6 +191,15 @@ def test_every_refused_and_unused_field_has_test_values():
     assert {f.name for f in of.FIELDS if f.accepts is not None and f.status is of.Status.REFUSED} == set(TAKEN)
 
 
+@pytest.mark.parametrize("endpoint,schema", [(of.CHAT, "ChatCompletionRequest"),
+                                             (of.COMPLETIONS, "CompletionRequest"), (of.EMBEDDINGS, "EmbeddingRequest")])
+def test_openapi_lists_exactly_the_fields_of_the_table(endpoint, schema):
+    from rtserve.server.openapi import openapi_document
+
+    doc = openapi_document()["components"]["schemas"][schema]
+    assert set(doc["properties"]) == set(of.fields(endpoint)) and doc["additionalProperties"] is False
+
+
 # -- logit_bias ---------------------------------------------------------------------------------
 
 def test_logit_bias_is_parsed_into_sorted_pairs():

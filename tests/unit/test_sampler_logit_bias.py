@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from rtserve.llm.sampler import SampleRow, sample
@@ -37,3 +38,8 @@ def test_rows_keep_their_own_bias():
     rows = [SampleRow(SamplingParams(temperature=0, logit_bias=((2, 50.0),)), [], []),
             SampleRow(SamplingParams(temperature=0), [], [])]
     assert sample(LOGITS.repeat(2, 1), rows).token_ids == [2, 0]
+
+
+def test_an_id_past_the_logits_is_a_value_error_not_an_index_error():
+    with pytest.raises(ValueError, match="vocabulary size 4"):
+        _one(SamplingParams(temperature=0, logit_bias=((4, 1.0),)))

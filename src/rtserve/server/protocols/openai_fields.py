@@ -242,7 +242,7 @@ def complete_schema(schema: dict, endpoint: str) -> dict:
     lacks get the table's schema (implemented elsewhere: any value), and no other field is taken."""
     props = dict(schema.get("properties", {}))
     for name, f in _BY_ENDPOINT[endpoint].items():
-        props.setdefault(name, f.schema if f.schema is not None else {})
+        props.setdefault(name, {**(f.schema or {}), "description": f"{f.status.value}: {f.note}"})
     return {**schema, "properties": props, "additionalProperties": False}
 
 
