@@ -112,8 +112,13 @@ def test_stream_options_takes_only_its_known_keys():
     ok = _parse({**BASE[of.CHAT], "stream": True, "stream_options": {"include_usage": True,
                                                                      "include_obfuscation": False}}, of.CHAT)
     assert ok.include_usage
-    e = _refused({**BASE[of.CHAT], "stream_options": {"continuous_usage_stats": True}}, of.CHAT)
+    e = _refused({**BASE[of.CHAT], "stream": True, "stream_options": {"continuous_usage_stats": True}}, of.CHAT)
     assert e.param == "stream_options" and "continuous_usage_stats" in e.message
+    for stream in (False, None):  # it would do nothing: refused, as OpenAI and vLLM do
+        e = _refused({**BASE[of.COMPLETIONS], "stream": stream, "stream_options": {"include_usage": True}},
+                     of.COMPLETIONS)
+        assert e.param == "stream_options" and "'stream': true" in e.message
+    _parse({**BASE[of.COMPLETIONS], "stream_options": {}}, of.COMPLETIONS)
 
 
 # -- the table against the parser and the SDK ---------------------------------------------------

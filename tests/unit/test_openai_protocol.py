@@ -46,7 +46,7 @@ def test_good_stop_token_ids_pass():
 
 @pytest.mark.parametrize("extra,param", [
     ({"top_logprobs": 50}, "top_logprobs"),
-    ({"stream_options": {"include_usage": "yes"}}, "include_usage"),
+    ({"stream": True, "stream_options": {"include_usage": "yes"}}, "include_usage"),
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages"),
 ])
 def test_chat_fields_of_the_wrong_kind_are_400s(extra, param):
@@ -105,8 +105,13 @@ SAMPLES = [
     ("ChatCompletionRequest", {**CHAT, "metadata": {"a": 1}}), ("ChatCompletionRequest", {**CHAT, "user": 3}),
     ("ChatCompletionRequest", {**CHAT, "logit_bias": {"5": 100, "6": -100}}),
     ("ChatCompletionRequest", {**CHAT, "logit_bias": {"x": 1}}), ("ChatCompletionRequest", {**CHAT, "logit_bias": {"5": 101}}),
-    ("ChatCompletionRequest", {**CHAT, "stream_options": {"include_usage": True, "include_obfuscation": True}}),
-    ("ChatCompletionRequest", {**CHAT, "stream_options": {"continuous_usage_stats": True}}),
+    ("ChatCompletionRequest", {**CHAT, "stream": True, "stream_options": {"include_usage": True,
+                                                                          "include_obfuscation": True}}),
+    ("ChatCompletionRequest", {**CHAT, "stream": True, "stream_options": {"continuous_usage_stats": True}}),
+    ("ChatCompletionRequest", {**CHAT, "stream_options": {"include_usage": True}}),
+    ("ChatCompletionRequest", {**CHAT, "stream": False, "stream_options": {"include_usage": True}}),
+    ("CompletionRequest", {**COMPLETION, "stream": False, "stream_options": {}}),
+    ("CompletionRequest", {**COMPLETION, "stream": True, "stream_options": {"include_usage": True}}),
     ("ChatCompletionRequest", {"model": "lm", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}),
     ("CompletionRequest", {**COMPLETION, "echo": False, "suffix": "", "best_of": 1}),

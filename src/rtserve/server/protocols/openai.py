@@ -170,8 +170,8 @@ def parse(body: bytes, chat: bool) -> GenerationRequest:
                              stream=_get(doc, "stream", bool, False),
                              include_usage=_get(stream_options, "include_usage", bool, False), chat=chat,
                              top_logprobs=top_logprobs,
-                             max_tokens_given=any(doc.get(k) is not None
-                                                  for k in ("max_tokens", "max_completion_tokens")[:1 + chat]))
+                             max_tokens_given=any(doc.get(k) is not None for k in (
+                                 ("max_tokens", "max_completion_tokens") if chat else ("max_tokens",))))
 
 
 class ResponseBuilder:

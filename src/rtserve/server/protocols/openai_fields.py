@@ -91,8 +91,8 @@ FIELDS: tuple[Field, ...] = (
     _impl("seed", _G, "64-bit; choice i draws from a generator seeded with seed + i, whatever the batch"),
     _impl("stop", _G, "a string or a list of strings; the stop text is not returned"),
     _impl("stream", _G, "server-sent events, ending with data: [DONE]"),
-    _impl("stream_options", _G, "include_usage: a last chunk with the usage; include_obfuscation: taken, "
-          "no padding is sent; other keys -> 400"),
+    _impl("stream_options", _G, "with stream: true only; include_usage: a last chunk with the usage; "
+          "include_obfuscation: taken, no padding is sent; other keys -> 400"),
     _impl("temperature", _G, "in [0, 100]; 0 is greedy"),
     _impl("top_p", _G, "in (0, 1]"),
     # -- OpenAI, completions -------------------------------------------------------------------------
@@ -201,6 +201,8 @@ def check(doc: dict, endpoint: str) -> None:
             if extra is not None:
                 raise OpenAIError(f"'stream_options.{extra}' is not supported: stream_options takes "
                                   f"{', '.join(STREAM_OPTIONS)}", param="stream_options")
+            if value and dict.get(doc, "stream") is not True:  # as OpenAI and vLLM: it would do nothing
+                raise OpenAIError("'stream_options' is only taken with 'stream': true", param="stream_options")
         if name == "messages" and endpoint == CHAT:
             _check_parts(value, OpenAIError)
         if value is None or f.status is Status.IMPLEMENTED:
@@ -243,7 +245,12 @@ def complete_schema(schema: dict, endpoint: str) -> dict:
     props = dict(schema.get("properties", {}))
     for name, f in _BY_ENDPOINT[endpoint].items():
         props.setdefault(name, {**(f.schema or {}), "description": f"{f.status.value}: {f.note}"})
-    return {**schema, "properties": props, "additionalProperties": False}
+    out = {**schema, "properties": props, "additionalProperties": False}
+    if "stream_options" in props:  # a non-empty stream_options needs stream: true
+        out["if"] = {"required": ["stream_options"],
+                     "properties": {"stream_options": {"type": "object", "minProperties": 1}}}
+        out["then"] = {"required": ["stream"], "properties": {"stream": {"const": True}}}
+    return out
 
 
 def markdown_table() -> str:
