@@ -108,6 +108,25 @@ def test_logit_bias_changes_greedy_output(server):
     assert r.choices[0].message.content == ref.tokenizer.decode([forced] * 3)
 
 
+def test_best_of_returns_the_best_of_the_choices_it_generated(server):
+    url, _ = server
+    client = _sdk(url)
+    kw = dict(model="lm", prompt="The quick brown", max_tokens=6, temperature=1.0, seed=7)
+    every = client.completions.create(n=3, logprobs=0, **kw)  # the same three draws: seeds 7, 8, 9
+
+    def mean(c):
+        return sum(c.logprobs.token_logprobs) / len(c.logprobs.token_logprobs)
+
+    ranked = sorted(every.choices, key=lambda c: (-mean(c), c.index))
+    best = client.completions.create(n=2, best_of=3, **kw)
+    assert [(c.index, c.text, c.logprobs) for c in best.choices] == [(0, ranked[0].text, None),
+                                                                      (1, ranked[1].text, None)]
+    assert best.usage.completion_tokens == every.usage.completion_tokens  # all three were generated
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(n=1, best_of=2, stream=True, **kw)
+    assert e.value.param == "best_of"
+
+
 def test_the_openai_sdk_defaults_and_no_effect_fields_are_taken(server):
     url, _ = server
     rec = Recorder()
@@ -117,7 +136,7 @@ def test_the_openai_sdk_defaults_and_no_effect_fields_are_taken(server):
                                    modalities=["text"], prompt_cache_key="k")
     list(client.chat.completions.create(model="lm", messages=MSGS, max_tokens=4, stream=True,
                                         stream_options={"include_usage": True}))
-    client.completions.create(model="lm", prompt="x", max_tokens=4, echo=False, best_of=1, suffix=None, user="u")
+    client.completions.create(model="lm", prompt="x", max_tokens=4, echo=False, best_of=1, suffix="", user="u")
     rec.check()
 
 

@@ -21,14 +21,14 @@ ELSEWHERE = {"response_format", "structured_outputs", "guided_json", "guided_reg
              "guided_grammar", "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call",
              "chat_template_kwargs"}
 # a value each refused field refuses, and the values it takes (defaults that change nothing)
-REFUSED = {"best_of": 3, "echo": True, "suffix": "end", "audio": {"voice": "alloy", "format": "wav"},
+REFUSED = {"echo": True, "suffix": "end", "audio": {"voice": "alloy", "format": "wav"},
            "modalities": ["text", "audio"], "prediction": {"type": "content", "content": "x"},
            "web_search_options": {}, "moderation": {"model": "omni-moderation-latest"}, "reasoning_effort": "low",
            "verbosity": "low", "store": True, "service_tier": "flex", "min_tokens": 2, "prompt_logprobs": 1,
            "use_beam_search": True, "allowed_token_ids": [1], "bad_words": ["x"], "skip_special_tokens": False,
            "include_stop_str_in_output": True, "truncate_prompt_tokens": 5, "chat_template": "{{ x }}",
            "add_generation_prompt": False, "continue_final_message": True}
-TAKEN = {"best_of": [1], "echo": [False], "suffix": [""], "modalities": [["text"]], "store": [False],
+TAKEN = {"echo": [False], "suffix": [""], "modalities": [["text"]], "store": [False],
          "service_tier": ["auto", "default"], "min_tokens": [0], "use_beam_search": [False],
          "skip_special_tokens": [True], "include_stop_str_in_output": [False], "add_generation_prompt": [True],
          "continue_final_message": [False]}
@@ -64,10 +64,27 @@ def test_a_refused_field_is_a_400_naming_it_and_its_defaults_are_taken(endpoint,
         _parse({**BASE[endpoint], name: value}, endpoint)
 
 
-def test_best_of_is_taken_when_it_equals_n():
-    assert _parse({**BASE[of.COMPLETIONS], "best_of": 3, "n": 3}, of.COMPLETIONS).params.n == 3
-    assert _refused({**BASE[of.COMPLETIONS], "best_of": 2, "n": 3}, of.COMPLETIONS).param == "best_of"
-    assert _refused({**BASE[of.COMPLETIONS], "best_of": True}, of.COMPLETIONS).param == "best_of"
+def test_best_of_asks_for_more_choices_and_keeps_n():
+    req = _parse({**BASE[of.COMPLETIONS], "best_of": 3, "n": 2}, of.COMPLETIONS)
+    assert (req.params.n, req.best_of_keep, req.params.logprobs, req.hide_logprobs) == (3, 2, 0, True)
+    req = _parse({**BASE[of.COMPLETIONS], "best_of": 4, "logprobs": 2}, of.COMPLETIONS)
+    assert (req.params.n, req.best_of_keep, req.params.logprobs, req.hide_logprobs) == (4, 1, 2, False)
+    req = _parse({**BASE[of.COMPLETIONS], "best_of": 2, "n": 2, "stream": True}, of.COMPLETIONS)
+    assert (req.params.n, req.best_of_keep) == (2, 0)  # equal to n: nothing to choose
+    for bad in ({"best_of": 2, "n": 3}, {"best_of": 0}, {"best_of": 65}, {"best_of": True}, {"best_of": 1.5},
+                {"best_of": 2, "stream": True}):
+        assert _refused({**BASE[of.COMPLETIONS], **bad}, of.COMPLETIONS).param == "best_of", bad
+
+
+def test_best_choices_are_the_highest_mean_logprob_per_token():
+    def choice(i, lps):
+        return {"index": i, "text": str(i), "token_ids": [0] * len(lps), "logprobs": [(v, []) for v in lps],
+                "finish_reason": "stop"}
+
+    choices = [choice(0, [-1.0, -1.0]), choice(1, [-0.1, -3.0, -0.1, -0.1]), choice(2, [-0.5]), choice(3, [])]
+    best = oai.best_choices(choices, 2, hide_logprobs=True)
+    assert [(c["index"], c["text"], c["logprobs"]) for c in best] == [(0, "2", None), (1, "1", None)]
+    assert oai.best_choices(choices, 1, hide_logprobs=False)[0]["logprobs"] == [(-0.5, [])]
 
 
 @pytest.mark.parametrize("endpoint,name", _cases(of.Status.NO_EFFECT))

@@ -83,7 +83,9 @@ def _openai_schemas() -> dict:
             "model": model,
             "prompt": {"anyOf": [text, ids, {"type": "array", "minItems": 1, "maxItems": 1,
                                              "items": {"anyOf": [text, ids]}}]},
-            "logprobs": _nullable("integer", minimum=0, maximum=20), **sampling}},
+            "logprobs": _nullable("integer", minimum=0, maximum=20),
+            "best_of": _nullable("integer", minimum=1, maximum=64,
+                                 description="at least n; above n, stream must be false"), **sampling}},
         "ChatCompletionRequest": {"type": "object", "required": ["model", "messages"], "properties": {
             "model": model,
             "messages": {"type": "array", "minItems": 1, "items": message},

@@ -57,11 +57,6 @@ def _str_map(v, doc) -> bool:
     return isinstance(v, dict) and all(isinstance(x, str) for x in v.values())
 
 
-def _best_of(v, doc) -> bool:
-    n = dict.get(doc, "n") if dict.get(doc, "n") is not None else 1
-    return isinstance(v, int) and not isinstance(v, bool) and v == n
-
-
 def _impl(name, ends, note, source="OpenAI"):
     return Field(name, ends, Status.IMPLEMENTED, note, source)
 
@@ -98,9 +93,8 @@ FIELDS: tuple[Field, ...] = (
     # -- OpenAI, completions -------------------------------------------------------------------------
     _impl("prompt", _C, "a string, token ids, or a list of one of those (one prompt per request)"),
     _impl("logprobs", _G, "completions: the number of top alternatives, 0 to 20; chat: a boolean"),
-    _refused("best_of", _C, "server-side best-of sampling is not implemented; only best_of equal to n "
-             "(the default) is accepted", _best_of, {"type": ["integer", "null"], "minimum": 1,
-                                                     "description": "must equal n"}),
+    _impl("best_of", _C, "best_of choices are generated and the n with the highest mean logprob per token "
+          "returned (all count in usage); above n, not with stream"),
     _refused("echo", _C, "returning the prompt (with its logprobs) is not implemented yet; only false "
              "is accepted", _only(False), _enum(False)),
     _refused("suffix", _C, "this model does no fill-in-the-middle; only null or an empty string is "
