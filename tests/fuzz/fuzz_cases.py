@@ -203,6 +203,7 @@ def _sampling(chat: bool) -> dict:
         "stop_token_ids": st.lists(st.integers(0, 2_000), max_size=3),
         "stream": st.booleans(), "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
         "user": st.text(max_size=8),
+        "logit_bias": st.dictionaries(st.integers(0, 300).map(str), st.floats(-100.0, 100.0), max_size=3),
     }
     if chat:
         opt.update(logprobs=st.booleans(), top_logprobs=st.integers(0, 5))
@@ -273,7 +274,12 @@ def generation_body(served: Served, chat: bool) -> st.SearchStrategy[dict]:
         budget = st.fixed_dictionaries({"max_tokens": st.integers(1, 8)})
     body = st.fixed_dictionaries(required, optional=_sampling(chat))
     # a bad max_tokens stays small or is refused: 10**9 is over the context, which the server refuses
-    return st.tuples(body, budget, _MAYBE_BAD).map(lambda t: {**t[0], **t[1], **t[2]})
+    return st.tuples(body.map(_stream_options_with_stream), budget, _MAYBE_BAD).map(lambda t: {**t[0], **t[1], **t[2]})
+
+
+def _stream_options_with_stream(body: dict) -> dict:
+    """stream_options is taken with stream: true only (a 400 otherwise): keep valid bodies valid."""
+    return body if body.get("stream") else {k: v for k, v in body.items() if k != "stream_options"}
 
 
 def embeddings_body(served: Served) -> st.SearchStrategy[dict]:

@@ -46,7 +46,7 @@ def test_good_stop_token_ids_pass():
 
 @pytest.mark.parametrize("extra,param", [
     ({"top_logprobs": 50}, "top_logprobs"),
-    ({"stream_options": {"include_usage": "yes"}}, "include_usage"),
+    ({"stream": True, "stream_options": {"include_usage": "yes"}}, "include_usage"),
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages"),
 ])
 def test_chat_fields_of_the_wrong_kind_are_400s(extra, param):
@@ -94,6 +94,30 @@ SAMPLES = [
     ("ChatCompletionRequest", {**CHAT, "max_completion_tokens": 0}), ("ChatCompletionRequest", {**CHAT, "max_tokens": 3}),
     ("ChatCompletionRequest", {**CHAT, "logprobs": True, "top_logprobs": 21}),
     ("ChatCompletionRequest", {**CHAT, "logprobs": None}),
+    # no field is silently ignored (openai_fields): unknown and refused fields are 400s, defaults are taken
+    ("ChatCompletionRequest", {**CHAT, "frobnicate": 1}), ("CompletionRequest", {**COMPLETION, "messages": []}),
+    ("ChatCompletionRequest", {**CHAT, "store": False}), ("ChatCompletionRequest", {**CHAT, "store": True}),
+    ("ChatCompletionRequest", {**CHAT, "modalities": ["text"]}),
+    ("ChatCompletionRequest", {**CHAT, "modalities": ["text", "audio"]}),
+    ("ChatCompletionRequest", {**CHAT, "audio": {"voice": "alloy"}}), ("ChatCompletionRequest", {**CHAT, "audio": None}),
+    ("ChatCompletionRequest", {**CHAT, "service_tier": "auto"}), ("ChatCompletionRequest", {**CHAT, "service_tier": "flex"}),
+    ("ChatCompletionRequest", {**CHAT, "user": "u", "safety_identifier": "s", "metadata": {"a": "b"}}),
+    ("ChatCompletionRequest", {**CHAT, "metadata": {"a": 1}}), ("ChatCompletionRequest", {**CHAT, "user": 3}),
+    ("ChatCompletionRequest", {**CHAT, "logit_bias": {"5": 100, "6": -100}}),
+    ("ChatCompletionRequest", {**CHAT, "logit_bias": {"x": 1}}), ("ChatCompletionRequest", {**CHAT, "logit_bias": {"5": 101}}),
+    ("ChatCompletionRequest", {**CHAT, "stream": True, "stream_options": {"include_usage": True,
+                                                                          "include_obfuscation": True}}),
+    ("ChatCompletionRequest", {**CHAT, "stream": True, "stream_options": {"continuous_usage_stats": True}}),
+    ("ChatCompletionRequest", {**CHAT, "stream_options": {"include_usage": True}}),
+    ("ChatCompletionRequest", {**CHAT, "stream": False, "stream_options": {"include_usage": True}}),
+    ("CompletionRequest", {**COMPLETION, "stream": False, "stream_options": {}}),
+    ("CompletionRequest", {**COMPLETION, "stream": True, "stream_options": {"include_usage": True}}),
+    ("ChatCompletionRequest", {"model": "lm", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}),
+    ("CompletionRequest", {**COMPLETION, "echo": False, "suffix": "", "best_of": 1}),
+    ("CompletionRequest", {**COMPLETION, "echo": True}), ("CompletionRequest", {**COMPLETION, "suffix": "x"}),
+    ("CompletionRequest", {**COMPLETION, "priority": -3}), ("CompletionRequest", {**COMPLETION, "priority": "high"}),
+    ("EmbeddingRequest", {"model": "e", "input": "a", "temperature": 0}),
     ("EmbeddingRequest", {"model": "e", "input": "a"}), ("EmbeddingRequest", {"model": None, "input": "a"}),
     ("EmbeddingRequest", {"model": "e", "input": ""}), ("EmbeddingRequest", {"model": "e", "input": ["a", "b"]}),
     ("EmbeddingRequest", {"model": "e", "input": ["a", ""]}), ("EmbeddingRequest", {"model": "e", "input": [1, 2]}),

@@ -1,9 +1,9 @@
 """Batched token sampling over the logits of one step.
 
-Order per row: penalties (repetition over prompt + output, HF-style; presence and frequency over
-the output, OpenAI-style) -> logprobs (of the penalized distribution) -> greedy, or temperature ->
-top-k -> top-p -> min-p -> a draw. A row with a seed draws from its own generator, so its tokens do
-not depend on what it is batched with.
+Order per row: logit_bias (added, OpenAI's rule) -> penalties (repetition over prompt + output,
+HF-style; presence and frequency over the output, OpenAI-style) -> logprobs (of the biased and
+penalized distribution) -> greedy, or temperature -> top-k -> top-p -> min-p -> a draw. A row with
+a seed draws from its own generator, so its tokens do not depend on what it is batched with.
 """
 from __future__ import annotations
 
@@ -31,6 +31,11 @@ class SampleResult:
 def _penalize(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     for i, r in enumerate(rows):
         p = r.params
+        if p.logit_bias:
+            ids, bias = zip(*p.logit_bias)
+            if max(ids) >= logits.shape[1]:  # the served model checks first; on CUDA this would be a device assert
+                raise ValueError(f"logit_bias: token id {max(ids)} is not below the vocabulary size {logits.shape[1]}")
+            logits[i, list(ids)] += torch.tensor(bias, dtype=logits.dtype, device=logits.device)
         if p.repetition_penalty != 1.0:
             seen = torch.tensor(sorted(set(r.prompt_ids) | set(r.output_ids)), dtype=torch.long, device=logits.device)
             vals = logits[i, seen]

@@ -1,6 +1,7 @@
 """Per-request sampling parameters (OpenAI's and vLLM's names), validated on construction."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from numbers import Integral
 from typing import TYPE_CHECKING
@@ -20,7 +21,9 @@ class SamplingParams:
     """temperature 0 = greedy. top_k 0 = off. logprobs = number of top alternatives to return
     (None = no logprobs). ``seed`` makes a request's tokens reproducible whatever it is batched with.
     ``priority`` orders the waiting queue, not sampling (it travels with the request's options):
-    lower values start first, vLLM's convention; equal ones in arrival order.
+    lower values start first, vLLM's convention; equal ones in arrival order. ``logit_bias``: (token id,
+    bias in [-100, 100]) pairs added to the logits before penalties and logprobs (OpenAI's rule);
+    the ids are checked against the vocabulary by whoever knows it (the served model).
     """
 
     max_tokens: int = 16
@@ -38,6 +41,7 @@ class SamplingParams:
     logprobs: int | None = None
     n: int = 1
     priority: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()
     structured: "StructuredSpec | None" = None  # constrained decoding (llm/structured/)
 
     def __post_init__(self) -> None:
@@ -71,6 +75,11 @@ class SamplingParams:
         # the range torch's generators take (a 500 from the engine otherwise)
         if self.seed is not None and (not _is_int(self.seed) or not SEED_MIN <= self.seed <= SEED_MAX):
             bad("seed", f"must be an integer in [{SEED_MIN}, {SEED_MAX}]")
+        if any(not _is_int(t) or t < 0 or isinstance(b, bool) or not isinstance(b, (int, float))
+               or not (math.isfinite(b) and -100 <= b <= 100) for t, b in self.logit_bias):
+            bad("logit_bias", "must map token ids (integers >= 0) to biases in [-100, 100]")
+        if len({t for t, _ in self.logit_bias}) != len(self.logit_bias):
+            bad("logit_bias", "must name each token id once")
         if isinstance(self.priority, bool) or not isinstance(self.priority, int) or not -2**63 <= self.priority < 2**63:
             bad("priority", "must be a 64-bit integer")
 

@@ -135,6 +135,13 @@ class LLMModel(ServedModel):
                                f"max_tokens asks for {max_tokens} more", param="max_tokens")
         return ids
 
+    def _check_logit_bias(self, logit_bias: tuple[tuple[int, float], ...]) -> None:
+        vocab = self.llm.runner.config.vocab_size
+        over = [t for t, _ in logit_bias if t >= vocab]
+        if over:  # it names no token: the bias would be silently ignored (and index past the logits)
+            raise InvalidInput(f"logit_bias: token ids must be below the vocabulary size {vocab}, got {over[0]}",
+                               param="logit_bias")
+
     async def open_stream(self, prompt: str | list[int] | None, messages: list | None, params, *,
                           max_tokens_given: bool = False) -> AsyncIterator:
         """Queue the request; once its first delta is there (so a request that can never run is a
@@ -145,6 +152,7 @@ class LLMModel(ServedModel):
 
         ids = self.prompt_ids(prompt, messages, params.max_tokens if max_tokens_given else None,
                               params.stop_token_ids)
+        self._check_logit_bias(params.logit_bias)
         t_arrival = time.perf_counter()
         gen = self.engine.generate(ids, params)
         try:

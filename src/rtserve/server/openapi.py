@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .. import __version__
+from .protocols import openai_fields as fields
 
 _DATA = {"description": "row-major, flat or nested lists: numbers, true/false for BOOL, strings for BYTES; "
                         "never null",
@@ -44,7 +45,8 @@ def _nullable(kind: str, **limits) -> dict:
 
 
 def _openai_schemas() -> dict:
-    """What ``protocols/openai.py`` accepts (null is the same as absent; other fields are not read)."""
+    """What ``protocols/openai.py`` accepts (null is the same as absent); the fields not described
+    here get their schema from ``openai_fields``, and no other field is taken."""
     ids = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
     text = {"type": "string", "minLength": 1}
     model = {"type": "string", "minLength": 1}
@@ -63,19 +65,27 @@ def _openai_schemas() -> dict:
         "ignore_eos": _nullable("boolean"),
         "n": _nullable("integer", minimum=1, maximum=64),
         "stream": _nullable("boolean"),
-        "stream_options": {"type": ["object", "null"], "properties": {"include_usage": _nullable("boolean")}},
+        "stream_options": {"type": ["object", "null"], "additionalProperties": False, "properties": {
+            "include_usage": _nullable("boolean"), "include_obfuscation": _nullable("boolean")}},
+        "logit_bias": {"type": ["object", "null"], "propertyNames": {"pattern": "^[0-9]+$"},
+                       "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+                       "description": "token id -> bias; each id below the model's vocabulary size"},
         "max_tokens": _nullable("integer", minimum=1),
+        "priority": _nullable("integer", minimum=-2**63, maximum=2**63 - 1),
     }
     message = {"type": "object", "required": ["role"], "properties": {
         "role": {"type": "string"},
-        "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"},
-                                                    "description": "parts; the text parts are joined"}]}}}
-    return {
+        "content": {"anyOf": [{"type": "string"}, {"type": "array", "description": "text parts, joined", "items": {
+            "type": "object", "required": ["type", "text"],
+            "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}}]}}}
+    schemas = {
         "CompletionRequest": {"type": "object", "required": ["model", "prompt"], "properties": {
             "model": model,
             "prompt": {"anyOf": [text, ids, {"type": "array", "minItems": 1, "maxItems": 1,
                                              "items": {"anyOf": [text, ids]}}]},
-            "logprobs": _nullable("integer", minimum=0, maximum=20), **sampling}},
+            "logprobs": _nullable("integer", minimum=0, maximum=20),
+            "best_of": _nullable("integer", minimum=1, maximum=64,
+                                 description="at least n; above n, stream must be false"), **sampling}},
         "ChatCompletionRequest": {"type": "object", "required": ["model", "messages"], "properties": {
             "model": model,
             "messages": {"type": "array", "minItems": 1, "items": message},
@@ -92,6 +102,10 @@ def _openai_schemas() -> dict:
             "dimensions": _nullable("integer", minimum=1),
             "user": _nullable("string")}},
     }
+    for name, endpoint in (("CompletionRequest", fields.COMPLETIONS), ("ChatCompletionRequest", fields.CHAT),
+                           ("EmbeddingRequest", fields.EMBEDDINGS)):
+        schemas[name] = fields.complete_schema(schemas[name], endpoint)
+    return schemas
 
 
 def _err(desc: str) -> dict:

@@ -3,6 +3,7 @@ into the engine's terms, responses and SSE chunks back, errors in OpenAI's forma
 from __future__ import annotations
 
 import base64
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ import orjson
 
 from ...errors import RtserveError
 from ...llm.sampling_params import SamplingParams
+from . import openai_fields
 
 
 def error_event(err: RtserveError) -> bytes:
@@ -45,6 +47,8 @@ class GenerationRequest:
     chat: bool
     top_logprobs: int = 0
     max_tokens_given: bool = False  # asked for explicitly: over the context it is a 400, not a cap
+    best_of_keep: int = 0  # best_of: params.n choices are generated, this many (the best) returned
+    hide_logprobs: bool = False  # best_of asked the engine for logprobs the client did not
 
 
 def _get(doc: dict, key: str, kinds, default=None):
@@ -62,6 +66,18 @@ def _kind_name(kinds) -> str:
     kinds = kinds if isinstance(kinds, tuple) else (kinds,)
     names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "a list", dict: "an object"}
     return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _logit_bias(doc: dict) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``logit_bias``: {"<token id>": bias in [-100, 100]}, as sorted (id, bias) pairs."""
+    bias = _get(doc, "logit_bias", dict, {})
+    out = []
+    for k, v in bias.items():
+        if not (k.isascii() and k.isdigit()) or isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise OpenAIError(f"'logit_bias' maps token ids (strings of digits) to numbers, got {k!r}: {v!r}",
+                              param="logit_bias")
+        out.append((int(k), float(v)))
+    return tuple(sorted(out))
 
 
 def _request_doc(body: bytes) -> tuple[dict, str]:
@@ -100,6 +116,7 @@ def _messages(doc: dict) -> list[dict]:
 
 def parse(body: bytes, chat: bool) -> GenerationRequest:
     doc, model = _request_doc(body)
+    openai_fields.check(doc, openai_fields.CHAT if chat else openai_fields.COMPLETIONS)
     prompt = messages = None
     if chat:
         messages = _messages(doc)
@@ -148,15 +165,43 @@ def parse(body: bytes, chat: bool) -> GenerationRequest:
             seed=_get(doc, "seed", int), stop=tuple(stop or ()),
             stop_token_ids=tuple(_get(doc, "stop_token_ids", list, [])),
             ignore_eos=_get(doc, "ignore_eos", bool, False), logprobs=logprobs, n=_get(doc, "n", int, 1),
-            priority=_get(doc, "priority", int, 0))
+            priority=_get(doc, "priority", int, 0), logit_bias=_logit_bias(doc))
     except ValueError as e:
         field = str(e).split(":", 1)[0]
         raise OpenAIError(str(e), param=field) from None
-    return GenerationRequest(model=model, prompt=prompt, messages=messages, params=params,
+    return _best_of(doc, GenerationRequest(model=model, prompt=prompt, messages=messages, params=params,
                              stream=_get(doc, "stream", bool, False),
                              include_usage=_get(stream_options, "include_usage", bool, False), chat=chat,
                              top_logprobs=top_logprobs,
-                             max_tokens_given=any(doc.get(k) is not None for k in ("max_tokens", "max_completion_tokens")))
+                             max_tokens_given=any(doc.get(k) is not None for k in (
+                                 ("max_tokens", "max_completion_tokens") if chat else ("max_tokens",)))))
+
+
+def _best_of(doc: dict, req: GenerationRequest) -> GenerationRequest:
+    """Completions' ``best_of``: generate that many choices, return the n best (``best_choices``)."""
+    if req.chat:
+        return req
+    best_of, n = _get(doc, "best_of", int), req.params.n
+    if best_of is None or best_of == n:
+        return req
+    if not n < best_of <= 64:
+        raise OpenAIError(f"'best_of' must be in [n, 64] (n is {n}), got {best_of}", param="best_of")
+    if req.stream:
+        raise OpenAIError("'best_of' above n cannot be streamed: the best are known at the end", param="best_of")
+    lp = req.params.logprobs
+    params = dataclasses.replace(req.params, n=best_of, logprobs=0 if lp is None else lp)
+    return dataclasses.replace(req, params=params, best_of_keep=n, hide_logprobs=lp is None)
+
+
+def best_choices(choices: list[dict], keep: int, hide_logprobs: bool) -> list[dict]:
+    """The ``keep`` choices with the highest mean logprob per token (OpenAI's rule for best_of),
+    best first, renumbered from 0."""
+    def score(c: dict) -> float:
+        lps = c["logprobs"] or []
+        return sum(lp[0] for lp in lps) / len(lps) if lps else float("-inf")
+
+    best = sorted(choices, key=lambda c: (-score(c), c["index"]))[:keep]
+    return [{**c, "index": i, "logprobs": None if hide_logprobs else c["logprobs"]} for i, c in enumerate(best)]
 
 
 class ResponseBuilder:
@@ -185,6 +230,8 @@ class ResponseBuilder:
                 "total_tokens": prompt_tokens + completion_tokens}
 
     def final(self, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> bytes:
+        if self.req.best_of_keep:  # usage counts every choice generated, as OpenAI bills them
+            choices = best_choices(choices, self.req.best_of_keep, self.req.hide_logprobs)
         out = []
         for c in sorted(choices, key=lambda c: c["index"]):
             lp = self._logprobs(c["token_ids"], c["logprobs"])
@@ -247,8 +294,9 @@ def _is_id(t) -> bool:
 
 def parse_embeddings(body: bytes) -> EmbeddingRequest:
     """OpenAI's embeddings request: ``input`` is a string, a list of strings, a list of token ids
-    or a list of lists of token ids; ``user`` is accepted and ignored. Raises OpenAIError (400)."""
+    or a list of lists of token ids; ``user`` is checked, not used (``openai_fields``). Raises OpenAIError (400)."""
     doc, model = _request_doc(body)
+    openai_fields.check(doc, openai_fields.EMBEDDINGS)
     inp = doc.get("input")
     texts = token_ids = None
     shape = "'input' must be a string, a list of strings, a list of token ids or a list of lists of token ids"
