@@ -181,3 +181,23 @@ def json_values(text: str, pos: int, separators: str) -> tuple[list[tuple[object
             return values, pos, False
         values.append((v, end))
         pos = end
+
+
+def array_calls(s: Scan, body: str, at: int, final: bool) -> Scan:
+    """Add to ``s`` the calls of a JSON array of call objects whose items start at ``body[at:]``
+    (what follows the calls, or all of ``body`` when there are none, is content at the end)."""
+    values, stop, clean = json_values(body, at, ",")
+    end = at
+    for v, v_end in values:
+        call = as_call(v)
+        if call is None:
+            break
+        s.calls.append(call)
+        end = v_end
+    if final:
+        rest = body[end:].strip()
+        if rest not in ("", "]"):
+            s.content += rest.removeprefix("]") if s.calls else body
+    elif len(s.calls) == len(values) and not clean:
+        s.pending_name = pending_name(body[stop:])
+    return s

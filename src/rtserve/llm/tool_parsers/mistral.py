@@ -4,7 +4,7 @@ keeps it in the text for this parser. Text before the marker is content; after i
 calls (what does not parse, at the end, is content)."""
 from __future__ import annotations
 
-from .base import Scan, ToolCall, ToolParser, as_call, held_back, json_values, pending_name
+from .base import Scan, ToolCall, ToolParser, array_calls, as_call, held_back, json_values
 
 TAG, ARGS = "[TOOL_CALLS]", "[ARGS]"
 
@@ -21,7 +21,7 @@ class MistralToolParser(ToolParser):
         s = Scan(text[:i])
         body = text[i + len(TAG):]
         if body.lstrip().startswith("["):
-            return _array(s, body, body.index("[") + 1, final)
+            return array_calls(s, body, body.index("[") + 1, final)
         parts = body.split(TAG)
         for k, part in enumerate(parts):
             last = k == len(parts) - 1
@@ -45,21 +45,3 @@ def _named(name: str, args: str) -> tuple[ToolCall | None, str]:
     if not name or not values:
         return None, ""
     return as_call({"name": name, "arguments": values[0][0]}), args[values[0][1]:]
-
-
-def _array(s: Scan, body: str, at: int, final: bool) -> Scan:
-    values, stop, clean = json_values(body, at, ",")
-    end = at
-    for v, v_end in values:
-        call = as_call(v)
-        if call is None:
-            break
-        s.calls.append(call)
-        end = v_end
-    if final:
-        rest = body[end:].strip()
-        if rest not in ("", "]"):
-            s.content += rest.removeprefix("]") if s.calls else body
-    elif len(s.calls) == len(values) and not clean:
-        s.pending_name = pending_name(body[stop:])
-    return s
