@@ -185,7 +185,8 @@ def chat_message(messages: list[dict], i: int) -> dict:
         m["tool_calls"] = [{"id": f"call_{i}", "type": "function", "function": messages[i]["function_call"]}]
         where += ".function_call"
     elif m["role"] == "function":
-        j = next((j for j in range(i - 1, -1, -1) if messages[j].get("function_call") is not None), None)
+        j = next((j for j in range(i - 1, -1, -1) if messages[j].get("role") == "assistant"
+                  and (messages[j].get("function_call") or messages[j].get("tool_calls"))), None)
         m = {**m, "role": "tool", "tool_call_id": f"call_{j}" if j is not None else "call_none"}
     if m["role"] == "tool" and not isinstance(m.get("tool_call_id"), str):
         _fail(f"{where}: a 'tool' message needs 'tool_call_id' (a string)", "messages")
