@@ -1,7 +1,7 @@
 """Batched token sampling over the logits of one step.
 
-Order per row: penalties (repetition over prompt + output, HF-style; presence and frequency over
-the output, OpenAI-style) -> logprobs (of the penalized distribution) -> greedy, or temperature ->
+Order per row: the grammar's bitmask (structured outputs: disallowed tokens get -inf) -> penalties
+(repetition over prompt + output, HF-style; presence and frequency over the output, OpenAI-style) -> logprobs (of the penalized distribution) -> greedy, or temperature ->
 top-k -> top-p -> min-p -> a draw. A row with a seed draws from its own generator, so its tokens do
 not depend on what it is batched with.
 """
@@ -20,12 +20,33 @@ class SampleRow:
     prompt_ids: list[int]
     output_ids: list[int]
     generator: torch.Generator | None = None
+    allowed: torch.Tensor | None = None  # (W,) int32 bitmask of a constrained row (structured outputs)
 
 
 @dataclass
 class SampleResult:
     token_ids: list[int]
     logprobs: list[tuple[float, list[tuple[int, float]]] | None]  # (chosen logprob, top alternatives)
+
+
+_SHIFTS = torch.arange(32, dtype=torch.int32)
+
+
+def apply_bitmasks(logits: torch.Tensor, rows: list[int], masks: list[torch.Tensor]) -> None:
+    """In place: in each of ``rows`` of ``logits`` (N, V), tokens whose bit is clear get -inf; the
+    other rows are untouched. ``masks``: one (W,) int32 bitmask per row; tokens past 32*W are
+    disallowed."""
+    if not rows:
+        return
+    words = torch.stack(masks)  # (k, W)
+    allowed = ((words.unsqueeze(-1) >> _SHIFTS) & 1).view(len(rows), -1).bool()  # (k, 32W)
+    vocab = logits.shape[1]
+    if allowed.shape[1] < vocab:
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
+    idx = torch.tensor(rows, dtype=torch.long, device=logits.device)
+    sub = logits.index_select(0, idx)
+    sub.masked_fill_(~allowed[:, :vocab].to(logits.device), float("-inf"))
+    logits.index_copy_(0, idx, sub)
 
 
 def _penalize(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
@@ -42,8 +63,12 @@ def _penalize(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, rows: list[SampleRow]) -> SampleResult:
-    """logits: (N, vocab) float32, one row per sequence that samples this step."""
-    logits = _penalize(logits.float().clone(), rows)
+    """logits: (N, vocab) float32, one row per sequence that samples this step. Rows with an
+    ``allowed`` bitmask can only draw the tokens it allows; the others are untouched."""
+    logits = logits.float().clone()
+    constrained = [i for i, r in enumerate(rows) if r.allowed is not None]
+    apply_bitmasks(logits, constrained, [rows[i].allowed for i in constrained])
+    logits = _penalize(logits, rows)
     want_lp = any(r.params.logprobs is not None for r in rows)
     logp = torch.log_softmax(logits, dim=-1) if want_lp else None
     tokens = logits.argmax(dim=-1)

@@ -71,6 +71,9 @@ class SamplingParams:
         # the range torch's generators take (a 500 from the engine otherwise)
         if self.seed is not None and (not _is_int(self.seed) or not SEED_MIN <= self.seed <= SEED_MAX):
             bad("seed", f"must be an integer in [{SEED_MIN}, {SEED_MAX}]")
+        if self.structured is not None and self.ignore_eos:
+            # a finished grammar allows only EOS: ignoring it would force tokens past the answer
+            bad("ignore_eos", "cannot be true with a structured output constraint (the answer ends at EOS)")
         if isinstance(self.priority, bool) or not isinstance(self.priority, int) or not -2**63 <= self.priority < 2**63:
             bad("priority", "must be a 64-bit integer")
 

@@ -165,6 +165,8 @@ class LLMModel(ServedModel):
 
         ids = self.prompt_ids(prompt, messages, params.max_tokens if max_tokens_given else None,
                               params.stop_token_ids, tools, template_kwargs)
+        if params.structured is not None:
+            await self.check_structured(params.structured)
         t_arrival = time.perf_counter()
         gen = self.engine.generate(ids, params)
         try:
@@ -187,6 +189,17 @@ class LLMModel(ServedModel):
             await gen.aclose()
             raise failure_error(first.failure)
         return self._timed(first, gen, t_arrival)
+
+    async def check_structured(self, spec) -> None:
+        """Compile a request's constraint (through the engine's cache, on a worker thread: a large
+        schema takes a while) before it is queued: an invalid one, or a model without a tokenizer,
+        is a 400 naming the field."""
+        from ..llm.structured import StructuredOutputError
+
+        try:
+            await asyncio.to_thread(self.llm.compile_structured, spec)
+        except StructuredOutputError as e:
+            raise InvalidInput(str(e), param=e.param) from None
 
     async def _timed(self, first, gen, t_arrival: float):
         """Pass deltas through, recording TTFT, inter-token latency, queue time, e2e and token counts."""

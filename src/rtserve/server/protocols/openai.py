@@ -141,6 +141,9 @@ def parse(body: bytes, chat: bool) -> GenerationRequest:
         logprobs = _get(doc, "logprobs", int)
         max_tokens = _get(doc, "max_tokens", int, 16)
     stream_options = _get(doc, "stream_options", dict, {})
+    from .openai_structured import parse_structured  # it imports OpenAIError from here
+
+    structured = parse_structured(doc)
     try:
         params = SamplingParams(
             max_tokens=max_tokens if max_tokens is not None else 16 if not chat else 256,
@@ -154,7 +157,7 @@ def parse(body: bytes, chat: bool) -> GenerationRequest:
             seed=_get(doc, "seed", int), stop=tuple(stop or ()),
             stop_token_ids=tuple(_get(doc, "stop_token_ids", list, [])),
             ignore_eos=_get(doc, "ignore_eos", bool, False), logprobs=logprobs, n=_get(doc, "n", int, 1),
-            priority=_get(doc, "priority", int, 0))
+            priority=_get(doc, "priority", int, 0), structured=structured)
     except ValueError as e:
         field = str(e).split(":", 1)[0]
         raise OpenAIError(str(e), param=field) from None
