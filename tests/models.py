@@ -119,7 +119,7 @@ LM_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }
                     "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def write_text_lm(path: Path, max_position_embeddings: int = 256) -> Path:
+def write_text_lm(path: Path, max_position_embeddings: int = 256, chat_template: str = LM_CHAT_TEMPLATE) -> Path:
     """A tiny Llama checkpoint with a byte-level BPE tokenizer trained here and a chat template."""
     import json
 
@@ -136,7 +136,7 @@ def write_text_lm(path: Path, max_position_embeddings: int = 256) -> Path:
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": {"content": "</s>"}, "chat_template": LM_CHAT_TEMPLATE}))
+        {"bos_token": "<s>", "eos_token": {"content": "</s>"}, "chat_template": chat_template}))
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=112,
                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -45,7 +45,8 @@ class ToolRequest:
             return params[self.function]
         alternatives = [{"type": "object", "properties": {"name": {"type": "string", "enum": [name]},
                                                           "parameters": p},
-                         "required": ["name", "parameters"]} for name, p in params.items()]
+                         "required": ["name", "parameters"], "additionalProperties": False}
+                        for name, p in params.items()]
         schema = {"type": "array", "minItems": 1, "items": {"anyOf": alternatives}}
         if not self.parallel:
             schema["maxItems"] = 1
