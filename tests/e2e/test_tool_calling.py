@@ -194,3 +194,21 @@ def test_langchain_bind_tools(server):
     assert ai.response_metadata["finish_reason"] == "tool_calls"
     (call,) = ai.tool_calls
     assert call["name"] == "get_time" and call["args"]["tz"] in ("UTC", "CET", "PST")
+
+
+def test_instructor_tools_mode(server):
+    instructor = pytest.importorskip("instructor")
+    pydantic = pytest.importorskip("pydantic")
+    from typing import Literal
+
+    class Forecast(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(extra="forbid")  # a closed object: random weights finish it
+        city: pydantic.constr(max_length=8)
+        days: pydantic.conint(ge=1, le=7)
+        unit: Literal["celsius", "fahrenheit"]
+
+    client, _, _ = server
+    structured = instructor.from_openai(client, mode=instructor.Mode.TOOLS)  # a forced named call
+    got = [structured.chat.completions.create(model="rand", response_model=Forecast, messages=ASK, max_tokens=200,
+                                              temperature=1.0, seed=seed, max_retries=0) for seed in range(2)]
+    assert all(isinstance(f, Forecast) for f in got) and got[0] != got[1]
