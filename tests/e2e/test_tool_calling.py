@@ -130,6 +130,7 @@ def test_tool_choice_none_and_a_model_without_a_tool_format(server):
                                        max_tokens=50, temperature=0)
     c = r.choices[0]
     assert c.finish_reason == "stop" and not c.message.tool_calls and c.message.content == "<tool_call>" + PARIS + "</tool_call>"
+    assert c.message.reasoning_content == "Weather needs a tool."  # the reasoning is split all the same
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="plain", messages=ASK, tools=TOOLS, max_tokens=5)
     assert e.value.body["param"] == "tools" and "no tool-call format" in e.value.body["message"]

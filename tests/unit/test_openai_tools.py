@@ -152,3 +152,26 @@ def test_forced_outputs_and_the_model_without_a_format():
     with pytest.raises(OpenAIError) as e:
         for_request(_req(tools=[WEATHER]), type("M", (), {"tool_parser": None})())
     assert e.value.param == "tools" and "no tool-call format" in e.value.message
+
+
+def test_model_yaml_parsers_named_detected_or_none(tmp_path):
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, models
+
+    from rtserve.config import ModelConfig
+    from rtserve.errors import ConfigError
+    from rtserve.models.llm import _parsers
+
+    hf = HFTokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    hf.add_special_tokens([AddedToken("<|python_tag|>", special=True), AddedToken("<|eot|>", special=True)])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "<think> <|python_tag|>"}))
+    tok = Tokenizer(tmp_path)
+    cfg = lambda **kw: ModelConfig.from_dict("m", {"backend": "llm", **kw})  # noqa: E731
+    assert _parsers(cfg(), tok) == ("llama3_json", "deepseek_r1")
+    ids = [tok.hf.token_to_id(t) for t in ("a", "<|python_tag|>", "<|eot|>")]
+    assert tok.decode(ids).split() == ["a", "<|python_tag|>"]  # the marker is kept, other special tokens are not
+    assert _parsers(cfg(tool_parser="hermes", reasoning_parser="none"), tok) == ("hermes", None)
+    with pytest.raises(ConfigError, match="tool_parser: 'qwen' is not one of hermes, llama3_json, mistral or none"):
+        _parsers(cfg(tool_parser="qwen"), tok)
+    with pytest.raises(ConfigError, match="tool_parser: a parser's name, for backend llm only"):
+        ModelConfig.from_dict("m", {"backend": "onnx", "tool_parser": "hermes"})

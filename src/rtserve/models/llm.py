@@ -46,17 +46,18 @@ def check_checkpoint(ctx: LoadContext, model_dir: Path, version: int, names: tup
 
 
 def _parsers(config: ModelConfig, tokenizer) -> tuple[str | None, str | None]:
-    """The tool-call and reasoning parsers' names: model.yaml's, else detected from the chat
-    template. Their markers are kept in the decoded text (they may be special tokens)."""
+    """The tool-call and reasoning parsers' names: model.yaml's (``none``: no parser), else detected
+    from the chat template. Their markers are kept in the decoded text (they may be special tokens)."""
     from ..llm.reasoning import REASONING_PARSERS, detect_reasoning_parser
     from ..llm.tool_parsers import TOOL_PARSERS, detect_tool_parser
 
     template = tokenizer.chat_template if tokenizer is not None else None
     tools = config.tool_parser or detect_tool_parser(template)
     reasoning = config.reasoning_parser or detect_reasoning_parser(template)
+    tools, reasoning = (None if name == "none" else name for name in (tools, reasoning))
     for key, name, known in (("tool_parser", tools, TOOL_PARSERS), ("reasoning_parser", reasoning, REASONING_PARSERS)):
         if name is not None and name not in known:
-            raise ConfigError(f"{key}: '{name}' is not one of {', '.join(sorted(known))}")
+            raise ConfigError(f"{key}: '{name}' is not one of {', '.join(sorted(known))} or none")
         if name is not None and tokenizer is not None:
             tokenizer.keep_special(known[name].markers)
     return tools, reasoning

@@ -118,6 +118,8 @@ def _merge(a: dict, b: dict) -> dict:
     """Two chat deltas as one (strings joined, tool-call items one after the other)."""
     out = dict(a)
     for k, v in b.items():
+        if k == "function_call" and k in out:  # the deprecated API's one call: name once, arguments joined
+            v = {**out[k], **v, "arguments": out[k].get("arguments", "") + v.get("arguments", "")}
         out[k] = out[k] + v if k in out and k != "function_call" else v
     return out
 
