@@ -30,8 +30,8 @@ def _check(name, text, want_content, want_calls):
     splits = [[text[:k], text[k:]] for k in range(len(text) + 1)] + [list(text)]
     for pieces in splits:
         content, calls = _streamed(parser, pieces)
-        if calls and calls[-1][1] == "" and len(calls) > len(want_calls):
-            calls.pop()  # a name sent before the output was cut: it stays, with no arguments
+        if len(calls) == len(want_calls) + 1:
+            calls.pop()  # a call begun (name, some arguments) when the output was cut: it stays unfinished
         assert [(n, json.loads(a)) for n, a in calls] == want_calls, pieces
         if want_calls:
             assert (content.strip() or None) == want_content, pieces
@@ -67,6 +67,15 @@ MISTRAL = [
     ('Sure. [TOOL_CALLS]weather[ARGS]{"city": "Paris", "days": 2}[TOOL_CALLS]time[ARGS]{}', "Sure.",
      [("weather", W), ("time", {})]),
 ]
+
+
+def test_arguments_stream_as_they_are_written():
+    text = '<tool_call>\n{"name": "weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>'
+    st = tool_parser("hermes").stream()
+    steps = [st.feed(c) for c in text] + [st.finish()]
+    pieces = [d for s in steps for d in s.calls]
+    assert pieces[0].name == "weather" and all(d.name is None for d in pieces[1:]) and len(pieces) > 10
+    assert "".join(d.arguments for d in pieces) == '{"city": "Paris", "days": 2}'  # the model's own text
 
 
 @pytest.mark.parametrize("name,cases", [("hermes", HERMES), ("llama3_json", LLAMA3), ("mistral", MISTRAL)])

@@ -32,11 +32,14 @@ class Extracted:
 class Scan:
     """What a prefix of the output holds so far. ``content`` only grows as the text grows (a text
     that may yet become a marker is held back); ``calls`` are the complete calls, in order;
-    ``pending_name`` is the name of the call being written, once it is known."""
+    ``pending_name`` is the name of the call being written, once it is known, and
+    ``pending_arguments`` the text of its arguments object so far, when that text will be the
+    start of its ``arguments`` (the model's own JSON text, as written)."""
 
     content: str
     calls: list[ToolCall] = field(default_factory=list)
     pending_name: str | None = None
+    pending_arguments: str = ""
 
 
 @dataclass(frozen=True)
@@ -88,13 +91,15 @@ class ToolParser:
 
 
 class ToolCallStream:
-    """Text deltas in, content and call deltas out. Trailing whitespace of the content waits for
-    more text (it is dropped when the output ends in calls)."""
+    """Text deltas in, content and call deltas out: a call's name first, then pieces of its
+    arguments as they are written. Trailing whitespace of the content waits for more text (it is
+    dropped when the output ends in calls)."""
 
     def __init__(self, parser: ToolParser) -> None:
         self.parser, self.text = parser, ""
         self.num_content = self.num_calls = 0
         self.named = -1  # index of the last call whose name was sent
+        self.args_sent = ""  # the arguments sent so far of the call being written
 
     @property
     def called(self) -> bool:
@@ -113,17 +118,24 @@ class ToolCallStream:
         self.num_content = max(self.num_content, len(target))
         for i in range(self.num_calls, len(s.calls)):
             c = s.calls[i]
-            out.calls.append(ToolCallDelta(i, None if self.named == i else c.name, c.arguments))
-            self.named = i
+            sent = self.args_sent if self.named == i and c.arguments.startswith(self.args_sent) else ""
+            out.calls.append(ToolCallDelta(i, None if self.named == i else c.name, c.arguments[len(sent):]))
+            self.named, self.args_sent = i, ""
         self.num_calls = len(s.calls)
-        if s.pending_name is not None and self.named < self.num_calls:
-            out.calls.append(ToolCallDelta(self.num_calls, s.pending_name))
-            self.named = self.num_calls
+        if s.pending_name is None:
+            return out
+        if self.named < self.num_calls:
+            out.calls.append(ToolCallDelta(self.num_calls, s.pending_name, s.pending_arguments))
+            self.named, self.args_sent = self.num_calls, s.pending_arguments
+        elif len(s.pending_arguments) > len(self.args_sent) and s.pending_arguments.startswith(self.args_sent):
+            out.calls.append(ToolCallDelta(self.num_calls, None, s.pending_arguments[len(self.args_sent):]))
+            self.args_sent = s.pending_arguments
         return out
 
 
 # -- helpers for the formats ---------------------------------------------------------------------
 _NAME = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"')
+_ARGS = re.compile(r'\s*,\s*"(?:arguments|parameters)"\s*:\s*')
 _DECODER = json.JSONDecoder()
 
 
@@ -138,20 +150,50 @@ def held_back(text: str, markers: tuple[str, ...]) -> int:
     return best
 
 
-def pending_name(partial: str) -> str | None:
-    """The name of a call object being written, once its ``"name": "..."`` is complete and first."""
-    m = _NAME.match(partial.lstrip())
+def pending_call(s: Scan, partial: str) -> Scan:
+    """``s`` with the name of the call object being written in ``partial``, once its
+    ``"name": "..."`` is complete and first, and the text of its arguments object so far."""
+    partial = partial.lstrip()
+    m = _NAME.match(partial)
     if m is None:
+        return s
+    try:
+        s.pending_name = json.loads(f'"{m.group(1)}"')
+    except ValueError:
+        return s
+    a = _ARGS.match(partial, m.end())
+    if a is not None and partial[a.end():a.end() + 1] == "{":
+        s.pending_arguments = complete_prefix(partial[a.end():])
+    return s
+
+
+def complete_prefix(text: str) -> str:
+    """``text`` (the start of a JSON object) up to the object's end when it is complete."""
+    try:
+        return text[:_DECODER.raw_decode(text)[1]]
+    except ValueError:
+        return text
+
+
+def _raw_arguments(raw: str, args: dict) -> str | None:
+    """The arguments object's text as written in ``raw`` (a call object's text), when the name
+    comes first and the arguments next; None otherwise."""
+    raw = raw.lstrip()
+    m = _NAME.match(raw)
+    a = _ARGS.match(raw, m.end()) if m is not None else None
+    if a is None:
         return None
     try:
-        return json.loads(f'"{m.group(1)}"')
+        v, end = _DECODER.raw_decode(raw, a.end())
     except ValueError:
         return None
+    return raw[a.end():end] if v == args else None
 
 
-def as_call(obj, args_keys: tuple[str, ...] = ("arguments", "parameters")) -> ToolCall | None:
-    """``{"name": str, "arguments"|"parameters": object}`` as a call (arguments given as JSON text
-    are parsed); None when ``obj`` is not one."""
+def as_call(obj, raw: str | None = None, args_keys: tuple[str, ...] = ("arguments", "parameters")) -> ToolCall | None:
+    """``{"name": str, "arguments"|"parameters": object}`` as a call; None when ``obj`` is not one.
+    The arguments are the model's own text when ``raw`` (the object's text) holds them as an object
+    after the name (so they stream as written), else ``obj``'s arguments as JSON text."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
         return None
     args = next((obj[k] for k in args_keys if k in obj), {})
@@ -162,13 +204,14 @@ def as_call(obj, args_keys: tuple[str, ...] = ("arguments", "parameters")) -> To
             return None
     if not isinstance(args, dict):
         return None
-    return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
+    text = _raw_arguments(raw, args) if raw is not None else None
+    return ToolCall(obj["name"], text if text is not None else json.dumps(args, ensure_ascii=False))
 
 
-def json_values(text: str, pos: int, separators: str) -> tuple[list[tuple[object, int]], int, bool]:
+def json_values(text: str, pos: int, separators: str) -> tuple[list[tuple[object, int, int]], int, bool]:
     """Decode JSON values from ``text[pos:]``, skipping whitespace and ``separators`` between them.
-    Returns ((value, where it ends) ..., where decoding stopped, whether only whitespace and
-    separators follow the last value)."""
+    Returns ((value, where it starts, where it ends) ..., where decoding stopped, whether only
+    whitespace and separators follow the last value)."""
     values = []
     while True:
         while pos < len(text) and (text[pos].isspace() or text[pos] in separators):
@@ -179,7 +222,7 @@ def json_values(text: str, pos: int, separators: str) -> tuple[list[tuple[object
             v, end = _DECODER.raw_decode(text, pos)
         except ValueError:
             return values, pos, False
-        values.append((v, end))
+        values.append((v, pos, end))
         pos = end
 
 
@@ -188,8 +231,8 @@ def array_calls(s: Scan, body: str, at: int, final: bool) -> Scan:
     (what follows the calls, or all of ``body`` when there are none, is content at the end)."""
     values, stop, clean = json_values(body, at, ",")
     end = at
-    for v, v_end in values:
-        call = as_call(v)
+    for v, v_at, v_end in values:
+        call = as_call(v, body[v_at:v_end])
         if call is None:
             break
         s.calls.append(call)
@@ -199,5 +242,5 @@ def array_calls(s: Scan, body: str, at: int, final: bool) -> Scan:
         if rest not in ("", "]"):
             s.content += rest.removeprefix("]") if s.calls else body
     elif len(s.calls) == len(values) and not clean:
-        s.pending_name = pending_name(body[stop:])
+        pending_call(s, body[stop:])
     return s

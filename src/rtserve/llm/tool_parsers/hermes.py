@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 
-from .base import Scan, ToolParser, as_call, held_back, pending_name
+from .base import Scan, ToolParser, as_call, held_back, pending_call
 
 START, END = "<tool_call>", "</tool_call>"
 
 
 def _call(body: str):
     try:
-        return as_call(json.loads(body))
+        return as_call(json.loads(body), body)
     except ValueError:
         return None
 
@@ -35,8 +35,7 @@ class HermesToolParser(ToolParser):
             j = text.find(END, body_at)
             if j < 0:  # the last block is still open
                 if not final:
-                    s.pending_name = pending_name(text[body_at:])
-                    return s
+                    return pending_call(s, text[body_at:])
                 call = _call(text[body_at:])
                 if call is None:
                     s.content += text[i:]

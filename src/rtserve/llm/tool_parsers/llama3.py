@@ -3,7 +3,7 @@ by ``;``), optionally after ``<|python_tag|>``. Output that does not start with 
 tag) is content; when the first complete object is not a call, all of it is content."""
 from __future__ import annotations
 
-from .base import Scan, ToolParser, as_call, held_back, json_values, pending_name
+from .base import Scan, ToolParser, as_call, held_back, json_values, pending_call
 
 TAG = "<|python_tag|>"
 
@@ -25,8 +25,8 @@ class Llama3JsonToolParser(ToolParser):
             return Scan(text if final else text[:len(text) - held_back(text, (TAG,))])
         values, stop, clean = json_values(text, at, ";")
         calls, end = [], at
-        for v, v_end in values:
-            call = as_call(v)
+        for v, v_at, v_end in values:
+            call = as_call(v, text[v_at:v_end])
             if call is None:
                 break
             calls.append(call)
@@ -35,4 +35,4 @@ class Llama3JsonToolParser(ToolParser):
             return Scan(text)
         if len(calls) < len(values) or (final and not clean):  # calls, then text
             return Scan(prefix + text[end:] if final else prefix, calls)
-        return Scan(prefix, calls, None if final else pending_name(text[stop:]))
+        return Scan(prefix, calls) if final else pending_call(Scan(prefix, calls), text[stop:])

@@ -4,7 +4,7 @@ keeps it in the text for this parser. Text before the marker is content; after i
 calls (what does not parse, at the end, is content)."""
 from __future__ import annotations
 
-from .base import Scan, ToolCall, ToolParser, array_calls, as_call, held_back, json_values
+from .base import Scan, ToolCall, ToolParser, array_calls, as_call, complete_prefix, held_back, json_values
 
 TAG, ARGS = "[TOOL_CALLS]", "[ARGS]"
 
@@ -34,6 +34,7 @@ class MistralToolParser(ToolParser):
             elif last and not final:
                 if sep and name.strip():
                     s.pending_name = name.strip()
+                    s.pending_arguments = complete_prefix(args.lstrip()) if args.lstrip().startswith("{") else ""
             elif final:
                 s.content += part
         return s
@@ -44,4 +45,6 @@ def _named(name: str, args: str) -> tuple[ToolCall | None, str]:
     values, stop, _ = json_values(args, 0, "")
     if not name or not values:
         return None, ""
-    return as_call({"name": name, "arguments": values[0][0]}), args[values[0][1]:]
+    v, at, end = values[0]
+    call = as_call({"name": name, "arguments": v})
+    return (ToolCall(name, args[at:end]) if call is not None else None), args[end:]
