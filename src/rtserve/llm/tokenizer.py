@@ -2,6 +2,7 @@
 and incremental detokenization for streaming."""
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -43,7 +44,7 @@ class Tokenizer:
         return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        if skip_special_tokens and self._kept:
+        if skip_special_tokens and self._kept and not self._special.isdisjoint(ids):
             ids = [i for i in ids if i not in self._special or i in self._kept]
             return self.hf.decode(ids, skip_special_tokens=False)
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -65,7 +66,9 @@ class Tokenizer:
             raise ValueError(f"chat template: {e}") from None
 
 
+@functools.lru_cache(maxsize=16)
 def _compile(template: str):
+    """The template compiled as transformers compiles it (cached: a model renders it per request)."""
     from datetime import datetime
 
     import jinja2.ext
