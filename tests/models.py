@@ -209,8 +209,8 @@ HERMES_CHAT_TEMPLATE = (
     "{% elif m['role'] == 'tool' %}<|tool|><tool_response>{{ m['content'] }}</tool_response>{{ eos_token }}"
     "{% else %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
-LLAMA3_CHAT_TEMPLATE = (
-    "{% if tools %}<|system|>Environment: ipython. To call a function answer with <|python_tag|>{\"name\": "
+LLAMA3_CHAT_TEMPLATE = (  # tests "tools is not none", as Llama 3.1's template does
+    "{% if tools is not none %}<|system|>Environment: ipython. To call a function answer with <|python_tag|>{\"name\": "
     "function name, \"parameters\": arguments}. Functions:\n{% for t in tools %}{{ t['function'] | tojson(indent=2) }}"
     "\n{% endfor %}{{ eos_token }}{% endif %}"
     "{% for m in messages %}"

@@ -110,7 +110,7 @@ def test_second_turn_renders_the_call_and_the_tool_result(server):
 
 
 def test_llama3_format_with_its_special_tag(server):
-    client, _, _ = server
+    client, _, repo = server
     r = client.chat.completions.create(model="llama", messages=ASK, tools=TOOLS, max_tokens=20, temperature=0)
     c = r.choices[0]
     assert c.finish_reason == "tool_calls" and c.message.content is None
@@ -122,6 +122,10 @@ def test_llama3_format_with_its_special_tag(server):
     # without tools nothing is parsed: the text (the kept special tag included) is the answer
     plain = client.chat.completions.create(model="llama", messages=ASK, max_tokens=20, temperature=0)
     assert plain.choices[0].message.content.startswith("<|python_tag|>{") and plain.choices[0].finish_reason == "stop"
+    from rtserve.llm.tokenizer import Tokenizer
+
+    tok = Tokenizer(repo / "llama" / "1")  # no tools: the template got none (not []), so no tools section
+    assert plain.usage.prompt_tokens == len(tok.encode(tok.apply_chat_template(ASK))) < r.usage.prompt_tokens
 
 
 def test_tool_choice_none_and_a_model_without_a_tool_format(server):

@@ -57,7 +57,8 @@ class OpenAIRoutes:
         async def answer() -> Response | None:
             deltas = await model.open_stream(req.prompt, req.messages if chat else None, req.params,
                                              max_tokens_given=req.max_tokens_given,
-                                             tools=req.tools.tools if req.tools else None,
+                                             # None, not []: templates test "tools is not none"
+                                             tools=req.tools.tools or None if req.tools else None,
                                              template_kwargs=req.template_kwargs)
             builder = oai.ResponseBuilder(req, model.tokenizer)
             try:
