@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .sampling_params import SamplingParams
@@ -29,24 +30,25 @@ class SampleResult:
     logprobs: list[tuple[float, list[tuple[int, float]]] | None]  # (chosen logprob, top alternatives)
 
 
-_SHIFTS = torch.arange(32, dtype=torch.int32)
-
-
 def apply_bitmasks(logits: torch.Tensor, rows: list[int], masks: list[torch.Tensor]) -> None:
     """In place: in each of ``rows`` of ``logits`` (N, V), tokens whose bit is clear get -inf; the
-    other rows are untouched. ``masks``: one (W,) int32 bitmask per row; tokens past 32*W are
-    disallowed."""
+    other rows are untouched. ``masks``: one (W,) int32 bitmask per row (bit ``t % 32`` of word
+    ``t // 32`` is token ``t``); tokens past 32*W are disallowed."""
     if not rows:
         return
-    words = torch.stack(masks)  # (k, W)
-    allowed = ((words.unsqueeze(-1) >> _SHIFTS) & 1).view(len(rows), -1).bool()  # (k, 32W)
+    words = torch.stack(masks).numpy()  # (k, W) int32, little-endian
+    # numpy unpacks bits in one C pass (0.2 ms for 16 x 32k); shifting in torch costs ~50x that here
+    bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")  # (k, 32W) of 0/1
+    allowed = torch.from_numpy(bits).view(torch.bool)
     vocab = logits.shape[1]
     if allowed.shape[1] < vocab:
         allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
+    allowed = allowed[:, :vocab].to(logits.device)
+    if len(rows) == logits.shape[0]:
+        logits.masked_fill_(~allowed, float("-inf"))
+        return
     idx = torch.tensor(rows, dtype=torch.long, device=logits.device)
-    sub = logits.index_select(0, idx)
-    sub.masked_fill_(~allowed[:, :vocab].to(logits.device), float("-inf"))
-    logits.index_copy_(0, idx, sub)
+    logits.index_copy_(0, idx, torch.where(allowed, logits.index_select(0, idx), float("-inf")))
 
 
 def _penalize(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:

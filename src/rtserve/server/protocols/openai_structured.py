@@ -28,20 +28,20 @@ def parse_structured(doc: dict) -> StructuredSpec | None:
         if doc.get(key) is not None:
             raise OpenAIError(f"'{key}' is not supported (JSON is generated without free whitespace, by "
                               "llguidance)", param=key)
-    found: list[StructuredSpec] = []
+    found: list[tuple[str, StructuredSpec]] = []  # (top-level field, its spec)
     if doc.get("response_format") is not None:
         spec = _response_format(doc["response_format"])
         if spec is not None:
-            found.append(spec)
+            found.append(("response_format", spec))
     if doc.get("structured_outputs") is not None:
-        found.append(_structured_outputs(doc["structured_outputs"]))
+        found.append(("structured_outputs", _structured_outputs(doc["structured_outputs"])))
     for key, kind in GUIDED.items():
         if doc.get(key) is not None:
-            found.append(_value(kind, doc[key], key))
+            found.append((key, _value(kind, doc[key], key)))
     if len(found) > 1:
-        raise OpenAIError(f"'{found[1].param}' and '{found[0].param}' both constrain the output; give one",
-                          param=found[1].param)
-    return found[0] if found else None
+        (first, _), (second, _) = found[:2]
+        raise OpenAIError(f"'{second}' and '{first}' both constrain the output; give one", param=second)
+    return found[0][1] if found else None
 
 
 def _response_format(rf) -> StructuredSpec | None:
