@@ -54,6 +54,8 @@ def test_bad_tool_fields_are_400s_naming_the_field(fields, param, words):
 
 def test_tool_choice_defaults_and_forced_schemas():
     assert _req().tools.choice == "none" and _req(tools=[WEATHER]).tools.choice == "auto"
+    nulls = _req(tools=None, tool_choice=None, parallel_tool_calls=None, functions=None, chat_template_kwargs=None)
+    assert nulls.tools.choice == "none" and nulls.tools.parallel and nulls.template_kwargs == {}
     named = _req(tools=[WEATHER, TIME], tool_choice={"type": "function", "function": {"name": "get_weather"}})
     assert named.tools.function == "get_weather" and named.params.structured.param == "tool_choice"
     assert json.loads(named.params.structured.value) == WEATHER["function"]["parameters"]

@@ -156,7 +156,8 @@ def parse_tools(doc: dict) -> ToolRequest:
     tools, legacy = _tools(doc)
     legacy = legacy or doc.get("function_call") is not None
     choice, function = _choice(doc, [t["function"]["name"] for t in tools], legacy)
-    parallel = doc.get("parallel_tool_calls", True)
+    parallel = doc.get("parallel_tool_calls")
+    parallel = True if parallel is None else parallel  # null is the same as absent
     if not isinstance(parallel, bool):
         _fail("'parallel_tool_calls' must be a boolean", "parallel_tool_calls")
     return ToolRequest(tools, choice, function, parallel and not legacy, legacy)
