@@ -130,6 +130,8 @@ def test_choices_read_whole_and_streamed():
     assert msg == out.message(text, "stop")[0] | {"tool_calls": msg["tool_calls"]}
     cut, finish = out.message(CALL, "length")
     assert finish == "length" and cut["tool_calls"]  # complete calls in a cut output: not "tool_calls"
+    deltas, finish = _stream(out, [CALL[:40]])  # the model ended inside a call: no call was made
+    assert finish == "stop" and deltas[0]["tool_calls"][0]["function"]["name"] == "get_weather"
     one = for_request(_req(tools=[WEATHER], parallel_tool_calls=False), _Model())
     assert len(one.message(CALL + CALL, "stop")[0]["tool_calls"]) == 1
     assert for_request(_req(), type("M", (), {"tool_parser": None, "reasoning_parser": None})()) is None

@@ -132,7 +132,8 @@ class ChoiceStream:
         if self.calls is not None:
             last = self.calls.finish()
             step = StreamStep(step.content + last.content, step.calls + last.calls)
-        return self._delta(reasoning, step), self.out.finish_reason(bool(self.ids), reason)
+        called = self.calls is not None and self.calls.called  # complete calls (a begun one may be cut)
+        return self._delta(reasoning, step), self.out.finish_reason(called, reason)
 
     def _named(self, text: str) -> dict:
         self.text += text
