@@ -56,14 +56,14 @@ class Tokenizer:
         ``enable_thinking``), its ``tojson`` (no HTML escaping), ``strftime_now`` and loop controls."""
         if not self.chat_template:
             raise ValueError("this model's tokenizer_config.json has no chat_template")
-        from jinja2.exceptions import TemplateError
-
+        template = _compile(self.chat_template)
         try:
-            return _compile(self.chat_template).render(
-                **kwargs, messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
-        except TemplateError as e:
-            raise ValueError(f"chat template: {e}") from None
+            return template.render(**kwargs, messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                   bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except ValueError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the sandboxed template failed on this request's data
+            raise ValueError(f"chat template: {type(e).__name__}: {e}") from None
 
 
 @functools.lru_cache(maxsize=16)

@@ -14,7 +14,9 @@ from .openai import OpenAIError
 
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 #: render variables of the chat template a request cannot override through chat_template_kwargs
-RESERVED_TEMPLATE_VARS = ("messages", "tools", "add_generation_prompt", "bos_token", "eos_token")
+RESERVED_TEMPLATE_VARS = ("messages", "tools", "add_generation_prompt", "bos_token", "eos_token",
+                          "raise_exception", "strftime_now", "range", "dict", "namespace", "lipsum", "cycler",
+                          "joiner")
 
 
 @dataclass(frozen=True)
