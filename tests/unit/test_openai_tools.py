@@ -104,6 +104,10 @@ class _Model:
     tool_parser, reasoning_parser = "hermes", "qwen3"
 
 
+class _NoFormat:
+    tool_parser = reasoning_parser = None
+
+
 CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
 
 
@@ -134,7 +138,7 @@ def test_choices_read_whole_and_streamed():
     assert finish == "stop" and deltas[0]["tool_calls"][0]["function"]["name"] == "get_weather"
     one = for_request(_req(tools=[WEATHER], parallel_tool_calls=False), _Model())
     assert len(one.message(CALL + CALL, "stop")[0]["tool_calls"]) == 1
-    assert for_request(_req(), type("M", (), {"tool_parser": None, "reasoning_parser": None})()) is None
+    assert for_request(_req(), _NoFormat()) is None and for_request(_req(tools=[WEATHER]), object()) is None
 
 
 def test_forced_outputs_and_the_model_without_a_format():
@@ -147,14 +151,14 @@ def test_forced_outputs_and_the_model_without_a_format():
     deltas, finish = _stream(named, ['{"ci', 'ty": "Rome"}'])
     assert finish == "tool_calls" and deltas[0]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"ci'}
     assert deltas[1]["tool_calls"] == [{"index": 0, "function": {"arguments": 'ty": "Rome"}'}}]
-    required = for_request(_req(tools=[WEATHER, TIME], tool_choice="required"), type("M", (), {})())
+    required = for_request(_req(tools=[WEATHER, TIME], tool_choice="required"), _NoFormat())
     msg, finish = required.message('[{"name": "get_time", "parameters": {}}]', "stop")
     assert finish == "tool_calls" and msg["tool_calls"][0]["function"] == {"name": "get_time", "arguments": "{}"}
     legacy = for_request(_req(functions=[WEATHER["function"]], function_call={"name": "get_weather"}), _Model())
     msg, finish = legacy.message('{"city": "Rome"}', "stop")
     assert finish == "function_call" and msg["function_call"] == {"name": "get_weather", "arguments": '{"city": "Rome"}'}
     with pytest.raises(OpenAIError) as e:
-        for_request(_req(tools=[WEATHER]), type("M", (), {"tool_parser": None})())
+        for_request(_req(tools=[WEATHER]), _NoFormat())
     assert e.value.param == "tools" and "no tool-call format" in e.value.message
 
 

@@ -79,10 +79,12 @@ def for_request(req: GenerationRequest, model) -> ChatOutput | None:
     """The reading of ``req``'s outputs on ``model`` (its ``tool_parser`` / ``reasoning_parser``
     names), or None when the text is the answer as it is. Tools under ``auto`` on a model with no
     tool-call format are a 400, never silently ignored."""
+    if not hasattr(model, "tool_parser"):
+        return None  # not a language model: its open_stream says which API it takes
     tools = req.tools
-    reasoning = getattr(model, "reasoning_parser", None)
+    reasoning = model.reasoning_parser
     if tools is not None and tools.parsed:
-        name = getattr(model, "tool_parser", None)
+        name = model.tool_parser
         if name is None:
             raise OpenAIError(f"model '{req.model}' has no tool-call format (no tool_parser in its model.yaml and "
                               "none recognized in its chat template), so it cannot choose to call tools: use "
