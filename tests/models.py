@@ -221,6 +221,15 @@ LLAMA3_CHAT_TEMPLATE = (  # tests "tools is not none", as Llama 3.1's template d
     "{% else %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
+MISTRAL_CHAT_TEMPLATE = (
+    "{% if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' and m['tool_calls'] %}[TOOL_CALLS]{{ m['tool_calls'] | map(attribute='function') "
+    "| list | tojson }}{{ eos_token }}"
+    "{% elif m['role'] == 'tool' %}[TOOL_RESULTS]{{ m['content'] }}[/TOOL_RESULTS]"
+    "{% else %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
 
 def write_scripted_lm(path: Path, chat_template: str, script: list[str], special: tuple[str, ...] = ()) -> Path:
     """A tiny Llama checkpoint that, after ``<|assistant|>``, greedily writes the pieces of ``script``

@@ -17,13 +17,16 @@ openai = pytest.importorskip("openai")
 jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("transformers")
 
-from models import HERMES_CHAT_TEMPLATE, LLAMA3_CHAT_TEMPLATE, write_scripted_lm, write_text_lm  # noqa: E402
+from models import (HERMES_CHAT_TEMPLATE, LLAMA3_CHAT_TEMPLATE, MISTRAL_CHAT_TEMPLATE, write_scripted_lm,  # noqa: E402
+                    write_text_lm)
 from servers import start_server  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
 ENGINE = "engine:\n  num_blocks: 512\n  block_size: 8\n  max_model_len: 1000\n"
 PARIS = '{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}'
 HERMES_SCRIPT = ["<think>", "Weather needs a tool.", "</think>", "<tool_call>", PARIS, "</tool_call>"]
+MISTRAL_SCRIPT = ["Sure.", "[TOOL_CALLS]", '[{"name": "get_time", "arguments": {"tz": "CET"}}, ',
+                  '{"name": "get_weather", "arguments": {"city": "Rome", "days": 3}}]']
 LLAMA_SCRIPT = ["<|python_tag|>", '{"name": "get_weather", "parameters": {"city": "Oslo", "days": 1}}']
 WEATHER_PARAMS = {"type": "object", "additionalProperties": False, "required": ["city", "days", "unit"],
                   "properties": {"city": {"type": "string", "maxLength": 8},
@@ -45,6 +48,8 @@ def server(tmp_path_factory):
     (repo / "hermes" / "model.yaml").write_text("backend: llm\ndevice: cpu\nreasoning_parser: qwen3\n" + ENGINE)
     write_scripted_lm(repo / "llama" / "1", LLAMA3_CHAT_TEMPLATE, LLAMA_SCRIPT, special=("<|python_tag|>",))
     (repo / "llama" / "model.yaml").write_text("backend: llm\ndevice: cpu\n" + ENGINE)  # parser detected
+    write_scripted_lm(repo / "mistral" / "1", MISTRAL_CHAT_TEMPLATE, MISTRAL_SCRIPT, special=("[TOOL_CALLS]",))
+    (repo / "mistral" / "model.yaml").write_text("backend: llm\ndevice: cpu\n" + ENGINE)  # parser detected
     write_text_lm(repo / "plain" / "1")  # a chat template without tools
     (repo / "plain" / "model.yaml").write_text("backend: llm\ndevice: cpu\n" + ENGINE.replace("1000", "256"))
     write_text_lm(repo / "rand" / "1", max_position_embeddings=1024, chat_template=HERMES_CHAT_TEMPLATE)
@@ -126,6 +131,22 @@ def test_llama3_format_with_its_special_tag(server):
 
     tok = Tokenizer(repo / "llama" / "1")  # no tools: the template got none (not []), so no tools section
     assert plain.usage.prompt_tokens == len(tok.encode(tok.apply_chat_template(ASK))) < r.usage.prompt_tokens
+
+
+def test_mistral_format_two_calls_after_text(server):
+    client, _, _ = server
+    r = client.chat.completions.create(model="mistral", messages=ASK, tools=TOOLS, max_tokens=20, temperature=0)
+    c = r.choices[0]
+    want = [("get_time", {"tz": "CET"}), ("get_weather", {"city": "Rome", "days": 3})]
+    assert c.finish_reason == "tool_calls" and c.message.content == "Sure."
+    assert [(t.function.name, json.loads(t.function.arguments)) for t in c.message.tool_calls] == want
+    assert len({t.id for t in c.message.tool_calls}) == 2
+    calls, content, _, finish, first = _accumulate(client.chat.completions.create(
+        model="mistral", messages=ASK, tools=TOOLS, max_tokens=20, temperature=0, stream=True))
+    assert finish == "tool_calls" and content == "Sure." and [(x["name"], json.loads(x["arguments"])) for x in calls] == want
+    one = client.chat.completions.create(model="mistral", messages=ASK, tools=TOOLS, max_tokens=20, temperature=0,
+                                         parallel_tool_calls=False)
+    assert [t.function.name for t in one.choices[0].message.tool_calls] == ["get_time"]
 
 
 def test_tool_choice_none_and_a_model_without_a_tool_format(server):
