@@ -3,8 +3,10 @@
 
 A parser implements one method, :meth:`ToolParser.scan`; extraction and streaming are built on it
 here, so every format streams the same way: content is shown as soon as it cannot be the start of a
-call marker, a call's name as soon as it is known, its arguments (one JSON text) once the call is
-complete. Parsers know nothing of the API (call ids, chunks): ``server/chat_output.py`` does that.
+call marker, a call's name as soon as it is known, then its arguments as the model writes them (the
+model's own JSON text when it writes the arguments right after the name; otherwise all at once when
+the call is complete). Parsers know nothing of the API (call ids, chunks): ``server/chat_output.py``
+does that. A call begun and never finished (the output was cut) keeps what was sent of it.
 """
 from __future__ import annotations
 
