@@ -5,8 +5,8 @@ with a 32k byte-level BPE tokenizer trained here (``grammar_libs.bpe_tokenizer``
 The schema has 40 required fields (bounded strings, integer ranges, enums, booleans), so every
 constrained answer is longer than ``--new-tokens``: both sides generate exactly that many tokens per
 request and the ratio is the grammar's cost per token, not shorter answers. Temperature 1, seeded;
-free requests ignore EOS. Variants: masks computed during the next forward pass (``overlap``, the
-default) and after it (``no overlap``). Each variant runs ``--repeats`` times in turns and its best
+free requests ignore EOS. Variants: masks computed during the next forward pass on a worker
+thread (``overlap``) and on the engine thread after it (``no overlap``, the engine's default). Each variant runs ``--repeats`` times in turns and its best
 run is kept (wall and CPU time separately: on a shared machine the best run is the least disturbed);
 output tokens per CPU second of this process is reported next to tokens per wall second.
 

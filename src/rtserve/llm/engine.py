@@ -94,7 +94,7 @@ class LLM:
         tokenizer_json = Path(path) / "tokenizer.json"
         self.grammars = GrammarCompiler(tokenizer_json if self.tokenizer is not None else None, c.vocab_size,
                                         self.eos_token_ids)
-        self.grammar_stage = GrammarStage(overlap=True)
+        self.grammar_stage = GrammarStage(overlap=False)  # on: no gain measured on CPU (benchmarks/structured.py)
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                             max_model_len=self.runner.max_model_len, max_waiting=config.waiting_limit,
