@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-from grammar_libs import bpe_tokenizer  # noqa: E402
+from grammar_libs import bpe_tokenizer, cpu_name  # noqa: E402
 from llm_cpu import build, prompts  # noqa: E402
 from rtserve.bench.report import format_table, write_json  # noqa: E402
 from rtserve.llm.engine import LLM  # noqa: E402
@@ -92,7 +92,8 @@ def main() -> int:
     print(format_table(rows, ["variant", "requests", "tokens", "output_tok_s", "vs_free", "tok_per_cpu_s",
                               "cpu_vs_free"]))
     print(f"first compile of the 40-field schema (tokenizer setup included): {compile_s * 1e3:.0f} ms")
-    write_json(args.out, {"rows": rows, "compile_s": compile_s, "argv": sys.argv[1:]})
+    write_json(args.out, {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "rows": rows, "compile_s": compile_s,
+                          "argv": sys.argv[1:]})
     return 0
 
 
