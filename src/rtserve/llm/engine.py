@@ -1,8 +1,9 @@
 """The offline engine: ``LLM(path).generate(prompts, SamplingParams(...))``, prompts as text or
 token ids.
 
-One step reads like its diagram: schedule -> run the model -> sample -> update, then stop strings
-are checked on the new text. ``async_engine.AsyncLLM`` runs this loop on a thread for the server.
+One step reads like its diagram: schedule -> run the model -> sample -> update, then constrained
+sequences advance their grammar (structured outputs: their rows were masked before sampling) and
+stop strings are checked on the new text. ``async_engine.AsyncLLM`` runs this loop on a thread for the server.
 """
 from __future__ import annotations
 
@@ -199,8 +200,8 @@ class LLM:
 
     def _advance_grammars(self, seqs: list[Sequence]) -> None:
         """Constrained sequences consume their new token; one whose grammar is complete ends with
-        ``stop`` (even at max_tokens: its answer is whole). Then the next masks start computing,
-        overlapping the next forward pass."""
+        ``stop`` (even at max_tokens: its answer is whole). With ``grammar_stage.overlap`` the next
+        masks then start computing on a worker thread, during the next forward pass."""
         if not any(s.grammar is not None for s in seqs):
             return
         for fault in self.grammar_stage.advance(seqs):
