@@ -165,6 +165,20 @@ class XGrammar:
         return t / len(tokens)
 
 
+def cpu_name() -> str:
+    """The CPU model (``lscpu``'s "Model name") and the cores this process may use."""
+    import os
+
+    name = "unknown"
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                name = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return f"{name}, {len(os.sched_getaffinity(0))} cores"
+
+
 def import_seconds(module: str) -> float:
     code = f"import time; t = time.perf_counter(); import {module}; print(time.perf_counter() - t)"
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
@@ -213,7 +227,8 @@ def main() -> int:
     for name, info in libs.items():
         print(f"{name}: import {info['import_s']:.2f} s in a fresh interpreter; requires: "
               f"{', '.join(info['requires']) or 'nothing'}")
-    write_json(args.out, {"rows": rows, "libraries": libs, "argv": sys.argv[1:]})
+    write_json(args.out, {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "rows": rows, "libraries": libs,
+                          "argv": sys.argv[1:]})
     return 0
 
 

@@ -5,8 +5,8 @@ with a 32k byte-level BPE tokenizer trained here (``grammar_libs.bpe_tokenizer``
 The schema has 40 required fields (bounded strings, integer ranges, enums, booleans), so every
 constrained answer is longer than ``--new-tokens``: both sides generate exactly that many tokens per
 request and the ratio is the grammar's cost per token, not shorter answers. Temperature 1, seeded;
-free requests ignore EOS. Variants: masks computed during the next forward pass (``overlap``, the
-default) and after it (``no overlap``). Each variant runs ``--repeats`` times in turns and its best
+free requests ignore EOS. Variants: masks computed during the next forward pass on a worker
+thread (``overlap``) and on the engine thread after it (``no overlap``, the engine's default). Each variant runs ``--repeats`` times in turns and its best
 run is kept (wall and CPU time separately: on a shared machine the best run is the least disturbed);
 output tokens per CPU second of this process is reported next to tokens per wall second.
 
@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 sys.path.insert(0, str(HERE))
 
-from grammar_libs import bpe_tokenizer  # noqa: E402
+from grammar_libs import bpe_tokenizer, cpu_name  # noqa: E402
 from llm_cpu import build, prompts  # noqa: E402
 from rtserve.bench.report import format_table, write_json  # noqa: E402
 from rtserve.llm.engine import LLM  # noqa: E402
@@ -92,7 +92,8 @@ def main() -> int:
     print(format_table(rows, ["variant", "requests", "tokens", "output_tok_s", "vs_free", "tok_per_cpu_s",
                               "cpu_vs_free"]))
     print(f"first compile of the 40-field schema (tokenizer setup included): {compile_s * 1e3:.0f} ms")
-    write_json(args.out, {"rows": rows, "compile_s": compile_s, "argv": sys.argv[1:]})
+    write_json(args.out, {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "rows": rows, "compile_s": compile_s,
+                          "argv": sys.argv[1:]})
     return 0
 
 

@@ -101,6 +101,11 @@ def test_mixed_batch_leaves_free_rows_alone_and_seeds_reproduce(llm):
     assert together[0][0][1] == alone_free[1]  # greedy free row: same tokens as alone
     assert together[1][0][:3] == alone_seeded[:3]  # seeded constrained row: same answer in any batch
     jsonschema.validate(json.loads(alone_seeded[0]), PERSON)
+    llm.grammar_stage.overlap = True  # masks computed on a worker thread during the forward: same answers
+    try:
+        assert run_together(llm, [(prompt, free), (prompt, seeded)]) == together[:2]
+    finally:
+        llm.grammar_stage.overlap = False
 
 
 def test_stop_strings_still_cut_a_constrained_answer(llm):

@@ -1,8 +1,9 @@
 """The offline engine: ``LLM(path).generate(prompts, SamplingParams(...))``, prompts as text or
 token ids.
 
-One step reads like its diagram: schedule -> run the model -> sample -> update, then stop strings
-are checked on the new text. ``async_engine.AsyncLLM`` runs this loop on a thread for the server.
+One step reads like its diagram: schedule -> run the model -> sample -> update, then constrained
+sequences advance their grammar (structured outputs: their rows were masked before sampling) and
+stop strings are checked on the new text. ``async_engine.AsyncLLM`` runs this loop on a thread for the server.
 """
 from __future__ import annotations
 
@@ -94,7 +95,7 @@ class LLM:
         tokenizer_json = Path(path) / "tokenizer.json"
         self.grammars = GrammarCompiler(tokenizer_json if self.tokenizer is not None else None, c.vocab_size,
                                         self.eos_token_ids)
-        self.grammar_stage = GrammarStage(overlap=True)
+        self.grammar_stage = GrammarStage(overlap=False)  # on: no gain measured on CPU (benchmarks/structured.py)
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                             max_model_len=self.runner.max_model_len, max_waiting=config.waiting_limit,
@@ -199,8 +200,8 @@ class LLM:
 
     def _advance_grammars(self, seqs: list[Sequence]) -> None:
         """Constrained sequences consume their new token; one whose grammar is complete ends with
-        ``stop`` (even at max_tokens: its answer is whole). Then the next masks start computing,
-        overlapping the next forward pass."""
+        ``stop`` (even at max_tokens: its answer is whole). With ``grammar_stage.overlap`` the next
+        masks then start computing on a worker thread, during the next forward pass."""
         if not any(s.grammar is not None for s in seqs):
             return
         for fault in self.grammar_stage.advance(seqs):

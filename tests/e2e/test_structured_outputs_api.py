@@ -40,10 +40,11 @@ def server(tmp_path_factory):
 
 def test_parse_with_a_pydantic_model_answers_a_valid_instance(server):
     client, _ = server
+    parse = getattr(client.chat.completions, "parse", None) or client.beta.chat.completions.parse
     answers = []
     for seed in range(6):
         try:
-            r = client.chat.completions.parse(model="lm", messages=[{"role": "user", "content": "Who?"}],
+            r = parse(model="lm", messages=[{"role": "user", "content": "Who?"}],
                                               response_format=Person, seed=seed, temperature=1.0,
                                               max_completion_tokens=200)
         except openai.LengthFinishReasonError:
