@@ -119,7 +119,7 @@ LM_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }
                     "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def write_text_lm(path: Path, max_position_embeddings: int = 256) -> Path:
+def write_text_lm(path: Path, max_position_embeddings: int = 256, chat_template: str = LM_CHAT_TEMPLATE) -> Path:
     """A tiny Llama checkpoint with a byte-level BPE tokenizer trained here and a chat template."""
     import json
 
@@ -136,7 +136,7 @@ def write_text_lm(path: Path, max_position_embeddings: int = 256) -> Path:
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": {"content": "</s>"}, "chat_template": LM_CHAT_TEMPLATE}))
+        {"bos_token": "<s>", "eos_token": {"content": "</s>"}, "chat_template": chat_template}))
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=112,
                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -194,3 +194,81 @@ def set_weight(path: Path, name: str, index: int, value: float) -> None:
     tensors = load_file(str(f))
     tensors[name].view(-1)[index] = value
     save_file(tensors, str(f), metadata={"format": "pt"})
+
+
+# -- chat templates with tools, and a scripted LM that answers with a fixed text -------------------
+HERMES_CHAT_TEMPLATE = (
+    "{% if tools %}<|system|>You may call functions. Their signatures:\n<tools>\n"
+    "{% for t in tools %}{{ t | tojson }}\n{% endfor %}</tools>\nCall one as <tool_call>{\"name\": ..., "
+    "\"arguments\": {...}}</tool_call>{{ eos_token }}{% endif %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' and m['tool_calls'] %}<|assistant|>{{ m['content'] or '' }}"
+    "{% for c in m['tool_calls'] %}<tool_call>{\"name\": \"{{ c['function']['name'] }}\", \"arguments\": "
+    "{% if c['function']['arguments'] is string %}{{ c['function']['arguments'] }}{% else %}"
+    "{{ c['function']['arguments'] | tojson }}{% endif %}}</tool_call>{% endfor %}{{ eos_token }}"
+    "{% elif m['role'] == 'tool' %}<|tool|><tool_response>{{ m['content'] }}</tool_response>{{ eos_token }}"
+    "{% else %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+LLAMA3_CHAT_TEMPLATE = (  # tests "tools is not none", as Llama 3.1's template does
+    "{% if tools is not none %}<|system|>Environment: ipython. To call a function answer with <|python_tag|>{\"name\": "
+    "function name, \"parameters\": arguments}. Functions:\n{% for t in tools %}{{ t['function'] | tojson(indent=2) }}"
+    "\n{% endfor %}{{ eos_token }}{% endif %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' and m['tool_calls'] %}<|assistant|><|python_tag|>"
+    "{% for c in m['tool_calls'] %}{\"name\": \"{{ c['function']['name'] }}\", \"parameters\": "
+    "{{ c['function']['arguments'] | tojson }}}{% if not loop.last %}; {% endif %}{% endfor %}{{ eos_token }}"
+    "{% elif m['role'] == 'tool' %}<|ipython|>{{ m['content'] }}{{ eos_token }}"
+    "{% else %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+MISTRAL_CHAT_TEMPLATE = (
+    "{% if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' and m['tool_calls'] %}[TOOL_CALLS]{{ m['tool_calls'] | map(attribute='function') "
+    "| list | tojson }}{{ eos_token }}"
+    "{% elif m['role'] == 'tool' %}[TOOL_RESULTS]{{ m['content'] }}[/TOOL_RESULTS]"
+    "{% else %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def write_scripted_lm(path: Path, chat_template: str, script: list[str], special: tuple[str, ...] = ()) -> Path:
+    """A tiny Llama checkpoint that, after ``<|assistant|>``, greedily writes the pieces of ``script``
+    (each an added token) and then its end-of-sequence token, whatever came before: every layer
+    adds zero to the residual stream, so the logits depend only on the current token, and the
+    unembedding maps each piece's embedding to the next piece. ``special``: pieces that are
+    special tokens (skipped when decoding unless kept, as ``<|python_tag|>`` is)."""
+    import json
+
+    import torch
+    import transformers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    path.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(LM_TEXT, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    pieces = ["<|assistant|>"] + [p for p in script if p not in special]
+    tok.add_tokens([AddedToken(p, normalized=False) for p in dict.fromkeys(pieces)])
+    tok.add_special_tokens([AddedToken(p, normalized=False, special=True) for p in special])
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "chat_template": chat_template}))
+    chain = [tok.token_to_id(p) for p in ["<|assistant|>", *script, "</s>"]]
+    assert len(set(chain)) == len(chain), "script pieces must be distinct"
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=112,
+                                   num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=1024, tie_word_embeddings=False, eos_token_id=1)
+    m = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" not in name:
+                p.zero_()
+        emb = m.model.embed_tokens.weight
+        emb.normal_(0, 1)
+        for a, b in zip(chain, chain[1:]):  # logits of b: 30 x the (normalized) embedding of a
+            m.lm_head.weight[b] += 30 * emb[a] / emb[a].norm()
+    m.save_pretrained(path, safe_serialization=True)
+    return path

@@ -193,11 +193,15 @@ class ModelConfig:
     steps: tuple = ()  # backend ensemble: the steps (checked by models.ensemble.parse_steps)
     executor: str = "local"  # local (threads in the server) | process (a worker process per instance) | ray
     executor_options: dict = field(default_factory=dict)  # ray: num_cpus, num_gpus, placement
+    #: backend llm: the model's tool-call syntax (llm.tool_parsers) and reasoning markers
+    #: (llm.reasoning), by name; None = detected from the chat template (names checked at load)
+    tool_parser: str | None = None
+    reasoning_parser: str | None = None
 
     KEYS = {
         "backend", "device", "instances", "max_batch_size", "batching", "inputs", "outputs",
         "labels", "version_policy", "backend_options", "warmup", "name", "engine", "steps", "executor",
-        "executor_options",
+        "executor_options", "tool_parser", "reasoning_parser",
     }
 
     def __post_init__(self) -> None:
@@ -207,6 +211,11 @@ class ModelConfig:
 
         if self.executor not in executor_names():
             raise ConfigError(f"executor: '{self.executor}' is not one of {', '.join(executor_names())}")
+        for key in ("tool_parser", "reasoning_parser"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or self.backend != "llm"):
+                raise ConfigError(f"{key}: a parser's name, for backend llm only, got {value!r}"
+                                  f"{'' if self.backend == 'llm' else f' for backend {self.backend}'}")
 
     @classmethod
     def from_dict(cls, name: str, data: Any) -> "ModelConfig":
@@ -243,6 +252,8 @@ class ModelConfig:
             steps=tuple(data.get("steps") or ()),
             executor=str(data.get("executor", "local")),
             executor_options=dict(data.get("executor_options") or {}),
+            tool_parser=data.get("tool_parser"),
+            reasoning_parser=data.get("reasoning_parser"),
         )
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 log = logging.getLogger("rtserve.demo")
 
-DEMO_VERSION = "6"  # 6: files hard-linked or copied, no symlinks out of the repository
+DEMO_VERSION = "7"  # 7: demo-lm's chat template renders tools (Hermes style); 6: files hard-linked or copied
 LABELS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 _MODEL_YAML = """\
 backend: {backend}

@@ -1,8 +1,9 @@
 """The offline engine: ``LLM(path).generate(prompts, SamplingParams(...))``, prompts as text or
 token ids.
 
-One step reads like its diagram: schedule -> run the model -> sample -> update, then stop strings
-are checked on the new text. ``async_engine.AsyncLLM`` runs this loop on a thread for the server.
+One step reads like its diagram: schedule -> run the model -> sample -> update, then constrained
+sequences advance their grammar (structured outputs: their rows were masked before sampling) and
+stop strings are checked on the new text. ``async_engine.AsyncLLM`` runs this loop on a thread for the server.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from .sampler import SampleRow, sample
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import FinishReason, RequestFailure, Sequence
+from .structured import GrammarCompiler, GrammarStage, StructuredSpec
 from .tokenizer import IncrementalDetokenizer, Tokenizer, find_stop
 
 
@@ -90,6 +92,10 @@ class LLM:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
         self._detok: dict[int, IncrementalDetokenizer] = {}
+        tokenizer_json = Path(path) / "tokenizer.json"
+        self.grammars = GrammarCompiler(tokenizer_json if self.tokenizer is not None else None, c.vocab_size,
+                                        self.eos_token_ids)
+        self.grammar_stage = GrammarStage(overlap=False)  # on: no gain measured on CPU (benchmarks/structured.py)
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                             max_model_len=self.runner.max_model_len, max_waiting=config.waiting_limit,
@@ -97,7 +103,9 @@ class LLM:
             BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching))
 
     def make_sequences(self, prompt: list[int], params: SamplingParams) -> list[Sequence]:
-        """One sequence per choice (``n``); they share the prompt's blocks through the prefix cache."""
+        """One sequence per choice (``n``); they share the prompt's blocks through the prefix cache.
+        A constrained request (``params.structured``) gets a matcher per choice (compiled through the
+        cache: call ``compile_structured`` first to compile off the caller's thread)."""
         stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         seqs = []
         for i in range(params.n):
@@ -106,10 +114,18 @@ class LLM:
                 gen = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)
             seq = Sequence(list(prompt), params.max_tokens, stop_token_ids=stops, params=params, generator=gen,
                            arrival=time.monotonic(), priority=params.priority)
+            if params.structured is not None:
+                seq.grammar = self.grammars.matcher(params.structured)
             if self.tokenizer is not None:
                 self._detok[seq.seq_id] = IncrementalDetokenizer(self.tokenizer)
             seqs.append(seq)
         return seqs
+
+    def compile_structured(self, spec: StructuredSpec) -> None:
+        """Check and cache a constraint before a request is queued, so the engine never compiles:
+        StructuredOutputError (a ValueError naming ``spec.param``) when it is invalid or the model has
+        no tokenizer. Thread-safe; may take a while for a large schema (run it off an event loop)."""
+        self.grammars.compile(spec)
 
     def admit(self, seqs: list[Sequence]) -> None:
         """Front end, before posting a request's sequences to the engine: raise RequestTooLarge
@@ -178,8 +194,26 @@ class LLM:
         to_sample = out.to_sample
         tokens = self._sample(to_sample, logits)
         self.scheduler.update(out, tokens)
+        self._advance_grammars(to_sample)
         self._check_stop_strings(to_sample)
         return to_sample
+
+    def _advance_grammars(self, seqs: list[Sequence]) -> None:
+        """Constrained sequences consume their new token; one whose grammar is complete ends with
+        ``stop`` (even at max_tokens: its answer is whole). With ``grammar_stage.overlap`` the next
+        masks then start computing on a worker thread, during the next forward pass."""
+        if not any(s.grammar is not None for s in seqs):
+            return
+        for fault in self.grammar_stage.advance(seqs):
+            self.fail(fault.seq, 500, fault.message)
+        for s in seqs:
+            if s.grammar is None or s.failure is not None or not s.grammar.is_finished:
+                continue
+            if not s.is_finished:
+                self.scheduler.abort(s, FinishReason.STOP)
+            elif s.finish_reason is FinishReason.LENGTH:
+                s.finish_reason = FinishReason.STOP
+        self.grammar_stage.prefetch([s for s in seqs if not s.is_finished])
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> dict[int, int]:
         """seq_id -> sampled token. A row with NaN/inf logits, or whose sampling raises, fails
@@ -191,7 +225,11 @@ class LLM:
         for i, ok in enumerate(finite):
             if not ok:
                 self.fail(seqs[i], 500, "the model produced NaN or infinite logits for this sequence")
-        rows = [self._row(seqs[i]) for i in keep]
+        masks, faults = self.grammar_stage.masks([seqs[i] for i in keep])
+        for fault in faults:
+            self.fail(fault.seq, 500, fault.message)
+        rows = [self._row(seqs[i], m) for i, m in zip(keep, masks) if seqs[i].failure is None]
+        keep = [i for i in keep if seqs[i].failure is None]
         if len(keep) != len(seqs):
             logits = logits[keep]
         try:
@@ -213,8 +251,8 @@ class LLM:
         return tokens
 
     @staticmethod
-    def _row(s: Sequence) -> SampleRow:
-        return SampleRow(s.params, s.token_ids[:s.num_prompt_tokens], s.generated_ids, s.generator)
+    def _row(s: Sequence, allowed: torch.Tensor | None = None) -> SampleRow:
+        return SampleRow(s.params, s.token_ids[:s.num_prompt_tokens], s.generated_ids, s.generator, allowed)
 
     def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | None = None) -> list[RequestOutput]:
         params = params or SamplingParams()

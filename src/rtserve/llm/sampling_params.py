@@ -80,6 +80,9 @@ class SamplingParams:
             bad("logit_bias", "must map token ids (integers >= 0) to biases in [-100, 100]")
         if len({t for t, _ in self.logit_bias}) != len(self.logit_bias):
             bad("logit_bias", "must name each token id once")
+        if self.structured is not None and self.ignore_eos:
+            # a finished grammar allows only EOS: ignoring it would force tokens past the answer
+            bad("ignore_eos", "cannot be true with a structured output constraint (the answer ends at EOS)")
         if isinstance(self.priority, bool) or not isinstance(self.priority, int) or not -2**63 <= self.priority < 2**63:
             bad("priority", "must be a 64-bit integer")
 

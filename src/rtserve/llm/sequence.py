@@ -56,6 +56,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     params: Any = None  # SamplingParams (kept opaque here: this module imports no torch)
     generator: Any = None  # torch.Generator for a seeded request
+    grammar: Any = None  # structured.GrammarMatcher of a constrained request (params.structured)
     output_logprobs: list = field(default_factory=list)
     failure: RequestFailure | None = None  # set when it ended in a fault, an unload or a shutdown
 

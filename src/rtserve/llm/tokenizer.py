@@ -2,6 +2,7 @@
 and incremental detokenization for streaming."""
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -27,6 +28,13 @@ class Tokenizer:
         self.bos_token = _token_text(self.config.get("bos_token"))
         self.eos_token = _token_text(self.config.get("eos_token"))
         self.eos_token_id = self.hf.token_to_id(self.eos_token) if self.eos_token else None
+        self._special = {i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
+        self._kept: set[int] = set()  # special tokens decode() writes (e.g. a tool-call marker)
+
+    def keep_special(self, texts) -> None:
+        """Decode these special tokens (when the vocabulary has them) instead of skipping them:
+        a parser needs to see markers such as ``[TOOL_CALLS]`` or ``<|python_tag|>``."""
+        self._kept |= {i for i in map(self.hf.token_to_id, texts) if i is not None and i in self._special}
 
     @property
     def vocab_size(self) -> int:
@@ -36,21 +44,47 @@ class Tokenizer:
         return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        if skip_special_tokens and self._kept and not self._special.isdisjoint(ids):
+            ids = [i for i in ids if i not in self._special or i in self._kept]
+            return self.hf.decode(ids, skip_special_tokens=False)
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None, **kwargs) -> str:
+        """Render the chat template as Hugging Face transformers does: ``tools`` (a list of
+        ``{"type": "function", "function": {...}}``), ``kwargs`` (``chat_template_kwargs``, e.g.
+        ``enable_thinking``), its ``tojson`` (no HTML escaping), ``strftime_now`` and loop controls."""
         if not self.chat_template:
             raise ValueError("this model's tokenizer_config.json has no chat_template")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        template = _compile(self.chat_template)
+        try:
+            return template.render(**kwargs, messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                   bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except ValueError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the sandboxed template failed on this request's data
+            raise ValueError(f"chat template: {type(e).__name__}: {e}") from None
 
-        def raise_exception(message):
-            raise ValueError(f"chat template: {message}")
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+@functools.lru_cache(maxsize=16)
+def _compile(template: str):
+    """The template compiled as transformers compiles it (cached: a model renders it per request)."""
+    from datetime import datetime
+
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ValueError(f"chat template: {message}")
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template)
 
 
 class IncrementalDetokenizer:

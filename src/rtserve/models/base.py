@@ -156,8 +156,10 @@ class ServedModel(ABC):
         raise self.wrong_api()
 
     async def open_stream(self, prompt: str | list[int] | None, messages: list | None, params, *,
-                          max_tokens_given: bool = False):
-        """Start a generation (OpenAI completions and chat); an async iterator of deltas."""
+                          max_tokens_given: bool = False, tools: list[dict] | None = None,
+                          template_kwargs: dict | None = None):
+        """Start a generation (OpenAI completions and chat; ``tools`` and ``template_kwargs`` go to
+        the chat template); an async iterator of deltas."""
         raise self.wrong_api()
 
     async def embed_texts(self, texts: list[str] | None, token_ids: list[list[int]] | None,

@@ -45,6 +45,24 @@ def check_checkpoint(ctx: LoadContext, model_dir: Path, version: int, names: tup
     return files
 
 
+def _parsers(config: ModelConfig, tokenizer) -> tuple[str | None, str | None]:
+    """The tool-call and reasoning parsers' names: model.yaml's (``none``: no parser), else detected
+    from the chat template. Their markers are kept in the decoded text (they may be special tokens)."""
+    from ..llm.reasoning import REASONING_PARSERS, detect_reasoning_parser
+    from ..llm.tool_parsers import TOOL_PARSERS, detect_tool_parser
+
+    template = tokenizer.chat_template if tokenizer is not None else None
+    tools = config.tool_parser or detect_tool_parser(template)
+    reasoning = config.reasoning_parser or detect_reasoning_parser(template)
+    tools, reasoning = (None if name == "none" else name for name in (tools, reasoning))
+    for key, name, known in (("tool_parser", tools, TOOL_PARSERS), ("reasoning_parser", reasoning, REASONING_PARSERS)):
+        if name is not None and name not in known:
+            raise ConfigError(f"{key}: '{name}' is not one of {', '.join(sorted(known))} or none")
+        if name is not None and tokenizer is not None:
+            tokenizer.keep_special(known[name].markers)
+    return tools, reasoning
+
+
 @register_kind
 class LLMModel(ServedModel):
     kind = "llm"
@@ -77,6 +95,7 @@ class LLMModel(ServedModel):
             raise ConfigError(f"{self.path}: {e}") from None
         self.metrics = metrics  # LLMMetrics, or None
         self.engine = None
+        self.tool_parser, self.reasoning_parser = _parsers(config, self.llm.tokenizer)
 
     def start(self) -> None:
         from ..llm.async_engine import AsyncLLM
@@ -108,17 +127,18 @@ class LLMModel(ServedModel):
 
     # -- the OpenAI API -------------------------------------------------------------------------------
     def prompt_ids(self, prompt: str | list[int] | None, messages: list | None, max_tokens: int | None,
-                   stop_token_ids: tuple[int, ...] = ()) -> list[int]:
-        """The prompt's token ids: ``messages`` through the chat template, or ``prompt`` as text or
-        ids. Checks the vocabulary (the prompt's ids and ``stop_token_ids``) and, when ``max_tokens``
-        was given, that it fits the context."""
+                   stop_token_ids: tuple[int, ...] = (), tools: list[dict] | None = None,
+                   template_kwargs: dict | None = None) -> list[int]:
+        """The prompt's token ids: ``messages`` through the chat template (with ``tools`` and
+        ``template_kwargs``), or ``prompt`` as text or ids. Checks the vocabulary (the prompt's ids
+        and ``stop_token_ids``) and, when ``max_tokens`` was given, that it fits the context."""
         param = "messages" if messages is not None else "prompt"
         llm = self.llm
         try:
             if messages is not None:
                 if llm.tokenizer is None:
                     raise ValueError("this model has no tokenizer, so it cannot chat")
-                prompt = llm.tokenizer.apply_chat_template(messages)
+                prompt = llm.tokenizer.apply_chat_template(messages, tools=tools, **(template_kwargs or {}))
             ids = llm.encode(prompt)
             vocab = llm.runner.config.vocab_size
             if any(t >= vocab for t in ids):
@@ -143,7 +163,8 @@ class LLMModel(ServedModel):
                                param="logit_bias")
 
     async def open_stream(self, prompt: str | list[int] | None, messages: list | None, params, *,
-                          max_tokens_given: bool = False) -> AsyncIterator:
+                          max_tokens_given: bool = False, tools: list[dict] | None = None,
+                          template_kwargs: dict | None = None) -> AsyncIterator:
         """Queue the request; once its first delta is there (so a request that can never run is a
         400, one refused by admission control a 429, before any response starts), an async iterator
         of its ``StreamDelta``s, timed."""
@@ -151,8 +172,10 @@ class LLMModel(ServedModel):
         from ..llm.scheduler import Overloaded, RequestTooLarge
 
         ids = self.prompt_ids(prompt, messages, params.max_tokens if max_tokens_given else None,
-                              params.stop_token_ids)
+                              params.stop_token_ids, tools, template_kwargs)
         self._check_logit_bias(params.logit_bias)
+        if params.structured is not None:
+            await self.check_structured(params.structured)
         t_arrival = time.perf_counter()
         gen = self.engine.generate(ids, params)
         try:
@@ -175,6 +198,17 @@ class LLMModel(ServedModel):
             await gen.aclose()
             raise failure_error(first.failure)
         return self._timed(first, gen, t_arrival)
+
+    async def check_structured(self, spec) -> None:
+        """Compile a request's constraint (through the engine's cache, on a worker thread: a large
+        schema takes a while) before it is queued: an invalid one, or a model without a tokenizer,
+        is a 400 naming the field."""
+        from ..llm.structured import StructuredOutputError
+
+        try:
+            await asyncio.to_thread(self.llm.compile_structured, spec)
+        except StructuredOutputError as e:
+            raise InvalidInput(str(e), param=e.param) from None
 
     async def _timed(self, first, gen, t_arrival: float):
         """Pass deltas through, recording TTFT, inter-token latency, queue time, e2e and token counts."""

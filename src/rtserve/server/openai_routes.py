@@ -7,6 +7,7 @@ from ..errors import NotFound, RtserveError
 from ..models.base import ServedModel
 from ..models.llm import failure_error
 from .auth import check_api_key
+from .chat_output import ChoiceStream, for_request
 from .protocols import openai as oai
 from .responses import JSON, ClientGone, Response, json_response, until_disconnect
 
@@ -51,16 +52,20 @@ class OpenAIRoutes:
         """Completions and chat: the model prepares and streams, ``_stream``/``_collect`` answer."""
         req = oai.parse(await self._body(scope, receive), chat)
         model = self._model(req.model)
+        output = for_request(req, model) if chat else None  # tool calls, reasoning (chat_output)
 
         async def answer() -> Response | None:
             deltas = await model.open_stream(req.prompt, req.messages if chat else None, req.params,
-                                             max_tokens_given=req.max_tokens_given)
+                                             max_tokens_given=req.max_tokens_given,
+                                             # None, not []: templates test "tools is not none"
+                                             tools=req.tools.tools or None if req.tools else None,
+                                             template_kwargs=req.template_kwargs)
             builder = oai.ResponseBuilder(req, model.tokenizer)
             try:
                 if req.stream:
-                    await _stream(send, builder, deltas, req.include_usage)
+                    await _stream(send, builder, deltas, req.include_usage, output)
                     return None
-                return Response(200, await _collect(builder, deltas), JSON)
+                return Response(200, await _collect(builder, deltas, output), JSON)
             finally:
                 await deltas.aclose()
 
@@ -81,14 +86,24 @@ def _error_type(status: int) -> str:
     return "server_error" if status >= 500 else "rate_limit_error" if status == 429 else "invalid_request_error"
 
 
-async def _stream(send, builder: oai.ResponseBuilder, deltas, include_usage: bool) -> None:
-    """Server-sent events: one chunk per delta, the usage chunk if asked for, then ``[DONE]``."""
+async def _stream(send, builder: oai.ResponseBuilder, deltas, include_usage: bool, output=None) -> None:
+    """Server-sent events: one chunk per delta (with ``output``, read by a ``ChoiceStream`` per
+    choice; a chunk with nothing to say is left out), the usage chunk if asked for, then ``[DONE]``."""
     await send({"type": "http.response.start", "status": 200, "headers": [
         (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
     started, completion, prompt_tokens = set(), 0, 0
+    streams: dict[int, ChoiceStream] = {}
     async for d in deltas:
-        await send({"type": "http.response.body", "more_body": True, "body": builder.chunk(
-            d.index, d.text, d.token_ids, d.logprobs, d.finish_reason, d.index not in started)})
+        delta, finish = None, d.finish_reason
+        if output is not None:
+            st = streams.setdefault(d.index, output.stream())
+            delta = st.feed(d.text)
+            if finish is not None:
+                last, finish = st.finish(finish)
+                delta = _merge(delta, last)
+        if delta or delta is None or d.index not in started or finish is not None or d.logprobs:
+            await send({"type": "http.response.body", "more_body": True, "body": builder.chunk(
+                d.index, d.text, d.token_ids, d.logprobs, finish, d.index not in started, delta)})
         started.add(d.index)
         if d.failure is not None:  # the choice ended with finish_reason "abort": say why, then end
             await send({"type": "http.response.body", "body": oai.error_event(failure_error(d.failure)) + oai.DONE})
@@ -100,7 +115,17 @@ async def _stream(send, builder: oai.ResponseBuilder, deltas, include_usage: boo
     await send({"type": "http.response.body", "body": tail + oai.DONE})
 
 
-async def _collect(builder: oai.ResponseBuilder, deltas) -> bytes:
+def _merge(a: dict, b: dict) -> dict:
+    """Two chat deltas as one (strings joined, tool-call items one after the other)."""
+    out = dict(a)
+    for k, v in b.items():
+        if k == "function_call" and k in out:  # the deprecated API's one call: name once, arguments joined
+            v = {**out[k], **v, "arguments": out[k].get("arguments", "") + v.get("arguments", "")}
+        out[k] = out[k] + v if k in out and k != "function_call" else v
+    return out
+
+
+async def _collect(builder: oai.ResponseBuilder, deltas, output=None) -> bytes:
     """One response body with every choice's text, tokens, logprobs and finish reason."""
     choices: dict[int, dict] = {}
     completion, prompt_tokens = 0, 0
@@ -117,4 +142,7 @@ async def _collect(builder: oai.ResponseBuilder, deltas) -> bytes:
         if d.finish_reason is not None:
             c["finish_reason"] = d.finish_reason
             completion += d.num_generated
+    if output is not None:
+        for c in choices.values():
+            c["message"], c["finish_reason"] = output.message(c["text"], c["finish_reason"])
     return builder.final(list(choices.values()), prompt_tokens, completion)

@@ -1,4 +1,12 @@
-"""Structured outputs: constrained decoding to a JSON schema, a regex, a choice or a grammar."""
+"""Structured outputs: constrained decoding to a JSON schema, a regex, a choice or a grammar.
+
+``spec`` (what a request asks) -> ``compiler`` (compiled once per distinct spec, LRU) -> ``backend``
+(the llguidance adapter: a matcher per sequence) -> ``masks`` (the engine's step: bitmasks before
+sampling, matchers advanced after, next masks computed during the next forward pass)."""
+from .backend import GrammarError, GrammarMatcher, StructuredOutputError
+from .compiler import GrammarCompiler
+from .masks import GrammarStage
 from .spec import STRUCTURED_KINDS, StructuredSpec
 
-__all__ = ["STRUCTURED_KINDS", "StructuredSpec"]
+__all__ = ["STRUCTURED_KINDS", "GrammarCompiler", "GrammarError", "GrammarMatcher", "GrammarStage",
+           "StructuredOutputError", "StructuredSpec"]

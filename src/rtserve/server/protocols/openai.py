@@ -6,7 +6,7 @@ import base64
 import dataclasses
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import orjson
 
@@ -36,6 +36,9 @@ class OpenAIError(RtserveError):
                                        "code": None}})
 
 
+from . import openai_tools  # noqa: E402  (it imports OpenAIError from here)
+
+
 @dataclass
 class GenerationRequest:
     model: str
@@ -49,6 +52,8 @@ class GenerationRequest:
     max_tokens_given: bool = False  # asked for explicitly: over the context it is a 400, not a cap
     best_of_keep: int = 0  # best_of: params.n choices are generated, this many (the best) returned
     hide_logprobs: bool = False  # best_of asked the engine for logprobs the client did not
+    tools: "openai_tools.ToolRequest | None" = None  # chat: tools, tool_choice (openai_tools)
+    template_kwargs: dict = field(default_factory=dict)  # chat: chat_template_kwargs
 
 
 def _get(doc: dict, key: str, kinds, default=None):
@@ -109,7 +114,8 @@ def _messages(doc: dict) -> list[dict]:
                 raise OpenAIError(f"messages[{i}].content: a text part's 'text' must be a string", param="messages")
             m = {**m, "content": "".join(texts)}
             messages[i] = m
-        if not isinstance(m.get("content", ""), str):
+        m = messages[i] = openai_tools.chat_message(messages, i)
+        if not isinstance(m.get("content", ""), str) and not (m.get("content") is None and m.get("tool_calls")):
             raise OpenAIError(f"messages[{i}].content must be a string", param="messages")
     return messages
 
@@ -152,6 +158,9 @@ def parse(body: bytes, chat: bool) -> GenerationRequest:
         logprobs = _get(doc, "logprobs", int)
         max_tokens = _get(doc, "max_tokens", int, 16)
     stream_options = _get(doc, "stream_options", dict, {})
+    from .openai_structured import parse_structured  # it imports OpenAIError from here
+
+    structured = parse_structured(doc)
     try:
         params = SamplingParams(
             max_tokens=max_tokens if max_tokens is not None else 16 if not chat else 256,
@@ -165,17 +174,17 @@ def parse(body: bytes, chat: bool) -> GenerationRequest:
             seed=_get(doc, "seed", int), stop=tuple(stop or ()),
             stop_token_ids=tuple(_get(doc, "stop_token_ids", list, [])),
             ignore_eos=_get(doc, "ignore_eos", bool, False), logprobs=logprobs, n=_get(doc, "n", int, 1),
-            priority=_get(doc, "priority", int, 0), logit_bias=_logit_bias(doc))
+            priority=_get(doc, "priority", int, 0), logit_bias=_logit_bias(doc), structured=structured)
     except ValueError as e:
         field = str(e).split(":", 1)[0]
         raise OpenAIError(str(e), param=field) from None
-    return _best_of(doc, GenerationRequest(model=model, prompt=prompt, messages=messages, params=params,
-                             stream=_get(doc, "stream", bool, False),
-                             include_usage=_get(stream_options, "include_usage", bool, False), chat=chat,
-                             top_logprobs=top_logprobs,
-                             max_tokens_given=any(doc.get(k) is not None for k in (
-                                 ("max_tokens", "max_completion_tokens") if chat else ("max_tokens",)))))
-
+    req = GenerationRequest(model=model, prompt=prompt, messages=messages, params=params,
+                            stream=_get(doc, "stream", bool, False),
+                            include_usage=_get(stream_options, "include_usage", bool, False), chat=chat,
+                            top_logprobs=top_logprobs,
+                            max_tokens_given=any(doc.get(k) is not None for k in (
+                                ("max_tokens", "max_completion_tokens") if chat else ("max_tokens",))))
+    return _best_of(doc, _with_tools(req, doc) if chat else req)
 
 def _best_of(doc: dict, req: GenerationRequest) -> GenerationRequest:
     """Completions' ``best_of``: generate that many choices, return the n best (``best_choices``)."""
@@ -202,6 +211,18 @@ def best_choices(choices: list[dict], keep: int, hide_logprobs: bool) -> list[di
 
     best = sorted(choices, key=lambda c: (-score(c), c["index"]))[:keep]
     return [{**c, "index": i, "logprobs": None if hide_logprobs else c["logprobs"]} for i, c in enumerate(best)]
+
+
+def _with_tools(req: GenerationRequest, doc: dict) -> GenerationRequest:
+    """Tools, tool_choice and chat_template_kwargs (``openai_tools``); a forced call constrains decoding."""
+    tools = openai_tools.parse_tools(doc)
+    req.tools, req.template_kwargs = tools, openai_tools.template_kwargs(doc)
+    if tools.forced:
+        if req.params.structured is not None:
+            raise OpenAIError("a forced tool call (tool_choice 'required' or a function) cannot be combined with "
+                              "another output constraint (response_format or structured_outputs)", param="tool_choice")
+        req.params = replace(req.params, structured=tools.structured())
+    return req
 
 
 class ResponseBuilder:
@@ -236,7 +257,7 @@ class ResponseBuilder:
         for c in sorted(choices, key=lambda c: c["index"]):
             lp = self._logprobs(c["token_ids"], c["logprobs"])
             if self.req.chat:
-                out.append({"index": c["index"], "message": {"role": "assistant", "content": c["text"]},
+                out.append({"index": c["index"], "message": c.get("message") or {"role": "assistant", "content": c["text"]},
                             "logprobs": lp, "finish_reason": c["finish_reason"]})
             else:
                 out.append({"index": c["index"], "text": c["text"], "logprobs": lp, "finish_reason": c["finish_reason"]})
@@ -244,10 +265,12 @@ class ResponseBuilder:
                              "choices": out, "usage": self.usage(prompt_tokens, completion_tokens)})
 
     def chunk(self, index: int, text: str, token_ids: list[int], lps, finish_reason: str | None,
-              first: bool) -> bytes:
+              first: bool, delta: dict | None = None) -> bytes:
+        """``delta``: a chat chunk's delta in place of ``{"content": text}`` (tool calls, reasoning)."""
         lp = self._logprobs(token_ids, lps)
         if self.req.chat:
-            delta: dict = {"role": "assistant", "content": text} if first else {"content": text}
+            delta = {"content": text} if delta is None else delta
+            delta = {"role": "assistant", **delta} if first else delta
             choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
             obj = "chat.completion.chunk"
         else:
