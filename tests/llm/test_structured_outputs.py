@@ -115,6 +115,12 @@ def test_stop_strings_still_cut_a_constrained_answer(llm):
     assert (text, reason) == ("alpha", "stop")
 
 
+def test_a_complete_answer_stops_without_waiting_for_eos_even_at_max_tokens(llm):
+    spec = StructuredSpec("choice", json.dumps(["a"]))
+    text, ids, reason, _ = run_together(llm, [(llm.encode("x"), SamplingParams(max_tokens=1, structured=spec))])[0][0]
+    assert (text, reason) == ("a", "stop") and len(ids) == 1  # no EOS step; "length" would be wrong
+
+
 def test_a_matcher_fault_fails_only_its_own_sequence(llm):
     spec = schema_spec(PERSON)
     broken, fine = llm.make_sequences(llm.encode("x"), SamplingParams(max_tokens=60, seed=0, n=2, structured=spec))
