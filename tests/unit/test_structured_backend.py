@@ -96,3 +96,30 @@ def test_bitmasks_touch_only_their_rows():
     assert torch.equal(logits[0], before[0]) and torch.equal(logits[2], before[2])
     assert torch.isfinite(logits[1]).nonzero().flatten().tolist() == [3, 31, 33]
     assert torch.equal(logits[1, [3, 31, 33]], before[1, [3, 31, 33]])
+
+
+def test_objects_that_list_properties_take_only_those(tok_path):
+    """Without it a random key could run on forever (langchain's schemas do not say
+    additionalProperties); additionalProperties: true keeps an object open, as does a bare map."""
+    from tokenizers import Tokenizer
+
+    from rtserve.llm.structured.backend import closed_objects
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"},
+                                               "b": {"type": "array", "items": {"type": "object",
+                                                                                "properties": {"c": {}}}}},
+              "$defs": {"d": {"type": "object", "properties": {"e": {}}, "additionalProperties": True}},
+              "anyOf": [{"properties": {"f": {}}}, {"type": "object"}]}
+    closed = closed_objects(schema)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["b"]["items"]["additionalProperties"] is False
+    assert closed["$defs"]["d"]["additionalProperties"] is True
+    assert closed["anyOf"][0]["additionalProperties"] is False and "additionalProperties" not in closed["anyOf"][1]
+    assert "additionalProperties" not in schema  # a copy
+
+    tok = Tokenizer.from_file(str(tok_path))
+    c = GrammarCompiler(tok_path, 320, frozenset({1}))
+    m = c.matcher(StructuredSpec("json_schema", json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}})))
+    for t in tok.encode('{"a":1', add_special_tokens=False).ids:
+        m.advance(t)
+    assert "," not in texts(tok, allowed(m.next_mask()))  # no second key: only the closing brace

@@ -5,7 +5,9 @@ per-sequence state.
 
 JSON is compiled without free whitespace (compact ``,`` and ``:`` separators, no spaces or newlines
 between tokens): whitespace the model could emit forever would void the guarantee that a bounded
-schema ends.
+schema ends. For the same reason an object schema that lists ``properties`` and does not say
+``additionalProperties`` takes only those properties (``closed_objects``: OpenAI's strict mode
+requires it, xgrammar's strict mode assumes it); ``additionalProperties: true`` keeps it open.
 """
 from __future__ import annotations
 
@@ -48,13 +50,40 @@ class GrammarTokenizer:
         self.num_mask_words = (self.ll.vocab_size + 31) // 32  # int32 words of one row's bitmask
 
 
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
+_SUBSCHEMAS = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
+
+
+def closed_objects(schema):
+    """A copy of ``schema`` where every object schema that lists ``properties`` without saying
+    ``additionalProperties`` gets ``additionalProperties: false`` (a random key could otherwise run on
+    forever). Objects without ``properties`` (free-form maps) stay open."""
+    if isinstance(schema, list):
+        return [closed_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for k, v in schema.items():
+        if k in _SUBSCHEMA_MAPS and isinstance(v, dict):
+            out[k] = {name: closed_objects(sub) for name, sub in v.items()}
+        elif k in _SUBSCHEMA_LISTS or k in _SUBSCHEMAS:
+            out[k] = closed_objects(v)
+        else:
+            out[k] = v
+    if "properties" in out and "additionalProperties" not in out and "patternProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 def grammar_text(spec: StructuredSpec) -> str:
     """The llguidance grammar of ``spec``; StructuredOutputError when its text cannot be read."""
     try:
         if spec.kind == "json_object":
             return llg.LLMatcher.grammar_from_json_schema('{"type": "object"}', overrides=JSON_OPTIONS)
         if spec.kind == "json_schema":
-            return llg.LLMatcher.grammar_from_json_schema(spec.value, overrides=JSON_OPTIONS)
+            schema = json.dumps(closed_objects(json.loads(spec.value)))
+            return llg.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
         if spec.kind == "regex":
             return llg.LLMatcher.grammar_from_regex(spec.value)
         if spec.kind == "choice":
