@@ -99,10 +99,22 @@ def compile_matcher(tokenizer: GrammarTokenizer, spec: StructuredSpec) -> llg.LL
     (llguidance drops the GIL meanwhile). StructuredOutputError names what is wrong."""
     grammar = grammar_text(spec)
     matcher = llg.LLMatcher(tokenizer.ll, grammar, log_level=_QUIET)
+    _check(matcher, spec)
+    # some grammars fail only when the first mask is computed (a $ref cycle with no way out): try it
+    # on a copy now, so that is a 400 here and not a failed sequence in the engine
+    probe = matcher.deep_copy()
+    first = torch.zeros((tokenizer.ll.vocab_size + 31) // 32, dtype=torch.int32)
+    probe.unsafe_compute_mask_ptr(first.data_ptr(), first.numel() * 4)
+    _check(probe, spec)
+    if not bool(first.any()):
+        raise StructuredOutputError(spec.param, f"the {spec.kind.replace('_', ' ')} allows no output at all")
+    return matcher
+
+
+def _check(matcher: llg.LLMatcher, spec: StructuredSpec) -> None:
     if matcher.is_error():
         reason = matcher.get_error().strip().splitlines()[0] if matcher.get_error().strip() else "rejected"
         raise StructuredOutputError(spec.param, f"invalid {spec.kind.replace('_', ' ')}: {reason}")
-    return matcher
 
 
 class GrammarMatcher:
