@@ -154,6 +154,9 @@ def test_forced_outputs_and_the_model_without_a_format():
     required = for_request(_req(tools=[WEATHER, TIME], tool_choice="required"), _NoFormat())
     msg, finish = required.message('[{"name": "get_time", "parameters": {}}]', "stop")
     assert finish == "tool_calls" and msg["tool_calls"][0]["function"] == {"name": "get_time", "arguments": "{}"}
+    # cut by max_tokens inside a second call: the complete call is kept, the cut one is not content
+    msg, finish = required.message('[{"name": "get_time", "parameters": {}},{"name": "get_w', "length")
+    assert finish == "length" and msg["content"] is None and len(msg["tool_calls"]) == 1
     legacy = for_request(_req(functions=[WEATHER["function"]], function_call={"name": "get_weather"}), _Model())
     msg, finish = legacy.message('{"city": "Rome"}', "stop")
     assert finish == "function_call" and msg["function_call"] == {"name": "get_weather", "arguments": '{"city": "Rome"}'}

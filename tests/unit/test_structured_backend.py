@@ -81,6 +81,10 @@ def test_compiles_are_cached_lru_and_bad_ones_name_their_field(tok_path):
     with pytest.raises(StructuredOutputError) as e:
         c.compile(StructuredSpec("json_schema", '{"type":"object","properties":{"x":{"format":"nope"}}}', "guided_json"))
     assert e.value.param == "guided_json" and "nope" in str(e.value)
+    loop = {"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}}  # compiles; fails at the first mask
+    with pytest.raises(StructuredOutputError, match="no output can match it") as e:
+        c.compile(StructuredSpec("json_schema", json.dumps(loop), "response_format.json_schema.schema"))
+    assert e.value.param == "response_format.json_schema.schema"
     with pytest.raises(StructuredOutputError, match="need the model's tokenizer") as e:
         GrammarCompiler(None, 320, frozenset({1})).compile(StructuredSpec("json_object", param="response_format"))
     assert e.value.param == "response_format"

@@ -105,16 +105,16 @@ def compile_matcher(tokenizer: GrammarTokenizer, spec: StructuredSpec) -> llg.LL
     probe = matcher.deep_copy()
     first = torch.zeros((tokenizer.ll.vocab_size + 31) // 32, dtype=torch.int32)
     probe.unsafe_compute_mask_ptr(first.data_ptr(), first.numel() * 4)
-    _check(probe, spec)
+    _check(probe, spec, " (no output can match it: a recursion with no way out?)")
     if not bool(first.any()):
         raise StructuredOutputError(spec.param, f"the {spec.kind.replace('_', ' ')} allows no output at all")
     return matcher
 
 
-def _check(matcher: llg.LLMatcher, spec: StructuredSpec) -> None:
+def _check(matcher: llg.LLMatcher, spec: StructuredSpec, hint: str = "") -> None:
     if matcher.is_error():
         reason = matcher.get_error().strip().splitlines()[0] if matcher.get_error().strip() else "rejected"
-        raise StructuredOutputError(spec.param, f"invalid {spec.kind.replace('_', ' ')}: {reason}")
+        raise StructuredOutputError(spec.param, f"invalid {spec.kind.replace('_', ' ')}: {reason}{hint}")
 
 
 class GrammarMatcher:

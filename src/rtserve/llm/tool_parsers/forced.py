@@ -13,4 +13,7 @@ class JsonArrayToolParser(ToolParser):
         at = len(text) - len(text.lstrip())
         if at == len(text) or text[at] != "[":
             return Scan(text if final else "")
-        return array_calls(Scan(""), text, at + 1, final)
+        scan = array_calls(Scan(""), text, at + 1, final)
+        if scan.calls:  # the rest of a forced array is a call cut short (finish_reason "length"), not content
+            scan.content = ""
+        return scan
