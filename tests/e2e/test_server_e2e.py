@@ -584,9 +584,9 @@ def test_client_disconnect_cancels_the_queued_request(server):
         gone.close()  # before its turn: the 64-row batch is still running
         wait_for(lambda: metric(url, "rtserve_inference_request_failure_total", model="slow", version="1",
                                 reason="cancelled") == cancelled_before + 1, 5, "the cancellation to be counted")
-        # it left the queue at once, while the busy batch was still running
+        # it left the queue (whether it left before its turn is checked below, by the rows computed:
+        # not by timing, which a loaded machine can stretch past the busy batch)
         assert metric(url, "rtserve_queue_depth", model="slow", version="1") == 0
-        assert not busy.has_answer()
         status, rh, rb = busy.response()
         assert status == 200, rb
     finally:
