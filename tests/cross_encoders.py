@@ -34,7 +34,8 @@ def write_wordpiece(path: Path, pair: bool = True) -> None:
 
 def write_tiny_cross_encoder(path: Path, std: float = 0.3, seed: int = 0, activation: str | None = None,
                              pair: bool = True, **config):
-    """Weights drawn N(0, ``std``) so that scores spread (the default init gives logits near 0);
+    """Weights drawn N(0, ``std``) (LayerNorm scales N(1, 0.1)) so that scores spread (the default
+    init gives logits near 0);
     ``activation``: a ``sentence_transformers.activation_fn`` to write into config.json. Returns
     the transformers model (eval mode)."""
     import torch
@@ -50,8 +51,11 @@ def write_tiny_cross_encoder(path: Path, std: float = 0.3, seed: int = 0, activa
                max_position_embeddings=64, num_labels=1)
     model = transformers.BertForSequenceClassification(transformers.BertConfig(**{**cfg, **config})).eval()
     with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, std)
+        for name, p in model.named_parameters():
+            if "LayerNorm.weight" in name:  # near 1, so the states keep their spread
+                p.normal_(1, 0.1)
+            else:
+                p.normal_(0, std)
     model.save_pretrained(path, safe_serialization=True)
     if activation is not None:
         c = json.loads((path / "config.json").read_text())
