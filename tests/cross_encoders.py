@@ -13,7 +13,7 @@ WORDS = ("the quick brown fox jumps over the lazy dog while snow falls on the mo
          "def serve return infer batch requests real time hello world").split()
 
 
-def write_wordpiece(path: Path, pair: bool = True) -> None:
+def write_wordpiece(path: Path, pair: bool = True, max_length: int = MAX_LENGTH) -> None:
     """``tokenizer.json`` (lower-casing WordPiece; ``[CLS] q [SEP] d [SEP]`` for pairs unless
     ``pair`` is False) and ``tokenizer_config.json``."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
@@ -28,12 +28,12 @@ def write_wordpiece(path: Path, pair: bool = True) -> None:
                                                                                                  ("[SEP]", 3)]))
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({
-        "model_max_length": MAX_LENGTH, "tokenizer_class": "BertTokenizer", "do_lower_case": True,
+        "model_max_length": max_length, "tokenizer_class": "BertTokenizer", "do_lower_case": True,
         "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]", "mask_token": "[MASK]"}))
 
 
 def write_tiny_cross_encoder(path: Path, std: float = 0.3, seed: int = 0, activation: str | None = None,
-                             pair: bool = True, **config):
+                             pair: bool = True, max_length: int = MAX_LENGTH, **config):
     """Weights drawn N(0, ``std``) (LayerNorm scales N(1, 0.1)) so that scores spread (the default
     init gives logits near 0);
     ``activation``: a ``sentence_transformers.activation_fn`` to write into config.json. Returns
@@ -42,7 +42,7 @@ def write_tiny_cross_encoder(path: Path, std: float = 0.3, seed: int = 0, activa
     import transformers
 
     path.mkdir(parents=True, exist_ok=True)
-    write_wordpiece(path, pair)
+    write_wordpiece(path, pair, max_length)
     from tokenizers import Tokenizer
 
     vocab = Tokenizer.from_file(str(path / "tokenizer.json")).get_vocab_size()

@@ -158,3 +158,11 @@ def test_queued_requests_share_forwards_and_close_answers_503(tiny):
     for (scores, num_tokens), ref, p in zip(out, alone, ps):
         assert scores.shape == (1,) and abs(scores[0] - ref) < 1e-5
         assert num_tokens == len(model.encode([p])[0].ids)
+
+
+def test_an_embedding_model_on_a_cross_encoder_checkpoint_names_the_backend(tiny):
+    from rtserve.models.embedding import EmbeddingModel
+
+    config = ModelConfig.from_dict("emb", {"backend": "embedding", "device": "cpu", "warmup": False})
+    with pytest.raises(ConfigError, match="serve it with backend: cross_encoder"):
+        EmbeddingModel(config, tiny[0].parent, 1)
