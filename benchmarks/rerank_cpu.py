@@ -161,7 +161,8 @@ def main() -> int:
         print(format_table(server, list(server[0])))
     write_json(args.out, {"machine": f"{os.cpu_count()} CPUs, 2 threads", "doc_words": args.doc_words,
                           "in_process": rows, "server": server,
-                          "date": time.strftime("%Y-%m-%d")})
+                          "date": time.strftime("%Y-%m-%d"),
+                          "load_average_1min_at_end": os.getloadavg()[0]})
     return 0
 
 

@@ -28,6 +28,9 @@ from .llm import check_checkpoint
 OPTIONS = {"intra_op_threads", "dtype", "max_batch_tokens"}
 DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_MAX_BATCH_TOKENS = 16384  # padded tokens per forward: bounds activation memory
+# A forward is cut where padding would exceed both: short pairs still share a forward (its fixed cost
+# dominates), long pairs of mixed lengths are not padded to the longest (compute dominates).
+MIN_PAD_WASTE, MAX_PAD_FRACTION = 256, 0.25
 _DTYPES = ("float32", "float16", "bfloat16")
 #: the files of a version folder read besides the safetensors files, when present
 READS = ("config.json", "tokenizer.json", "tokenizer_config.json", "sentence_bert_config.json",
@@ -152,18 +155,21 @@ class CrossEncoderModel(ServedModel):
 
     # -- worker thread ------------------------------------------------------------------------
     def _run(self, pairs: list[EncodedPair]) -> np.ndarray:
-        """Sort by length so padding is small, cut into forwards of at most ``max_batch_size`` pairs
-        and ``max_batch_tokens`` padded tokens, and put each score back in input order."""
+        """Sort by length so padding is small, cut into forwards of at most ``max_batch_size`` pairs,
+        ``max_batch_tokens`` padded tokens and bounded padding, and put each score back in input order."""
         import torch
 
         order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].ids))
         out = np.empty(len(pairs), dtype=np.float32)
         start = 0
         while start < len(order):
-            end = start + 1
-            while (end < len(order) and end - start < self.max_batch_size
-                   and (end - start + 1) * len(pairs[order[end]].ids) <= self.max_batch_tokens):
-                end += 1
+            end, real = start + 1, len(pairs[order[start]].ids)
+            while end < len(order) and end - start < self.max_batch_size:
+                n = len(pairs[order[end]].ids)
+                padded = (end - start + 1) * n
+                if padded > self.max_batch_tokens or padded - real - n > max(MIN_PAD_WASTE, MAX_PAD_FRACTION * padded):
+                    break
+                end, real = end + 1, real + n
             chunk = order[start:end]
             width = len(pairs[chunk[-1]].ids)
             ids = torch.full((len(chunk), width), self.model.config.encoder.pad_token_id, dtype=torch.long)
