@@ -166,3 +166,17 @@ def test_an_embedding_model_on_a_cross_encoder_checkpoint_names_the_backend(tiny
     config = ModelConfig.from_dict("emb", {"backend": "embedding", "device": "cpu", "warmup": False})
     with pytest.raises(ConfigError, match="serve it with backend: cross_encoder"):
         EmbeddingModel(config, tiny[0].parent, 1)
+
+
+def test_forwards_are_cut_where_padding_would_dominate(tiny, monkeypatch):
+    import rtserve.models.cross_encoder as ce
+
+    _, _, model = tiny
+    short, long = ("x", "y"), ("hello", LONG)  # 5 and 40 tokens
+    b0 = model.num_batches
+    together = model._run(model.encode([short, short, short]))
+    assert model.num_batches == b0 + 1  # 0 padding
+    monkeypatch.setattr(ce, "MIN_PAD_WASTE", 8)
+    scores = model._run(model.encode([long, short, short]))
+    assert model.num_batches == b0 + 3  # [short, short], [long]: padding 2 x 35 tokens would be 82% of the forward
+    assert np.abs(scores[1:] - together[:2]).max() < 1e-5
