@@ -280,6 +280,30 @@ class EmbeddingMetrics:
         self.inputs.labels(model.name).set_function(lambda: model.num_inputs)
 
 
+class ScoringMetrics:
+    """The cross-encoder path's families (``/v1/rerank``, ``/v1/score``), labelled by model; the
+    batch counters are read from the model at scrape time (pairs / batches = mean batch size)."""
+
+    def __init__(self, registry: Registry) -> None:
+        r, m = registry, ("model",)
+        self.requests = r.add(Counter("rtserve_score_requests_total", "Rerank and score requests by outcome",
+                                      m + ("outcome",)))
+        self.latency = r.add(Histogram("rtserve_score_request_duration_seconds",
+                                       "Rerank and score latency, body parsed to scores computed", m))
+        self.tokens = r.add(Counter("rtserve_score_tokens_total", "Tokens scored (pairs, special tokens included)", m))
+        self.batches = r.add(Counter("rtserve_score_batches_total", "Forward passes run", m))
+        self.pairs = r.add(Counter("rtserve_score_pairs_total", "Pairs scored", m))
+        self._bound: dict[str, object] = {}
+
+    def bind(self, model) -> None:
+        """Point the batch counters of ``model.name`` at this model object (again after a reload)."""
+        if self._bound.get(model.name) is model:
+            return
+        self._bound[model.name] = model
+        self.batches.labels(model.name).set_function(lambda: model.num_batches)
+        self.pairs.labels(model.name).set_function(lambda: model.num_pairs)
+
+
 class ServingMetrics:
     """Every model kind's metric families in one registry: a kind records into its own."""
 
@@ -288,6 +312,7 @@ class ServingMetrics:
         self.tensor = TensorMetrics(registry)
         self.llm = LLMMetrics(registry)
         self.embedding = EmbeddingMetrics(registry)
+        self.scoring = ScoringMetrics(registry)
 
     def drop(self, model: str, version: str) -> None:
         """Forget an unloaded tensor model version's children."""

@@ -34,10 +34,11 @@ class Served:
     tensor: dict[str, dict] = field(default_factory=dict)
     llms: list[str] = field(default_factory=list)
     embedders: list[str] = field(default_factory=list)
+    rerankers: list[str] = field(default_factory=list)
 
     @property
     def names(self) -> list[str]:
-        return sorted([*self.tensor, *self.llms, *self.embedders])
+        return sorted([*self.tensor, *self.llms, *self.embedders, *self.rerankers])
 
     @classmethod
     def read(cls, url: str) -> "Served":
@@ -51,6 +52,8 @@ class Served:
                     out.llms.append(name)
                 elif platform == "rtserve_embedding":
                     out.embedders.append(name)
+                elif platform == "rtserve_cross_encoder":
+                    out.rerankers.append(name)
                 else:
                     out.tensor[name] = meta
         return out
@@ -293,3 +296,40 @@ def embeddings_body(served: Served) -> st.SearchStrategy[dict]:
         {"model": _model_name(served, served.embedders), "input": st.one_of(good, good, bad)},
         optional={"encoding_format": st.sampled_from(["float", "base64", "float", "int8"]),
                   "dimensions": st.sampled_from([384, 384, 0, 100]), "user": st.text(max_size=8)})
+
+
+def scoring_body(served: Served, rerank: bool) -> st.SearchStrategy[dict]:
+    """A /v1/rerank or /v1/score request: a real cross-encoder and well-formed texts (long, odd) mostly;
+    else empty texts, wrong types, top_n out of range, lists that do not pair up, an unknown field."""
+    text = _TEXT.filter(bool)
+    texts = st.lists(text, min_size=1, max_size=5)
+    bad = st.one_of(st.lists(st.one_of(_TEXT, st.integers(), st.none()), max_size=3), st.sampled_from(["", 3, {}, []]))
+    name = _model_name(served, served.rerankers)
+    if rerank:
+        body = st.fixed_dictionaries({"model": name, "query": _weighted_pick(text, bad), "documents": _weighted_pick(
+            texts, bad)}, optional={"top_n": st.integers(-1, 6), "return_documents": st.sampled_from(
+                [True, False, None, "yes"])})
+    else:
+        side = _weighted_pick(st.one_of(text, texts), bad)
+        body = st.fixed_dictionaries({"model": name, "text_1": st.one_of(text, text, side), "text_2": side})
+    extra = _weighted_pick(st.just({}), st.just({"rank_fields": ["text"]}))
+    return st.tuples(body, extra).map(lambda t: {**t[0], **t[1]})
+
+
+def _weighted_pick(good: st.SearchStrategy, bad: st.SearchStrategy) -> st.SearchStrategy:
+    """``good`` nine times in ten (``st.one_of`` would draw each about half the time)."""
+    return st.integers(0, 9).flatmap(lambda i: bad if i == 0 else good)
+
+
+def tokenizer_body(served: Served, detokenize: bool) -> st.SearchStrategy[dict]:
+    """A /tokenize or /detokenize request: a real language model (or none named) mostly."""
+    optional = {"model": _model_name(served, served.llms)}
+    if detokenize:
+        return st.fixed_dictionaries({"tokens": st.one_of(_TOKENS, _TOKENS, st.sampled_from([[True], "1", None]))},
+                                      optional=optional)
+    flags = st.sampled_from([True, False, None, 1])
+    one = st.one_of(st.fixed_dictionaries({"prompt": st.one_of(_TEXT, _TEXT, st.integers())}),
+                    st.fixed_dictionaries({"messages": _messages()}, optional={"add_generation_prompt": flags}),
+                    st.just({}))
+    rest = st.fixed_dictionaries({}, optional={**optional, "add_special_tokens": flags, "return_token_strs": flags})
+    return st.tuples(one, rest).map(lambda t: {**t[0], **t[1]})

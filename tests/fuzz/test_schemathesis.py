@@ -42,8 +42,10 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
 )
 
 from fuzz_cases import (  # noqa: E402
-    Served, embeddings_body, generation_body, infer_request, regression_bodies, tensor_draws,
+    Served, embeddings_body, generation_body, infer_request, regression_bodies, scoring_body, tensor_draws,
+    tokenizer_body,
 )
+from cross_encoders import write_tiny_cross_encoder  # noqa: E402
 from rtserve.demo import ensure_demo_repository  # noqa: E402
 from servers import start_server  # noqa: E402
 
@@ -74,6 +76,10 @@ BUDGET = {
     "POST /v1/completions": 200,
     "POST /v1/chat/completions": 200,
     "POST /v1/embeddings": 150,
+    "POST /v1/rerank": 80,
+    "POST /v1/score": 80,
+    "POST /tokenize": 60,
+    "POST /detokenize": 40,
     "POST /v2/repository/models/{model}/load": 10,
     "POST /v2/repository/models/{model}/unload": 10,
 }
@@ -83,7 +89,8 @@ LOAD, UNLOAD = "POST /v2/repository/models/{model}/load", "POST /v2/repository/m
 # Operations whose cases mostly reach a model: fewer than half of their answers may be 404s. (The
 # GET routes are not among them: their cases with a served name are few and Hypothesis sends each once.)
 REACHES_MODELS = ("POST /v2/models/{model}/infer", "POST /v1/completions", "POST /v1/chat/completions",
-                  "POST /v1/embeddings")
+                  "POST /v1/embeddings", "POST /v1/rerank", "POST /v1/score", "POST /tokenize")
+SCORING = ("POST /v1/rerank", "POST /rerank", "POST /v2/rerank", "POST /v1/score", "POST /score")
 
 
 def _weighted(*choices: tuple[int, st.SearchStrategy]) -> st.SearchStrategy:
@@ -144,6 +151,11 @@ class Fuzzer:
                       else generation_body(self.served, chat="chat" in label))
             real = bodies.map(lambda b: op.Case(body=b, media_type="application/json"))
             return _weighted((1, generated), (3, real))
+        if label in SCORING or label in ("POST /tokenize", "POST /detokenize"):
+            bodies = (scoring_body(self.served, rerank="rerank" in label) if label in SCORING
+                      else tokenizer_body(self.served, detokenize="detokenize" in label))
+            real = bodies.map(lambda b: op.Case(body=b, media_type="application/json"))
+            return _weighted((1, generated), (3, real))
         if "{model}" in op.path:
             return _weighted((1, generated), (2, self._real_names(op, names)))
         return generated
@@ -195,6 +207,8 @@ def _restore(url: str, served: Served) -> None:
 def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("fuzz-home")
     repo = ensure_demo_repository(home)
+    write_tiny_cross_encoder(repo / "reranker" / "1")  # the demo has no cross-encoder: a tiny random one
+    (repo / "reranker" / "model.yaml").write_text("backend: cross_encoder\ndevice: cpu\nmax_batch_size: 8\n")
     with start_server(repo, home, "--log-level", "warning", env={"RTSERVE_HOME": str(home)}) as srv:
         yield srv
 
@@ -202,7 +216,7 @@ def server(tmp_path_factory):
 def test_fuzz_every_operation_against_the_demo_repository(server):
     t0 = time.monotonic()
     served = Served.read(server.url)
-    assert served.tensor and served.llms, f"the demo repository serves too little to fuzz: {served.names}"
+    assert served.tensor and served.llms and served.rerankers, f"the demo repository serves too little to fuzz: {served.names}"
     # failures print the request as sent: no "[Filtered]" for max_tokens and stop_token_ids
     config = schemathesis.Config.from_dict({"output": {"sanitization": {"enabled": False}}})
     schema = schemathesis.openapi.from_url(server.url + "/openapi.json", config=config)

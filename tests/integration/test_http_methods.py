@@ -14,12 +14,13 @@ from servers import repository_index, serve_in_process  # noqa: E402
 
 GET_ROUTES = ["/v2", "/v2/health/live", "/v2/health/ready", "/v2/models/affine", "/v2/models/affine/ready",
               "/v2/models/affine/config", "/v2/models/affine/versions/2", "/v2/models/affine/versions/2/ready",
-              "/v2/models/affine/versions/2/config", "/metrics", "/openapi.json", "/v1/models"]
+              "/v2/models/affine/versions/2/config", "/metrics", "/openapi.json", "/v1/models", "/health", "/version"]
 POST_ROUTES = ["/v2/models/affine/infer", "/v2/models/affine/versions/2/infer", "/v2/repository/index",
                "/v2/repository/models/affine/load", "/v2/repository/models/affine/unload",
-               "/v1/completions", "/v1/chat/completions", "/v1/embeddings"]
+               "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/rerank", "/rerank", "/v2/rerank",
+               "/v1/score", "/score", "/tokenize", "/detokenize"]
 UNKNOWN = ["/v2/models/affine/bogus", "/v2/models/affine/versions", "/v2/health/bogus", "/v2/repository/bogus",
-           "/v2/repository/models/affine/reload", "/v1/bogus", "/nothing"]
+           "/v2/repository/models/affine/reload", "/v1/bogus", "/nothing", "/v1/rerank/x", "/tokenize/x"]
 
 
 _with_app = serve_in_process

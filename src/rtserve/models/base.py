@@ -3,13 +3,15 @@ kind from ``model.yaml``'s ``backend:``.
 
 A *kind* is how a model is served: ``tensor`` (a model file run by a backend behind a dynamic
 batcher), ``llm`` (the LLM engine), ``embedding`` (a BERT encoder with its own batcher),
-``ensemble`` (a graph of other models' steps). Each kind is one module in this package and one
+``cross_encoder`` (a BERT classifier scoring text pairs, with its own batcher), ``ensemble`` (a
+graph of other models' steps). Each kind is one module in this package and one
 ``@register_kind`` line; nothing outside this registry compares kind names. The server's handlers
 decode a request, call one method of the model, and encode its answer:
 
 - ``infer(TensorRequest)``: KServe v2 tensors (tensor models and ensembles),
 - ``open_stream(...)``: OpenAI completions and chat (language models),
-- ``embed_texts(...)``: OpenAI embeddings (embedding models).
+- ``embed_texts(...)``: OpenAI embeddings (embedding models),
+- ``score_pairs(...)``: ``/v1/rerank`` and ``/v1/score`` (cross-encoders).
 
 A kind that does not serve an API inherits the method below, which refuses with a 400 naming the
 API that does serve the model.
@@ -167,6 +169,11 @@ class ServedModel(ABC):
         """Vectors for the inputs and the number of tokens embedded (OpenAI embeddings)."""
         raise self.wrong_api()
 
+    async def score_pairs(self, pairs: list[tuple[str, str]]) -> tuple[np.ndarray, int]:
+        """(N,) float32 relevance scores of (query, document) pairs and the number of tokens scored
+        (``/v1/rerank``, ``/v1/score``)."""
+        raise self.wrong_api()
+
 
 KINDS: dict[str, type[ServedModel]] = {}
 
@@ -179,9 +186,9 @@ def register_kind(cls: type[ServedModel]) -> type[ServedModel]:
 
 def _import_builtin() -> None:
     # lazily, so that `import rtserve` pulls in no runtime
-    if {"tensor", "llm", "embedding", "ensemble"} <= KINDS.keys():
+    if {"tensor", "llm", "embedding", "cross_encoder", "ensemble"} <= KINDS.keys():
         return
-    from . import embedding, ensemble, llm, tensor  # noqa: F401
+    from . import cross_encoder, embedding, ensemble, llm, tensor  # noqa: F401
 
 
 def kind_for(backend: str) -> type[ServedModel]:

@@ -22,10 +22,12 @@ from .openai_routes import OpenAIRoutes
 from .protocols import kserve_v2
 from .protocols import openai as oai
 from .responses import JSON, ClientGone, Response, error_headers, error_response, json_response, until_disconnect
+from .scoring_routes import SCORING_PATHS, ScoringRoutes
+from .tokenize_routes import TOKENIZER_PATHS, TokenizerRoutes
 
 log = logging.getLogger("rtserve.server")
 
-class App(OpenAIRoutes):
+class App(OpenAIRoutes, ScoringRoutes, TokenizerRoutes):
     """rtserve's HTTP server application (ASGI 3)."""
 
     def __init__(self, config: ServerConfig, repository: ModelRepository | None = None) -> None:
@@ -86,7 +88,12 @@ class App(OpenAIRoutes):
 
     async def _http(self, scope, receive, send) -> None:
         try:
-            if scope["path"].startswith("/v1/"):
+            path = scope["path"].rstrip("/")
+            if path in SCORING_PATHS:
+                resp = await self._scoring(scope, receive)
+            elif path in TOKENIZER_PATHS:
+                resp = await self._tokenizer_route(scope, receive)
+            elif scope["path"].startswith("/v1/"):
                 resp = await self._openai(scope, receive, send)
                 if resp is None:  # streamed, or the client went away
                     return

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from .. import __version__
 from .protocols import openai_fields as fields
+from .openapi_scoring import scoring_paths, scoring_schemas
 
 _DATA = {"description": "row-major, flat or nested lists: numbers, true/false for BOOL, strings for BYTES; "
                         "never null",
@@ -200,6 +201,7 @@ def openapi_document() -> dict:
     }
     paths.update(_model_paths())
     paths.update(_openai_paths())
+    paths.update(scoring_paths())
     return {
         "openapi": "3.1.0",
         "info": {"title": "rtserve", "version": __version__,
@@ -218,5 +220,6 @@ def openapi_document() -> dict:
                 "platform": {"type": "string"}, "inputs": {"type": "array", "items": _META_TENSOR},
                 "outputs": {"type": "array", "items": _META_TENSOR}}},
             **_openai_schemas(),
+            **scoring_schemas(),
         }},
     }

@@ -51,14 +51,19 @@ class EncoderConfig:
                              f"supported: {', '.join(ACTIVATIONS)}")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "EncoderConfig":
+    def from_dict(cls, d: dict, architectures: tuple[str, ...] = ARCHITECTURES,
+                  purpose: str = "embeddings") -> "EncoderConfig":
+        """``architectures``: the ``config.json`` architectures accepted (the first is assumed for a
+        config that names none but has ``model_type: bert``); ``purpose`` names the use in errors."""
         archs = d.get("architectures") or []
-        arch = next((a for a in archs if a in ARCHITECTURES), None)
+        arch = next((a for a in archs if a in architectures), None)
         if arch is None and not archs and d.get("model_type") == "bert":
-            arch = "BertModel"
+            arch = architectures[0]
         if arch is None:
+            hint = (" (a sequence-classification checkpoint is a cross-encoder: serve it with backend: cross_encoder)"
+                    if "BertForSequenceClassification" in archs else "")
             raise ValueError(f"config.json: architecture {archs or d.get('model_type')} is not supported for "
-                             f"embeddings; supported: {', '.join(ARCHITECTURES)} (model_type bert)")
+                             f"{purpose}; supported: {', '.join(architectures)} (model_type bert){hint}")
         pos = d.get("position_embedding_type", "absolute")
         if pos != "absolute":
             raise ValueError(f"config.json: position_embedding_type '{pos}' is not supported; supported: absolute")
@@ -78,10 +83,10 @@ class EncoderConfig:
         )
 
     @classmethod
-    def from_dir(cls, path: Path | str) -> "EncoderConfig":
+    def from_dir(cls, path: Path | str, **kw) -> "EncoderConfig":
         p = Path(path) / "config.json"
         try:
-            return cls.from_dict(json.loads(p.read_text()))
+            return cls.from_dict(json.loads(p.read_text()), **kw)
         except FileNotFoundError:
             raise ValueError(f"{p} is missing") from None
 
@@ -135,10 +140,12 @@ class BertEmbeddings(nn.Module):
         self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
         self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        # one segment: every token has token type 0
-        x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + self.token_type_embeddings.weight[0]
+        # None: one segment, every token has token type 0; (B, T) segment ids for sentence pairs
+        types = (self.token_type_embeddings.weight[0] if token_type_ids is None
+                 else self.token_type_embeddings(token_type_ids))
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions) + types
         return self.LayerNorm(x)
 
 
@@ -216,10 +223,12 @@ class BertModel(nn.Module):
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """input_ids (B, T) int64, attention_mask (B, T) bool, True on real tokens -> (B, T, H)."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T) int64, attention_mask (B, T) bool, True on real tokens, token_type_ids
+        (B, T) int64 or None (all 0) -> (B, T, H)."""
         mask = attention_mask[:, None, None, :]  # (B, 1, 1, T): padding keys get no weight
-        x = self.embeddings(input_ids)
+        x = self.embeddings(input_ids, token_type_ids)
         for layer in self.encoder.layer:
             x = layer(x, mask)
         return x
