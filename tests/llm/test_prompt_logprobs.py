@@ -102,7 +102,7 @@ def test_scoring_batches_with_generation(checkpoint, tmp_path):
     assert scored.num_generated == 0 and scored.finish_reason.value == "length"
 
 
-def test_n_choices_score_the_prompt_once_and_preemption_keeps_values(checkpoint):
+def test_n_choices_and_preemption_keep_the_values(checkpoint):
     path, ref = checkpoint
     ref_lp = reference(ref, PROMPT)
     # 8 blocks of 4: two 22-token sequences cannot both hold their prompt: one is preempted and recomputed

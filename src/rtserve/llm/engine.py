@@ -105,7 +105,9 @@ class LLM:
             BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching))
 
     def make_sequences(self, prompt: list[int], params: SamplingParams) -> list[Sequence]:
-        """One sequence per choice (``n``); they share the prompt's blocks through the prefix cache.
+        """One sequence per choice (``n``); they share the prompt's blocks through the prefix cache
+        (unless the prompt is scored, ``prompt_logprobs``: then each choice computes it, so each
+        has its prompt's logprobs by its first token, whatever the others did).
         A constrained request (``params.structured``) gets a matcher per choice (compiled through the
         cache: call ``compile_structured`` first to compile off the caller's thread)."""
         stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
@@ -116,7 +118,7 @@ class LLM:
                 gen = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)
             seq = Sequence(list(prompt), params.max_tokens, stop_token_ids=stops, params=params, generator=gen,
                            arrival=time.monotonic(), priority=params.priority,
-                           prompt_logprobs=params.prompt_logprobs if i == 0 else None)  # the choices share a prompt
+                           prompt_logprobs=params.prompt_logprobs)
             if params.structured is not None:
                 seq.grammar = self.grammars.matcher(params.structured)
             if self.tokenizer is not None:

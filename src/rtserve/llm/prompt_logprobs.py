@@ -19,6 +19,7 @@ from .sequence import Sequence
 
 class PromptLogprob(NamedTuple):
     """The logprob of one prompt token given the tokens before it."""
+    token: int
     logprob: float
     rank: int                      # 1 = the most likely token (ties count as better)
     top: list[tuple[int, float]]   # the ``prompt_logprobs`` most likely (token id, logprob), best first
@@ -70,4 +71,5 @@ def record(spans: list[PromptSpan], logits: torch.Tensor) -> None:
             alts = [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
         else:
             alts = [[] for _ in range(sp.count)]
-        seq.prompt_lps.extend(PromptLogprob(c, r, a) for c, r, a in zip(chosen[:, 0].tolist(), ranks, alts))
+        seq.prompt_lps.extend(PromptLogprob(t, c, r, a) for t, c, r, a in zip(
+            targets.tolist(), chosen[:, 0].tolist(), ranks, alts))
