@@ -287,7 +287,8 @@ class ResponseBuilder:
 
     def _completion(self, c: dict, first: bool = True) -> dict:
         """A completions choice: the echoed prompt (on a choice's first chunk), logprobs, prompt_logprobs."""
-        req, p = self.req, c["index"] // req.params.n
+        req = self.req
+        p = c["index"] // req.params.n
         echo, plps = req.echo and first, c.get("prompt_logprobs")
         text, lp = c["text"], None
         if c["logprobs"] is not None or echo and req.params.logprobs is not None:

@@ -30,15 +30,24 @@ def decoder(tokenizer):
     return decode
 
 
+def _top(decode, alts: list[tuple[int, float]]) -> dict:
+    """Alternatives by their text, best first; tokens with the same text (a partial UTF-8 byte is
+    "\ufffd") keep the best value, so the top value is always the most likely token's."""
+    out: dict[str, float] = {}
+    for a, v in alts:
+        out.setdefault(decode(a), v)
+    return out
+
+
 def generated_entries(decode, token_ids: list[int], lps: list) -> list[Entry]:
     """``lps``: the engine's (chosen logprob, [(token id, logprob), ...]) per generated token."""
-    return [Entry(decode(t), lp[0], {decode(a): v for a, v in lp[1]}) for t, lp in zip(token_ids, lps)]
+    return [Entry(decode(t), lp[0], _top(decode, lp[1])) for t, lp in zip(token_ids, lps)]
 
 
 def prompt_entries(decode, ids: list[int], plps: list, k: int) -> list[Entry]:
     """``plps``: None, then a ``PromptLogprob`` per later prompt token; ``k`` alternatives each."""
     first = [Entry(decode(ids[0]), None, None)]
-    return first + [Entry(decode(t), e.logprob, {decode(a): v for a, v in e.top[:k]})
+    return first + [Entry(decode(t), e.logprob, _top(decode, e.top[:k]))
                     for t, e in zip(ids[1:], plps[1:])]
 
 
