@@ -107,8 +107,14 @@ def test_n_choices_and_preemption_keep_the_values(checkpoint):
     ref_lp = reference(ref, PROMPT)
     # 8 blocks of 4: two 22-token sequences cannot both hold their prompt: one is preempted and recomputed
     llm = LLM(path, num_blocks=8, block_size=4, max_num_batched_tokens=8)
-    out = llm.generate([PROMPT], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, n=2,
-                                                prompt_logprobs=2))[0]
-    check(out.prompt_logprobs, ref_lp, PROMPT, 2)
-    assert out.outputs[0].token_ids == out.outputs[1].token_ids
+    seqs = llm.make_sequences(PROMPT, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, n=2,
+                                                     prompt_logprobs=2))
+    for s in seqs:
+        llm.scheduler.add(s)
+    while llm.scheduler.has_work:
+        llm.step()
+    assert sum(s.num_preemptions for s in seqs) >= 1
+    for s in seqs:  # each choice scores its prompt once, whatever was recomputed
+        check([None, *s.prompt_lps], ref_lp, PROMPT, 2)
+    assert seqs[0].generated_ids == seqs[1].generated_ids
     llm.scheduler.bm.check_integrity()
