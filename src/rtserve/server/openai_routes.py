@@ -56,14 +56,16 @@ class OpenAIRoutes:
         output = for_request(req, model) if chat else None  # tool calls, reasoning (chat_output)
 
         async def answer() -> Response | None:
-            builder = oai.ResponseBuilder(req, model.tokenizer)
+            prompt_ids = []
             if chat:
                 deltas = await model.open_stream(None, req.messages, req.params, max_tokens_given=req.max_tokens_given,
                                                  # None, not []: templates test "tools is not none"
                                                  tools=req.tools.tools or None if req.tools else None,
                                                  template_kwargs=req.template_kwargs)
             else:
-                deltas, builder.prompt_ids = await open_prompts(model, req)
+                deltas, prompt_ids = await open_prompts(model, req)
+            builder = oai.ResponseBuilder(req, model.tokenizer)
+            builder.prompt_ids = prompt_ids
             try:
                 if req.stream:
                     await _stream(send, builder, deltas, req.include_usage, output)
