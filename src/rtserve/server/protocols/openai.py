@@ -295,9 +295,9 @@ class ResponseBuilder:
             entries = openai_echo.generated_entries(self.decode, c["token_ids"], c["logprobs"] or [])
             if echo and plps is not None:
                 entries = openai_echo.prompt_entries(self.decode, self.prompt_ids[p], plps, req.params.logprobs) + entries
-            lp = openai_echo.legacy(entries, self._offsets.get(c["index"], 0))
-            self._offsets[c["index"]] = lp["text_offset"][-1] + len(entries[-1].token) if entries else \
-                self._offsets.get(c["index"], 0)
+            start = self._offsets.get(c["index"], 0)  # streamed: offsets run on across a choice's chunks
+            lp = openai_echo.legacy(entries, start)
+            self._offsets[c["index"]] = start + sum(len(e.token) for e in entries)
         out = {"index": c["index"], "text": self.prompt_text(p) + text if echo else text, "logprobs": lp,
                "finish_reason": c["finish_reason"]}
         if req.prompt_logprobs is not None and first:
