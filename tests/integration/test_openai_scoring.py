@@ -108,9 +108,15 @@ def test_streamed_echo_continuous_usage_and_cached_tokens(repo):
             "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
         first = await post(c, {"prompt": long, "max_tokens": 1})
         again = await post(c, {"prompt": long, "max_tokens": 1})
-        return r.text, first[1], again[1]
+        chat = await c.post("/v1/chat/completions", json={
+            "model": "lm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True,
+            "prompt_logprobs": 1})
+        return r.text, first[1], again[1], chat.text
 
-    text, first, again = run(path, fn)
+    text, first, again, chat = run(path, fn)
+    chat_chunks = [orjson.loads(line[6:]) for line in chat.split("\n") if line.startswith("data: {")]
+    scored = [c["prompt_logprobs"] for c in chat_chunks if "prompt_logprobs" in c]
+    assert len(scored) == 1 and scored[0][0] is None and len(scored[0]) > 3
     chunks = [orjson.loads(line[6:]) for line in text.split("\n") if line.startswith("data: {")]
     body = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
     assert body.startswith(PROMPT) and len(chunks[0]["choices"][0]["logprobs"]["tokens"]) >= len(ref.encode(PROMPT))

@@ -127,28 +127,6 @@ def _messages(doc: dict) -> list[dict]:
 MAX_LOGPROBS = 20  # alternatives per token (logprobs, top_logprobs, prompt_logprobs)
 
 
-def _prompts(prompt) -> list:
-    """Completions' ``prompt``: a string, token ids, or a list of either (one choice group per prompt)."""
-    shape = "'prompt' must be a string, a list of token ids, or a list of strings or of lists of token ids"
-    if isinstance(prompt, str) or isinstance(prompt, list) and prompt and all(_is_id(t) for t in prompt):
-        prompt = [prompt]
-    if not isinstance(prompt, list) or not prompt:
-        raise OpenAIError(shape, param="prompt")
-    for i, p in enumerate(prompt):
-        if isinstance(p, str):
-            if not p:
-                raise OpenAIError(f"prompt[{i}] is an empty string", param="prompt")
-        elif not isinstance(p, list) or not p or not all(_is_id(t) for t in p):
-            raise OpenAIError(f"prompt[{i}] must be a non-empty string or a non-empty list of token ids "
-                              "(integers >= 0)", param="prompt")
-    if len(prompt) > MAX_PROMPTS:
-        raise OpenAIError(f"'prompt' has {len(prompt)} prompts; at most {MAX_PROMPTS} per request", param="prompt")
-    return prompt
-
-
-MAX_PROMPTS = 2048
-
-
 def parse(body: bytes, chat: bool) -> GenerationRequest:
     doc, model = _request_doc(body)
     openai_fields.check(doc, openai_fields.CHAT if chat else openai_fields.COMPLETIONS)
@@ -156,7 +134,7 @@ def parse(body: bytes, chat: bool) -> GenerationRequest:
     if chat:
         messages = _messages(doc)
     else:
-        prompts = _prompts(doc.get("prompt"))
+        prompts = openai_echo.parse_prompts(doc.get("prompt"))
         prompt = prompts[0]
     stop = doc.get("stop")
     if isinstance(stop, str):
@@ -354,6 +332,8 @@ class ResponseBuilder:
                                        "finish_reason": finish_reason, "prompt_logprobs": prompt_logprobs}, first)
             obj = "text_completion"
         doc = {"id": self.id, "object": obj, "created": self.created, "model": self.req.model, "choices": [choice]}
+        if self.req.chat and prompt_logprobs is not None and self.req.prompt_logprobs is not None and index == 0:
+            doc["prompt_logprobs"] = openai_echo.vllm_prompt_logprobs(self.decode, prompt_logprobs, self.req.prompt_logprobs)
         if self.req.include_usage or usage is not None:
             doc["usage"] = usage
         return b"data: " + orjson.dumps(doc) + b"\n\n"

@@ -1,5 +1,6 @@
-"""Completions' logprobs in OpenAI's (legacy) shape, with the prompt's tokens first when echoed, and
-vLLM's ``prompt_logprobs``. No HTTP, no engine.
+"""Completions' prompts (a string, token ids, or a list of either) and their logprobs: OpenAI's
+legacy shape, with the prompt's tokens first when echoed, and vLLM's ``prompt_logprobs``. No HTTP,
+no engine.
 
 ``text_offset`` is each token's character offset into the returned text: the running sum of the
 lengths of the tokens' decoded strings (vLLM's rule), from 0 at the start of a choice's text (the
@@ -9,6 +10,35 @@ from __future__ import annotations
 
 from functools import lru_cache
 from typing import NamedTuple
+
+
+MAX_PROMPTS = 2048  # prompts per completions request
+
+
+def parse_prompts(prompt) -> list:
+    """Completions' ``prompt``: a string, token ids, or a list of either (one choice group per
+    prompt). Raises OpenAIError (400, ``param`` "prompt", naming the index of a bad item)."""
+    from .openai import OpenAIError  # here: openai.py imports this module
+
+    shape = "'prompt' must be a string, a list of token ids, or a list of strings or of lists of token ids"
+    if isinstance(prompt, str) or isinstance(prompt, list) and prompt and all(_is_id(t) for t in prompt):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        raise OpenAIError(shape, param="prompt")
+    for i, p in enumerate(prompt):
+        if isinstance(p, str):
+            if not p:
+                raise OpenAIError(f"prompt[{i}] is an empty string", param="prompt")
+        elif not isinstance(p, list) or not p or not all(_is_id(t) for t in p):
+            raise OpenAIError(f"prompt[{i}] must be a non-empty string or a non-empty list of token ids "
+                              "(integers >= 0)", param="prompt")
+    if len(prompt) > MAX_PROMPTS:
+        raise OpenAIError(f"'prompt' has {len(prompt)} prompts; at most {MAX_PROMPTS} per request", param="prompt")
+    return prompt
+
+
+def _is_id(t) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool) and t >= 0
 
 
 class Entry(NamedTuple):
