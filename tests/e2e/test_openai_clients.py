@@ -72,7 +72,7 @@ def _sdk(url: str, rec: Recorder | None = None):
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/a.png"}}]}]},
      "messages"),
     ({"logit_bias": {"99999": 5}}, "logit_bias"),
-    ({"stream_options": {"include_usage": True, "continuous_usage_stats": True}, "stream": True}, "stream_options"),
+    ({"stream_options": {"include_usage": True, "usage_every_chunk": True}, "stream": True}, "stream_options"),
 ])
 def test_refused_fields_are_bad_requests_naming_them(server, kw, param):
     url, _ = server
@@ -81,11 +81,23 @@ def test_refused_fields_are_bad_requests_naming_them(server, kw, param):
         client.chat.completions.create(**{"model": "lm", "messages": MSGS, "max_tokens": 4, **kw})
     assert e.value.param == param and e.value.status_code == 400
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model="lm", prompt="x", max_tokens=4, echo=True)
-    assert e.value.param == "echo" and "not implemented" in e.value.message
+        client.completions.create(model="lm", prompt="x", max_tokens=4, suffix="end")
+    assert e.value.param == "suffix" and "fill-in-the-middle" in e.value.message
     with pytest.raises(openai.BadRequestError) as e:
         client.embeddings.create(model="lm", input="x", extra_body={"temperature": 0})
     assert e.value.param == "temperature"
+
+
+def test_echo_scoring_with_the_sdk(server):
+    """The openai SDK's echo + logprobs + max_tokens 0 (what lm-eval's API models send), two prompts."""
+    url, _ = server
+    r = _sdk(url).completions.create(model="lm", prompt=["The quick brown", "def serve(model):"], max_tokens=0,
+                                     echo=True, logprobs=1, temperature=0)
+    assert [c.text for c in r.choices] == ["The quick brown", "def serve(model):"]
+    for c in r.choices:
+        assert c.finish_reason == "length" and c.logprobs.token_logprobs[0] is None
+        assert all(lp <= 0 for lp in c.logprobs.token_logprobs[1:]) and c.logprobs.text_offset[0] == 0
+    assert r.usage.completion_tokens == 0
 
 
 def test_logit_bias_changes_greedy_output(server):

@@ -54,15 +54,18 @@ def test_micro_batched_steps_generate_the_same(checkpoint, micro):
 
 def test_split_groups_are_contiguous_and_balanced_by_tokens(checkpoint):
     from rtserve.llm.scheduler import ScheduledSeq, SchedulerOutput
+    from rtserve.llm.sequence import Sequence
 
     split = LLM(checkpoint, num_blocks=16, block_size=4, pipeline_stages=2, pipeline_micro_batches=2)
     try:
-        out = SchedulerOutput([ScheduledSeq(None, n) for n in [8, 1, 1, 1, 5]])  # split() reads num_tokens
+        out = SchedulerOutput([ScheduledSeq(Sequence([1] * n, 1), n) for n in [8, 1, 1, 1, 5]])  # split() reads num_tokens
         assert len(split.runner.split(out)) == 1  # 16 tokens: groups would be under MIN_GROUP_TOKENS
         split.runner.min_group_tokens = 4
         groups = split.runner.split(out)
         assert [len(g.scheduled) for g in groups] == [1, 4]
         assert [x for g in groups for x in g.scheduled] == out.scheduled
+        out.scheduled[4].seq.prompt_logprobs = 1  # a scored prompt: its rows follow the step's sampling rows
+        assert len(split.runner.split(out)) == 1
     finally:
         split.runner.close()
 
@@ -70,3 +73,24 @@ def test_split_groups_are_contiguous_and_balanced_by_tokens(checkpoint):
 def test_bad_stage_counts(checkpoint):
     with pytest.raises(ValueError, match="between 2 and the model's 4 layers"):
         LLM(checkpoint, num_blocks=16, block_size=4, pipeline_stages=5)
+
+
+def test_pipeline_stages_score_prompts_like_the_whole_model(checkpoint):
+    """Prompt logprobs through two stage processes, chunked and batched with generation (one group per step)."""
+    from rtserve.llm.sampling_params import SamplingParams
+
+    prompts = [list(range(3, 40)), [5, 9, 11, 2]]
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, prompt_logprobs=2)
+    whole = LLM(checkpoint, num_blocks=64, block_size=4, max_num_batched_tokens=16, max_num_seqs=4)
+    want = whole.generate(prompts, params)
+    split = LLM(checkpoint, num_blocks=64, block_size=4, max_num_batched_tokens=16, max_num_seqs=4,
+                pipeline_stages=2, pipeline_micro_batches=2)
+    split.runner.min_group_tokens = 2  # groups would form if the scored rows allowed them
+    try:
+        got = split.generate(prompts, params)
+    finally:
+        split.runner.close()
+    for g, w in zip(got, want):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids
+        assert [e.token for e in g.prompt_logprobs[1:]] == [e.token for e in w.prompt_logprobs[1:]]
+        assert all(abs(a.logprob - b.logprob) < 1e-4 for a, b in zip(g.prompt_logprobs[1:], w.prompt_logprobs[1:]))

@@ -81,7 +81,7 @@ def test_logprobs_with_alternatives():
 
 @pytest.mark.parametrize("kw,needle", [
     (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(top_k=-2), "top_k"),
-    (dict(min_p=2), "min_p"), (dict(max_tokens=0), "max_tokens"), (dict(presence_penalty=3), "presence_penalty"),
+    (dict(min_p=2), "min_p"), (dict(max_tokens=-1), "max_tokens"), (dict(presence_penalty=3), "presence_penalty"),
     (dict(repetition_penalty=0), "repetition_penalty"), (dict(logprobs=50), "logprobs"), (dict(n=0), "n"),
     (dict(stop=("",)), "stop"),
     # found by the fuzz tier: these reached the engine and answered 500

@@ -45,6 +45,8 @@ class StreamDelta:
     num_generated: int
     queue_s: float = 0.0       # arrival to first scheduled
     failure: RequestFailure | None = None  # set on the last delta of a request that failed
+    prompt_logprobs: list | None = None  # scored prompts, on a choice's first delta: None, then a PromptLogprob per token
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ class _Stream:
         self.loop, self.queue, self.index, self.hold = loop, queue, index, hold
         self.sent_tokens = 0
         self.sent_chars = 0
+        self.sent_prompt = False
 
 
 class AsyncLLM:
@@ -226,7 +229,9 @@ class AsyncLLM:
         delta = StreamDelta(st.index, text[st.sent_chars:upto], new_tokens, lps, reason,
                             seq.num_prompt_tokens, seq.num_generated,
                             max(0.0, seq.first_scheduled - seq.arrival) if seq.first_scheduled else 0.0,
-                            seq.failure if done else None)
+                            seq.failure if done else None, num_cached_tokens=seq.num_cached_tokens)
+        if seq.prompt_logprobs is not None and not st.sent_prompt and not seq.needs_prompt_logits:
+            delta.prompt_logprobs, st.sent_prompt = [None, *seq.prompt_lps], True
         st.sent_tokens = seq.num_generated
         st.sent_chars = upto
         if done:

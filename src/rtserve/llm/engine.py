@@ -18,6 +18,7 @@ from .block_manager import BlockManager
 from .config import DecoderConfig
 from .engine_config import EngineConfig
 from .model_runner import ModelRunner
+from .prompt_logprobs import prompt_spans, record
 from .sampler import SampleRow, sample
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
@@ -40,6 +41,7 @@ class RequestOutput:
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
+    prompt_logprobs: list | None = None  # None, then a PromptLogprob per later prompt token (params.prompt_logprobs)
 
 
 def with_overrides(config: EngineConfig, overrides: dict) -> EngineConfig:
@@ -103,7 +105,9 @@ class LLM:
             BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching))
 
     def make_sequences(self, prompt: list[int], params: SamplingParams) -> list[Sequence]:
-        """One sequence per choice (``n``); they share the prompt's blocks through the prefix cache.
+        """One sequence per choice (``n``); they share the prompt's blocks through the prefix cache
+        (unless the prompt is scored, ``prompt_logprobs``: then each choice computes it, so each
+        has its prompt's logprobs by its first token, whatever the others did).
         A constrained request (``params.structured``) gets a matcher per choice (compiled through the
         cache: call ``compile_structured`` first to compile off the caller's thread)."""
         stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
@@ -113,7 +117,8 @@ class LLM:
             if params.seed is not None:
                 gen = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)
             seq = Sequence(list(prompt), params.max_tokens, stop_token_ids=stops, params=params, generator=gen,
-                           arrival=time.monotonic(), priority=params.priority)
+                           arrival=time.monotonic(), priority=params.priority,
+                           prompt_logprobs=params.prompt_logprobs)
             if params.structured is not None:
                 seq.grammar = self.grammars.matcher(params.structured)
             if self.tokenizer is not None:
@@ -187,15 +192,20 @@ class LLM:
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
+        spans = prompt_spans(out)  # prompt positions scored this step (before update moves the counters)
         try:
             logits = self.runner.run(out)
         except Exception as e:  # noqa: BLE001 - reported with the step's sequences
             raise StepFailed([s.seq for s in out.scheduled], e) from e
         to_sample = out.to_sample
+        if spans:
+            record(spans, logits[len(to_sample):])
+            logits = logits[:len(to_sample)]
         tokens = self._sample(to_sample, logits)
         self.scheduler.update(out, tokens)
-        self._advance_grammars(to_sample)
-        self._check_stop_strings(to_sample)
+        generating = [s for s in to_sample if s.max_tokens]  # max_tokens 0: scored, no token
+        self._advance_grammars(generating)
+        self._check_stop_strings(generating)
         return to_sample
 
     def _advance_grammars(self, seqs: list[Sequence]) -> None:
@@ -245,7 +255,7 @@ class LLM:
                     self.fail(seqs[i], 500, f"sampling failed: {type(e).__name__}: {e}")
         tokens = {}
         for i, tok, lp in picked:
-            if lp is not None:
+            if lp is not None and seqs[i].max_tokens:
                 seqs[i].output_logprobs.append(lp)
             tokens[seqs[i].seq_id] = tok
         return tokens
@@ -266,7 +276,8 @@ class LLM:
         results = [RequestOutput(p if isinstance(p, str) else None, tp, [
             CompletionOutput(i, self.text_of(s), s.generated_ids, s.finish_reason.value if s.finish_reason else None,
                              s.output_logprobs if params.logprobs is not None else None)
-            for i, s in enumerate(g)]) for p, tp, g in zip(prompts, token_prompts, groups)]
+            for i, s in enumerate(g)], [None, *g[0].prompt_lps] if params.prompt_logprobs is not None else None)
+            for p, tp, g in zip(prompts, token_prompts, groups)]
         for g in groups:
             for s in g:
                 self._detok.pop(s.seq_id, None)

@@ -16,6 +16,7 @@ from .config import DecoderConfig
 from .engine_config import DTYPES as DTYPE_NAMES
 from .engine_config import EngineConfig
 from .models import model_class
+from .prompt_logprobs import prompt_spans, span_rows
 from .scheduler import SchedulerOutput
 from .weights import load_weights
 
@@ -27,7 +28,8 @@ class ForwardInput(NamedTuple):
     ids: torch.Tensor           # (T,) int64 token ids
     positions: torch.Tensor     # (T,) int64 position of each token in its sequence
     meta: AttentionMetadata     # slots to write, and how each query reads the paged cache
-    logits_index: torch.Tensor  # (N,) int64 rows of the tokens that sample, in ``out.to_sample`` order
+    logits_index: torch.Tensor  # (N + M,) int64 rows of the tokens that sample (``out.to_sample`` order),
+    #                             then the M prompt rows of ``prompt_logprobs.prompt_spans(out)``
 
 
 class DecodeInputs(NamedTuple):
@@ -136,7 +138,7 @@ class ModelRunner:
             d = DecodeInputs(*(t.to(dev, non_blocking=True) for t in self.prepare_decode(out)))
             meta = AttentionMetadata(slot_mapping=d.slot_mapping, block_tables=d.block_tables,
                                      context_lens=d.context_lens)
-            logits_index = [i for i, s in enumerate(out.scheduled) if s.completes]
+            logits_index = [i for i, s in enumerate(out.scheduled) if s.completes] + span_rows(prompt_spans(out))
             return ForwardInput(d.ids, d.positions, meta, torch.tensor(logits_index, dtype=torch.long, device=dev))
         ids, pos, slots, tables, logits_index = [], [], [], [], []
         decode, prefill = [], []  # (sequence i, first step row, queries, context)
@@ -153,6 +155,7 @@ class ModelRunner:
             offset += n
             if s.completes:
                 logits_index.append(offset - 1)
+        logits_index += span_rows(prompt_spans(out))
         single = not decode or not prefill
         groups = []
         if decode:
@@ -201,7 +204,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, out: SchedulerOutput) -> torch.Tensor:
-        """Logits (N, vocab) for ``out.to_sample``, in that order."""
+        """Logits (N + M, vocab): ``out.to_sample`` in that order, then the rows of the step's prompt
+        spans (``prompt_logprobs``; M is 0 unless a sequence scores its prompt)."""
         if self.graphs is not None and self.graphs.can_run(out):
             return self.graphs.run(out)
         x = self.prepare(out)

@@ -174,7 +174,7 @@ class PipelineRunner(ModelRunner):
         # decode on a CPU reads every weight once per group: small groups cost more than overlap gains
         # (benchmarks/llm_pipeline.py: 16 decoding sequences in 2 groups -17%, 64 in 2 groups +19%)
         n = min(self.micro_batches, len(out.scheduled), out.num_batched_tokens // self.min_group_tokens)
-        if n <= 1:
+        if n <= 1 or any(s.seq.needs_prompt_logits for s in out.scheduled):  # prompt rows: one group
             return [out]
         tokens = np.cumsum([s.num_tokens for s in out.scheduled])
         cuts = np.searchsorted(tokens, tokens[-1] * np.arange(1, n) / n, side="left") + 1

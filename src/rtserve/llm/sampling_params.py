@@ -39,6 +39,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     n: int = 1
     priority: int = 0
     logit_bias: tuple[tuple[int, float], ...] = ()
@@ -48,8 +49,8 @@ class SamplingParams:
         def bad(field: str, why: str):
             raise ValueError(f"{field}: {why}, got {getattr(self, field)!r}")
 
-        if self.max_tokens < 1:
-            bad("max_tokens", "must be at least 1")
+        if self.max_tokens < 0:
+            bad("max_tokens", "must be at least 0")
         if not 0.0 <= self.temperature <= 100.0:
             bad("temperature", "must be in [0, 100]")
         if self.top_k < 0:
@@ -65,6 +66,8 @@ class SamplingParams:
                 bad(f, "must be in [-2, 2]")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             bad("logprobs", "must be in [0, 20]")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            bad("prompt_logprobs", "must be in [0, 20]")
         if not 1 <= self.n <= 64:
             bad("n", "must be in [1, 64]")
         if any(not isinstance(s, str) or not s for s in self.stop):

@@ -6,7 +6,8 @@ Policy (one step):
    has no room, the *newest* running sequence is preempted: its blocks are freed and it goes back
    to the front of the queue, to be recomputed later (its generated tokens are kept).
 2. Then waiting sequences, in order, while budget, blocks and ``max_num_seqs`` allow: each first
-   takes what the prefix cache holds of its tokens, then a prefill chunk of what is left.
+   takes what the prefix cache holds of its tokens (not one whose prompt is scored, ``prompt_logprobs``:
+   a cached prefix has no logits, so it is computed), then a prefill chunk of what is left.
 Invariant: the tokens scheduled in a step add up to at most ``max_num_batched_tokens``.
 
 The waiting queue is ordered by (priority, arrival): a lower ``Sequence.priority`` starts first
@@ -119,8 +120,8 @@ class Scheduler:
             raise RequestTooLarge(
                 f"the prompt needs {self.bm.blocks_needed(seq.num_prompt_tokens + 1)} KV-cache blocks; "
                 f"the cache has {self.bm.num_blocks}")
-        if seq.max_tokens < 1:
-            raise RequestTooLarge("max_tokens must be at least 1")
+        if seq.max_tokens < 0:
+            raise RequestTooLarge("max_tokens must be at least 0")
 
     def abort(self, seq: Sequence, reason: FinishReason = FinishReason.ABORT) -> None:
         """End a sequence wherever it is (client gone, or a stop string seen after the step);
@@ -169,7 +170,7 @@ class Scheduler:
             return out  # no room: admit nobody new this step
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.block_table:
+            if not seq.block_table and not seq.needs_prompt_logits:  # a cached prefix has no logits
                 self.bm.take_cached_prefix(seq)
             n = min(seq.num_uncomputed, budget)
             if not self.bm.allocate(seq, n):
@@ -198,6 +199,11 @@ class Scheduler:
             seq.num_computed_tokens += s.num_tokens
             self.bm.cache_full_blocks(seq)
             if not completes:
+                continue
+            if seq.max_tokens == 0:  # scored, nothing to generate
+                self.running.remove(seq)
+                self._finish(seq, FinishReason.LENGTH)
+                finished.append(seq)
                 continue
             tok = sampled[seq.seq_id]
             seq.append_token(tok)

@@ -58,6 +58,8 @@ class Sequence:
     generator: Any = None  # torch.Generator for a seeded request
     grammar: Any = None  # structured.GrammarMatcher of a constrained request (params.structured)
     output_logprobs: list = field(default_factory=list)
+    prompt_logprobs: int | None = None  # alternatives per prompt token when the prompt is scored (None: not)
+    prompt_lps: list = field(default_factory=list)  # prompt_logprobs.PromptLogprob of tokens 1.. so far
     failure: RequestFailure | None = None  # set when it ended in a fault, an unload or a shutdown
 
     def __post_init__(self) -> None:
@@ -79,6 +81,11 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """The prompt is scored and not every prompt token has its logprob yet."""
+        return self.prompt_logprobs is not None and len(self.prompt_lps) < self.num_prompt_tokens - 1
 
     @property
     def generated_ids(self) -> list[int]:

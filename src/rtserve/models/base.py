@@ -157,6 +157,12 @@ class ServedModel(ABC):
         """Run a tensor request; the requested outputs in order (KServe v2)."""
         raise self.wrong_api()
 
+    def prompt_ids(self, prompt, messages, max_tokens: int | None, stop_token_ids: tuple[int, ...] = (),
+                   tools: list[dict] | None = None, template_kwargs: dict | None = None) -> list[int]:
+        """A generation request's prompt as checked token ids (completions checks every prompt of a
+        request with it before queuing any)."""
+        raise self.wrong_api()
+
     async def open_stream(self, prompt: str | list[int] | None, messages: list | None, params, *,
                           max_tokens_given: bool = False, tools: list[dict] | None = None,
                           template_kwargs: dict | None = None):

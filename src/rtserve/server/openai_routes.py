@@ -7,6 +7,7 @@ from ..errors import NotFound, RtserveError
 from ..models.base import ServedModel
 from ..models.llm import failure_error
 from .auth import check_api_key
+from .completions import Usage, open_prompts
 from .chat_output import ChoiceStream, for_request
 from .protocols import openai as oai
 from .responses import JSON, ClientGone, Response, json_response, until_disconnect
@@ -55,12 +56,16 @@ class OpenAIRoutes:
         output = for_request(req, model) if chat else None  # tool calls, reasoning (chat_output)
 
         async def answer() -> Response | None:
-            deltas = await model.open_stream(req.prompt, req.messages if chat else None, req.params,
-                                             max_tokens_given=req.max_tokens_given,
-                                             # None, not []: templates test "tools is not none"
-                                             tools=req.tools.tools or None if req.tools else None,
-                                             template_kwargs=req.template_kwargs)
+            prompt_ids = []
+            if chat:
+                deltas = await model.open_stream(None, req.messages, req.params, max_tokens_given=req.max_tokens_given,
+                                                 # None, not []: templates test "tools is not none"
+                                                 tools=req.tools.tools or None if req.tools else None,
+                                                 template_kwargs=req.template_kwargs)
+            else:
+                deltas, prompt_ids = await open_prompts(model, req)
             builder = oai.ResponseBuilder(req, model.tokenizer)
+            builder.prompt_ids = prompt_ids
             try:
                 if req.stream:
                     await _stream(send, builder, deltas, req.include_usage, output)
@@ -91,9 +96,10 @@ async def _stream(send, builder: oai.ResponseBuilder, deltas, include_usage: boo
     choice; a chunk with nothing to say is left out), the usage chunk if asked for, then ``[DONE]``."""
     await send({"type": "http.response.start", "status": 200, "headers": [
         (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
-    started, completion, prompt_tokens = set(), 0, 0
+    started, usage = set(), Usage(builder.req.params.n)
     streams: dict[int, ChoiceStream] = {}
     async for d in deltas:
+        usage.add(d)
         delta, finish = None, d.finish_reason
         if output is not None:
             st = streams.setdefault(d.index, output.stream())
@@ -103,15 +109,13 @@ async def _stream(send, builder: oai.ResponseBuilder, deltas, include_usage: boo
                 delta = _merge(delta, last)
         if delta or delta is None or d.index not in started or finish is not None or d.logprobs:
             await send({"type": "http.response.body", "more_body": True, "body": builder.chunk(
-                d.index, d.text, d.token_ids, d.logprobs, finish, d.index not in started, delta)})
+                d.index, d.text, d.token_ids, d.logprobs, finish, d.index not in started, delta, d.prompt_logprobs,
+                builder.usage(*usage.totals) if builder.req.continuous_usage else None)})
         started.add(d.index)
         if d.failure is not None:  # the choice ended with finish_reason "abort": say why, then end
             await send({"type": "http.response.body", "body": oai.error_event(failure_error(d.failure)) + oai.DONE})
             return
-        prompt_tokens = d.num_prompt_tokens
-        if d.finish_reason is not None:
-            completion += d.num_generated
-    tail = builder.usage_chunk(prompt_tokens, completion) if include_usage else b""
+    tail = builder.usage_chunk(*usage.totals) if include_usage else b""
     await send({"type": "http.response.body", "body": tail + oai.DONE})
 
 
@@ -128,21 +132,22 @@ def _merge(a: dict, b: dict) -> dict:
 async def _collect(builder: oai.ResponseBuilder, deltas, output=None) -> bytes:
     """One response body with every choice's text, tokens, logprobs and finish reason."""
     choices: dict[int, dict] = {}
-    completion, prompt_tokens = 0, 0
+    usage = Usage(builder.req.params.n)
     async for d in deltas:
         c = choices.setdefault(d.index, {"index": d.index, "text": "", "token_ids": [], "logprobs": None,
-                                         "finish_reason": None})
+                                         "finish_reason": None, "prompt_logprobs": None})
         if d.failure is not None:
             raise failure_error(d.failure)
+        usage.add(d)
         c["text"] += d.text
         c["token_ids"] += d.token_ids
-        prompt_tokens = d.num_prompt_tokens
+        if d.prompt_logprobs is not None:
+            c["prompt_logprobs"] = d.prompt_logprobs
         if d.logprobs is not None:
             c["logprobs"] = (c["logprobs"] or []) + d.logprobs
         if d.finish_reason is not None:
             c["finish_reason"] = d.finish_reason
-            completion += d.num_generated
     if output is not None:
         for c in choices.values():
             c["message"], c["finish_reason"] = output.message(c["text"], c["finish_reason"])
-    return builder.final(list(choices.values()), prompt_tokens, completion)
+    return builder.final(list(choices.values()), *usage.totals)

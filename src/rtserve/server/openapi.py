@@ -67,11 +67,13 @@ def _openai_schemas() -> dict:
         "n": _nullable("integer", minimum=1, maximum=64),
         "stream": _nullable("boolean"),
         "stream_options": {"type": ["object", "null"], "additionalProperties": False, "properties": {
-            "include_usage": _nullable("boolean"), "include_obfuscation": _nullable("boolean")}},
+            "include_usage": _nullable("boolean"), "continuous_usage_stats": _nullable("boolean"),
+            "include_obfuscation": _nullable("boolean")}},
         "logit_bias": {"type": ["object", "null"], "propertyNames": {"pattern": "^[0-9]+$"},
                        "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
                        "description": "token id -> bias; each id below the model's vocabulary size"},
         "max_tokens": _nullable("integer", minimum=1),
+        "prompt_logprobs": _nullable("integer", minimum=0, maximum=20),
         "priority": _nullable("integer", minimum=-2**63, maximum=2**63 - 1),
     }
     message = {"type": "object", "required": ["role"], "properties": {
@@ -82,11 +84,15 @@ def _openai_schemas() -> dict:
     schemas = {
         "CompletionRequest": {"type": "object", "required": ["model", "prompt"], "properties": {
             "model": model,
-            "prompt": {"anyOf": [text, ids, {"type": "array", "minItems": 1, "maxItems": 1,
+            "prompt": {"anyOf": [text, ids, {"type": "array", "minItems": 1, "maxItems": 2048,
                                              "items": {"anyOf": [text, ids]}}]},
+            "echo": _nullable("boolean"),
             "logprobs": _nullable("integer", minimum=0, maximum=20),
             "best_of": _nullable("integer", minimum=1, maximum=64,
-                                 description="at least n; above n, stream must be false"), **sampling}},
+                                 description="at least n; above n, stream must be false"), **sampling,
+            "max_tokens": _nullable("integer", minimum=0, description="0 only with echo: true (scoring)")},
+            "anyOf": [{"properties": {"max_tokens": {"not": {"const": 0}}}},  # 0 needs echo
+                      {"required": ["echo"], "properties": {"echo": {"const": True}}}]},
         "ChatCompletionRequest": {"type": "object", "required": ["model", "messages"], "properties": {
             "model": model,
             "messages": {"type": "array", "minItems": 1, "items": message},

@@ -12,7 +12,7 @@ import orjson
 
 from ...errors import RtserveError
 from ...llm.sampling_params import SamplingParams
-from . import openai_fields
+from . import openai_echo, openai_fields
 
 
 def error_event(err: RtserveError) -> bytes:
@@ -54,6 +54,10 @@ class GenerationRequest:
     hide_logprobs: bool = False  # best_of asked the engine for logprobs the client did not
     tools: "openai_tools.ToolRequest | None" = None  # chat: tools, tool_choice (openai_tools)
     template_kwargs: dict = field(default_factory=dict)  # chat: chat_template_kwargs
+    prompts: list = field(default_factory=list)  # completions: every prompt (``prompt`` is the first)
+    echo: bool = False  # completions: the prompt (and its logprobs) before each choice's text
+    prompt_logprobs: int | None = None  # vLLM's extra: the prompt's logprobs in vLLM's shape
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage on every chunk
 
 
 def _get(doc: dict, key: str, kinds, default=None):
@@ -120,6 +124,9 @@ def _messages(doc: dict) -> list[dict]:
     return messages
 
 
+MAX_LOGPROBS = 20  # alternatives per token (logprobs, top_logprobs, prompt_logprobs)
+
+
 def parse(body: bytes, chat: bool) -> GenerationRequest:
     doc, model = _request_doc(body)
     openai_fields.check(doc, openai_fields.CHAT if chat else openai_fields.COMPLETIONS)
@@ -127,15 +134,8 @@ def parse(body: bytes, chat: bool) -> GenerationRequest:
     if chat:
         messages = _messages(doc)
     else:
-        prompt = doc.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]
-        if isinstance(prompt, list):
-            if not prompt or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
-                raise OpenAIError("'prompt' must be a string, or a non-empty list of token ids "
-                                  "(one prompt per request)", param="prompt")
-        elif not isinstance(prompt, str) or not prompt:
-            raise OpenAIError("'prompt' must be a non-empty string", param="prompt")
+        prompts = openai_echo.parse_prompts(doc.get("prompt"))
+        prompt = prompts[0]
     stop = doc.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -157,6 +157,16 @@ def parse(body: bytes, chat: bool) -> GenerationRequest:
     else:
         logprobs = _get(doc, "logprobs", int)
         max_tokens = _get(doc, "max_tokens", int, 16)
+    echo = not chat and _get(doc, "echo", bool, False)
+    prompt_logprobs = _get(doc, "prompt_logprobs", int)
+    for name, v in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+        if v is not None and not 0 <= v <= MAX_LOGPROBS:
+            raise OpenAIError(f"'{name}' must be in [0, {MAX_LOGPROBS}] (the supported maximum is {MAX_LOGPROBS}), "
+                              f"got {v}", param=name)
+    if max_tokens == 0 and not echo:
+        raise OpenAIError("'max_tokens' must be at least 1 (0 only with echo: true, to score the prompt)",
+                          param="max_tokens")
+    scored = max((v for v in (prompt_logprobs, logprobs if echo else None) if v is not None), default=None)
     stream_options = _get(doc, "stream_options", dict, {})
     from .openai_structured import parse_structured  # it imports OpenAIError from here
 
@@ -173,7 +183,8 @@ def parse(body: bytes, chat: bool) -> GenerationRequest:
             frequency_penalty=float(_get(doc, "frequency_penalty", (int, float), 0.0)),
             seed=_get(doc, "seed", int), stop=tuple(stop or ()),
             stop_token_ids=tuple(_get(doc, "stop_token_ids", list, [])),
-            ignore_eos=_get(doc, "ignore_eos", bool, False), logprobs=logprobs, n=_get(doc, "n", int, 1),
+            ignore_eos=_get(doc, "ignore_eos", bool, False), logprobs=logprobs, prompt_logprobs=scored,
+            n=_get(doc, "n", int, 1),
             priority=_get(doc, "priority", int, 0), logit_bias=_logit_bias(doc), structured=structured)
     except ValueError as e:
         field = str(e).split(":", 1)[0]
@@ -181,7 +192,9 @@ def parse(body: bytes, chat: bool) -> GenerationRequest:
     req = GenerationRequest(model=model, prompt=prompt, messages=messages, params=params,
                             stream=_get(doc, "stream", bool, False),
                             include_usage=_get(stream_options, "include_usage", bool, False), chat=chat,
-                            top_logprobs=top_logprobs,
+                            top_logprobs=top_logprobs, prompts=prompts if not chat else [], echo=echo,
+                            prompt_logprobs=prompt_logprobs,
+                            continuous_usage=_get(stream_options, "continuous_usage_stats", bool, False),
                             max_tokens_given=any(doc.get(k) is not None for k in (
                                 ("max_tokens", "max_completion_tokens") if chat else ("max_tokens",))))
     return _best_of(doc, _with_tools(req, doc) if chat else req)
@@ -226,66 +239,110 @@ def _with_tools(req: GenerationRequest, doc: dict) -> GenerationRequest:
 
 
 class ResponseBuilder:
-    """Builds the response or the stream chunks of one request."""
+    """Builds the response or the stream chunks of one request. Completions: ``prompt_ids`` (set
+    once the prompts are tokenized) are echoed and scored; choice ``index`` // ``params.n`` is its prompt."""
 
     def __init__(self, req: GenerationRequest, tokenizer) -> None:
         self.req, self.tok = req, tokenizer
         self.id = ("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.object = "chat.completion" if req.chat else "text_completion"
+        self.decode = openai_echo.decoder(tokenizer)
+        self.prompt_ids: list[list[int]] = []
+        self._offsets: dict[int, int] = {}  # streamed: text_offset of each choice's next token
 
-    def _logprobs(self, token_ids: list[int], lps: list | None):
+    def _chat_logprobs(self, token_ids: list[int], lps: list | None):
         if lps is None:
             return None
-        decode = (lambda t: self.tok.decode([t], skip_special_tokens=False)) if self.tok else str
-        if self.req.chat:
-            return {"content": [{"token": decode(t), "logprob": lp[0], "bytes": list(decode(t).encode()),
-                                 "top_logprobs": [{"token": decode(a), "logprob": v, "bytes": list(decode(a).encode())}
-                                                  for a, v in lp[1]]} for t, lp in zip(token_ids, lps)]}
-        return {"tokens": [decode(t) for t in token_ids], "token_logprobs": [lp[0] for lp in lps],
-                "top_logprobs": [{decode(a): v for a, v in lp[1]} for lp in lps], "text_offset": None}
+        decode = self.decode
+        return {"content": [{"token": decode(t), "logprob": lp[0], "bytes": list(decode(t).encode()),
+                             "top_logprobs": [{"token": decode(a), "logprob": v, "bytes": list(decode(a).encode())}
+                                              for a, v in lp[1]]} for t, lp in zip(token_ids, lps)]}
+
+    def prompt_text(self, p: int) -> str:
+        prompt = self.req.prompts[p]
+        return prompt if isinstance(prompt, str) else self.tok.decode(prompt) if self.tok else ""
+
+    def _completion(self, c: dict, first: bool = True) -> dict:
+        """A completions choice: the echoed prompt (on a choice's first chunk), logprobs, prompt_logprobs."""
+        req = self.req
+        p = c["index"] // req.params.n
+        echo, plps = req.echo and first, c.get("prompt_logprobs")
+        text, lp = c["text"], None
+        if c["logprobs"] is not None or echo and req.params.logprobs is not None:
+            entries = openai_echo.generated_entries(self.decode, c["token_ids"], c["logprobs"] or [])
+            if echo and plps is not None:
+                entries = openai_echo.prompt_entries(self.decode, self.prompt_ids[p], plps, req.params.logprobs) + entries
+            start = self._offsets.get(c["index"], 0)  # streamed: offsets run on across a choice's chunks
+            lp = openai_echo.legacy(entries, start)
+            self._offsets[c["index"]] = start + sum(len(e.token) for e in entries)
+        out = {"index": c["index"], "text": self.prompt_text(p) + text if echo else text, "logprobs": lp,
+               "finish_reason": c["finish_reason"]}
+        if req.prompt_logprobs is not None and first:
+            out["prompt_logprobs"] = None if plps is None else openai_echo.vllm_prompt_logprobs(
+                self.decode, plps, req.prompt_logprobs)
+        return out
 
     @staticmethod
-    def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
+    def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict:
+        out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+               "total_tokens": prompt_tokens + completion_tokens}
+        if cached_tokens is not None:
+            out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+        return out
 
-    def final(self, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> bytes:
-        if self.req.best_of_keep:  # usage counts every choice generated, as OpenAI bills them
-            choices = best_choices(choices, self.req.best_of_keep, self.req.hide_logprobs)
-        out = []
+    def final(self, choices: list[dict], prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> bytes:
+        req, n = self.req, self.req.params.n
+        if req.best_of_keep:  # per prompt; usage counts every choice generated, as OpenAI bills them
+            groups: dict[int, list] = {}
+            for c in choices:
+                groups.setdefault(c["index"] // n, []).append(c)
+            choices = [{**c, "index": p * req.best_of_keep + c["index"]} for p, g in sorted(groups.items())
+                       for c in best_choices(g, req.best_of_keep, req.hide_logprobs)]
+            req = self.req = dataclasses.replace(req, params=dataclasses.replace(
+                req.params, n=req.best_of_keep, logprobs=None if req.hide_logprobs else req.params.logprobs))
+        out, extra = [], {}
         for c in sorted(choices, key=lambda c: c["index"]):
-            lp = self._logprobs(c["token_ids"], c["logprobs"])
-            if self.req.chat:
+            if req.chat:
                 out.append({"index": c["index"], "message": c.get("message") or {"role": "assistant", "content": c["text"]},
-                            "logprobs": lp, "finish_reason": c["finish_reason"]})
+                            "logprobs": self._chat_logprobs(c["token_ids"], c["logprobs"]),
+                            "finish_reason": c["finish_reason"]})
+                if req.prompt_logprobs is not None and c["index"] == 0 and c.get("prompt_logprobs") is not None:
+                    extra["prompt_logprobs"] = openai_echo.vllm_prompt_logprobs(
+                        self.decode, c["prompt_logprobs"], req.prompt_logprobs)
             else:
-                out.append({"index": c["index"], "text": c["text"], "logprobs": lp, "finish_reason": c["finish_reason"]})
-        return orjson.dumps({"id": self.id, "object": self.object, "created": self.created, "model": self.req.model,
-                             "choices": out, "usage": self.usage(prompt_tokens, completion_tokens)})
+                out.append(self._completion(c))
+        return orjson.dumps({"id": self.id, "object": self.object, "created": self.created, "model": req.model,
+                             "choices": out, "usage": self.usage(prompt_tokens, completion_tokens, cached_tokens),
+                             **extra})
 
     def chunk(self, index: int, text: str, token_ids: list[int], lps, finish_reason: str | None,
-              first: bool, delta: dict | None = None) -> bytes:
-        """``delta``: a chat chunk's delta in place of ``{"content": text}`` (tool calls, reasoning)."""
-        lp = self._logprobs(token_ids, lps)
+              first: bool, delta: dict | None = None, prompt_logprobs: list | None = None,
+              usage: dict | None = None) -> bytes:
+        """``delta``: a chat chunk's delta in place of ``{"content": text}`` (tool calls, reasoning).
+        ``prompt_logprobs``: the choice's scored prompt (its first chunk). ``usage``: continuous usage."""
         if self.req.chat:
             delta = {"content": text} if delta is None else delta
             delta = {"role": "assistant", **delta} if first else delta
-            choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
+            choice = {"index": index, "delta": delta, "logprobs": self._chat_logprobs(token_ids, lps),
+                      "finish_reason": finish_reason}
             obj = "chat.completion.chunk"
         else:
-            choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason}
+            choice = self._completion({"index": index, "text": text, "token_ids": token_ids, "logprobs": lps,
+                                       "finish_reason": finish_reason, "prompt_logprobs": prompt_logprobs}, first)
             obj = "text_completion"
         doc = {"id": self.id, "object": obj, "created": self.created, "model": self.req.model, "choices": [choice]}
-        if self.req.include_usage:
-            doc["usage"] = None
+        if self.req.chat and prompt_logprobs is not None and self.req.prompt_logprobs is not None and index == 0:
+            doc["prompt_logprobs"] = openai_echo.vllm_prompt_logprobs(self.decode, prompt_logprobs, self.req.prompt_logprobs)
+        if self.req.include_usage or usage is not None:
+            doc["usage"] = usage
         return b"data: " + orjson.dumps(doc) + b"\n\n"
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> bytes:
         obj = "chat.completion.chunk" if self.req.chat else "text_completion"
         return b"data: " + orjson.dumps({"id": self.id, "object": obj, "created": self.created,
                                          "model": self.req.model, "choices": [],
-                                         "usage": self.usage(prompt_tokens, completion_tokens)}) + b"\n\n"
+                                         "usage": self.usage(prompt_tokens, completion_tokens, cached_tokens)}) + b"\n\n"
 
 
 DONE = b"data: [DONE]\n\n"

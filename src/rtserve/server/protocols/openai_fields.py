@@ -81,22 +81,24 @@ FIELDS: tuple[Field, ...] = (
     _impl("presence_penalty", _G, "in [-2, 2], over the generated tokens"),
     _impl("logit_bias", _G, "token id (a string) -> bias in [-100, 100], added to the logits before "
           "penalties and logprobs; ids outside the vocabulary -> 400"),
-    _impl("max_tokens", _G, "default 16 (completions) or 256 (chat); over the context -> 400"),
+    _impl("max_tokens", _G, "default 16 (completions) or 256 (chat); over the context -> 400; 0 only with echo"),
     _impl("n", _G, "choices per request, 1 to 64"),
     _impl("seed", _G, "64-bit; choice i draws from a generator seeded with seed + i, whatever the batch"),
     _impl("stop", _G, "a string or a list of strings; the stop text is not returned"),
     _impl("stream", _G, "server-sent events, ending with data: [DONE]"),
     _impl("stream_options", _G, "with stream: true only; include_usage: a last chunk with the usage; "
-          "include_obfuscation: taken, no padding is sent; other keys -> 400"),
+          "continuous_usage_stats: the usage so far on every chunk (vLLM); include_obfuscation: taken, no "
+          "padding is sent; other keys -> 400"),
     _impl("temperature", _G, "in [0, 100]; 0 is greedy"),
     _impl("top_p", _G, "in (0, 1]"),
     # -- OpenAI, completions -------------------------------------------------------------------------
-    _impl("prompt", _C, "a string, token ids, or a list of one of those (one prompt per request)"),
-    _impl("logprobs", _G, "completions: the number of top alternatives, 0 to 20; chat: a boolean"),
+    _impl("prompt", _C, "a string, token ids, or a list of strings or of token-id lists: n choices per prompt, "
+          "index = prompt index * n + i"),
+    _impl("logprobs", _G, "completions: the number of top alternatives, 0 to 20, with text_offset; chat: a boolean"),
     _impl("best_of", _C, "best_of choices are generated and the n with the highest mean logprob per token "
           "returned (all count in usage); above n, not with stream"),
-    _refused("echo", _C, "returning the prompt (with its logprobs) is not implemented yet; only false "
-             "is accepted", _only(False), _enum(False)),
+    _impl("echo", _C, "the prompt before each choice's text; with logprobs, the prompt's tokens first (the first "
+          "one's logprob null); with max_tokens 0, scores the prompt without generating"),
     _refused("suffix", _C, "this model does no fill-in-the-middle; only null or an empty string is "
              "accepted", _only(""), _enum("")),
     # -- OpenAI, chat --------------------------------------------------------------------------------
@@ -155,7 +157,8 @@ FIELDS: tuple[Field, ...] = (
              source="vLLM"),
     _impl("chat_template_kwargs", _H, "extra variables for the chat template (e.g. enable_thinking)", "vLLM"),
     _refused("min_tokens", _G, "not implemented; only 0 is accepted", _only(0), _enum(0), "vLLM"),
-    _refused("prompt_logprobs", _G, "prompt logprobs are not implemented yet", source="vLLM"),
+    _impl("prompt_logprobs", _G, "0 to 20: the prompt tokens' logprobs, rank and that many alternatives, in "
+          "vLLM's shape (choices[i].prompt_logprobs; chat: top-level); a scored prompt skips the prefix cache", "vLLM"),
     _refused("use_beam_search", _G, "beam search is not implemented; only false is accepted",
              _only(False), _enum(False), "vLLM"),
     _refused("allowed_token_ids", _G, "not implemented (logit_bias of -100 bans tokens)", source="vLLM"),
@@ -174,7 +177,8 @@ FIELDS: tuple[Field, ...] = (
 )
 
 # sub-fields of stream_options: implemented, or taken without effect; others -> 400
-STREAM_OPTIONS = {"include_usage": "implemented", "include_obfuscation": "taken: rtserve sends no padding"}
+STREAM_OPTIONS = {"include_usage": "implemented", "continuous_usage_stats": "implemented (vLLM's extra)",
+                  "include_obfuscation": "taken: rtserve sends no padding"}
 _BY_ENDPOINT = {e: {f.name: f for f in FIELDS if e in f.endpoints} for e in PATHS}
 _TEXT_ONLY = {"image_url", "input_audio", "file"}
 
