@@ -70,7 +70,8 @@ def setup(tmp_path_factory):
     return root, ckpt, tasks
 
 
-def evaluate(model: str, model_args: dict, tasks) -> dict:
+def evaluate(model, model_args: dict, tasks) -> dict:
+    """``model``: lm-eval's model name (with ``model_args``) or an ``LM`` instance."""
     from lm_eval.tasks import TaskManager
 
     return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=["rt_mc", "rt_rolling"],
@@ -87,13 +88,31 @@ def test_lm_eval_through_the_server_matches_hf(setup):
     root, ckpt, tasks = setup
     with start_server(root / "repo", root, "--log-level", "warning") as srv:
         # tokenizer_backend huggingface with the checkpoint's tokenizer: lm-eval tokenizes and sends
-        # token ids (once the server has /tokenize, "auto" would pick the remote backend instead).
-        # add_bos_token: lm-eval's hf model encodes with the tokenizer's special tokens (<s> here),
-        # its API models without them unless told: the same tokens are scored only with it
+        # token ids. add_bos_token: lm-eval's hf model encodes with the tokenizer's special tokens
+        # (<s> here), its API models without them unless told: the same tokens are scored only with it
         served = evaluate("local-completions", {
             "base_url": srv.url + "/v1/completions", "model": "lm", "tokenizer_backend": "huggingface",
             "tokenizer": str(ckpt), "add_bos_token": True, "max_length": 256, "max_retries": 1,
             "num_concurrent": 1}, tasks)
+        # tokenizer_backend left at its default ("auto"): lm-eval finds /tokenizer_info and tokenizes
+        # through the server's /tokenize and /detokenize (its "remote" backend). That backend never
+        # adds a BOS (lm-eval ignores add_bos_token there), so it equals the local tokenizer without it.
+        # custom_prefix_token_id: the remote backend takes `bos_token_id or eos_token_id` for the rolling
+        # windows' prefix, and this tokenizer's <s> is id 0 (falsy): name it, as the hf backend finds it
+        from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+        lm = LocalCompletionsAPI(base_url=srv.url + "/v1/completions", model="lm", max_length=256, max_retries=1,
+                                 num_concurrent=1, batch_size=4, custom_prefix_token_id=0)
+        assert lm.tokenizer_backend == "remote" and (lm.tokenizer.bos_token, lm.tokenizer.bos_token_id) == ("<s>", 0)
+        remote = evaluate(lm, {}, tasks)
+        no_bos = evaluate("local-completions", {
+            "base_url": srv.url + "/v1/completions", "model": "lm", "tokenizer_backend": "huggingface",
+            "tokenizer": str(ckpt), "max_length": 256, "max_retries": 1, "num_concurrent": 1}, tasks)
+    for task in ("rt_mc", "rt_rolling"):
+        ours, remote_values = per_doc(no_bos, task), per_doc(remote, task)
+        assert remote_values.keys() == ours.keys()
+        for doc, values in remote_values.items():
+            assert values == pytest.approx(ours[doc], abs=1e-6), (task, doc)
     hf = evaluate("hf", {"pretrained": str(ckpt), "dtype": "float32", "device": "cpu", "max_length": 256}, tasks)
     for task in ("rt_mc", "rt_rolling"):
         ours, theirs = per_doc(served, task), per_doc(hf, task)
