@@ -171,6 +171,8 @@ def main() -> int:
     ap.add_argument("--docs", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=16, help="requests per lm-eval batch (prompts per HTTP request)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--num-concurrent", type=int, default=1,
+                    help="lm-eval's num_concurrent: requests in flight to the server at once")
     ap.add_argument("--port", type=int, default=18431)
     ap.add_argument("--out", default=str(HERE / "results" / "lm_eval_throughput.json"))
     ap.add_argument("--engine-only", action="store_true", help="only the engine table (no lm-eval, no server)")
@@ -191,7 +193,8 @@ def main() -> int:
             served, t_served = evaluate("local-completions", {
                 "base_url": f"http://127.0.0.1:{args.port}/v1/completions", "model": "lm",
                 "tokenizer_backend": "huggingface", "tokenizer": str(ckpt), "add_bos_token": True,
-                "max_length": 2048, "num_concurrent": 1, "max_retries": 1}, tasks, args.batch_size)
+                "max_length": 2048, "num_concurrent": args.num_concurrent, "max_retries": 1}, tasks,
+                args.batch_size)
         finally:
             proc.terminate()
             proc.wait(30)
@@ -208,7 +211,7 @@ def main() -> int:
     engine_rows = [{"engine, 4 requests/doc": k, "docs_s": args.docs / t, "wall_s": t, "prefix_hit_blocks": h}
                    for k, (t, h) in cache.items()]
     print(f"\n{args.docs} multiple-choice documents (4 choices), Llama {n_params / 1e6:.1f}M float32, "
-          f"{args.threads} threads, lm-eval batch size {args.batch_size}")
+          f"{args.threads} threads, lm-eval batch size {args.batch_size}, num_concurrent {args.num_concurrent}")
     print(format_table(rows, list(rows[0])))
     print(f"max |loglikelihood difference| per choice, server vs hf: {max_diff:.2e}; "
           f"ratio rtserve/hf: {rows[0]['docs_s'] / rows[1]['docs_s']:.2f}")
