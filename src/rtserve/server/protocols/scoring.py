@@ -47,8 +47,9 @@ class ScoreRequest:
         return list(zip(firsts, self.text_2))
 
 
-def _doc(body: bytes, fields: tuple[str, ...], endpoint: str) -> dict:
-    """The request's JSON object with its fields checked against ``fields``; ``model`` required."""
+def strict_object(body: bytes, fields: tuple[str, ...], endpoint: str) -> dict:
+    """The request's JSON object; a field not in ``fields`` is a 400 naming it (also used by
+    ``protocols/tokenize.py``)."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as e:
@@ -60,6 +61,12 @@ def _doc(body: bytes, fields: tuple[str, ...], endpoint: str) -> dict:
         names = ", ".join(f"'{k}'" for k in unknown)
         raise OpenAIError(f"unknown field{'s' if len(unknown) > 1 else ''} {names}: {endpoint} takes "
                           f"{', '.join(fields)}", param=unknown[0])
+    return doc
+
+
+def _doc(body: bytes, fields: tuple[str, ...], endpoint: str) -> dict:
+    """``strict_object``, with ``model`` required."""
+    doc = strict_object(body, fields, endpoint)
     model = doc.get("model")
     if not isinstance(model, str) or not model:
         raise OpenAIError("'model' is required: a non-empty string", param="model")

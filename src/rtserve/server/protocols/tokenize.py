@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import orjson
 
 from .openai import OpenAIError, _messages
+from .scoring import strict_object
 
 TOKENIZE_FIELDS = ("model", "prompt", "messages", "add_special_tokens", "add_generation_prompt",
                    "return_token_strs")
@@ -33,16 +34,7 @@ class DetokenizeRequest:
 
 
 def _doc(body: bytes, fields: tuple[str, ...], endpoint: str) -> tuple[dict, str | None]:
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError as e:
-        raise OpenAIError(f"the body is not valid JSON: {e}") from None
-    if not isinstance(doc, dict):
-        raise OpenAIError("the body must be a JSON object")
-    unknown = [k for k in doc if k not in fields]
-    if unknown:
-        raise OpenAIError(f"unknown field(s) {', '.join(repr(k) for k in unknown)}: {endpoint} takes "
-                          f"{', '.join(fields)}", param=unknown[0])
+    doc = strict_object(body, fields, endpoint)
     model = doc.get("model")
     if model is not None and (not isinstance(model, str) or not model):
         raise OpenAIError("'model' must be a non-empty string", param="model")
