@@ -56,20 +56,25 @@ def span_rows(spans: list[PromptSpan]) -> list[int]:
 @torch.inference_mode()
 def record(spans: list[PromptSpan], logits: torch.Tensor) -> None:
     """Append each span's logprobs to its sequence's ``prompt_lps``. ``logits``: (sum of counts,
-    vocab), the spans' rows in order."""
+    vocab), the spans' rows in order. One batched pass for all spans (a step scoring 16 prompts of
+    28 tokens has 432 rows of 32k logits): each row's logsumexp, the chosen token's logit, its rank
+    and the top-k read the logits without writing a log_softmax copy of them."""
+    if not spans:
+        return
+    logits = logits.float()
+    targets = [t for sp in spans for t in sp.seq.token_ids[sp.first + 1:sp.first + 1 + sp.count]]
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (R, 1)
+    chosen_logit = logits.gather(1, torch.tensor(targets, device=logits.device)[:, None])  # (R, 1)
+    ranks = ((logits > chosen_logit).sum(dim=1) + 1).tolist()  # ties count as better
+    chosen = (chosen_logit - lse)[:, 0].tolist()
+    k_max = max(sp.seq.prompt_logprobs or 0 for sp in spans)
+    if k_max:
+        top = torch.topk(logits, k_max, dim=1)
+        top_ids, top_lps = top.indices.tolist(), (top.values - lse).tolist()
     at = 0
     for sp in spans:
-        lp = torch.log_softmax(logits[at:at + sp.count].float(), dim=-1)  # (count, V)
+        k = sp.seq.prompt_logprobs or 0
+        sp.seq.prompt_lps.extend(
+            PromptLogprob(targets[r], chosen[r], ranks[r], list(zip(top_ids[r][:k], top_lps[r][:k])) if k else [])
+            for r in range(at, at + sp.count))
         at += sp.count
-        seq = sp.seq
-        targets = torch.tensor(seq.token_ids[sp.first + 1:sp.first + 1 + sp.count], device=lp.device)
-        chosen = lp.gather(1, targets[:, None])  # (count, 1)
-        ranks = ((lp > chosen).sum(dim=1) + 1).tolist()
-        k = seq.prompt_logprobs
-        if k:
-            top = torch.topk(lp, k, dim=1)
-            alts = [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
-        else:
-            alts = [[] for _ in range(sp.count)]
-        seq.prompt_lps.extend(PromptLogprob(t, c, r, a) for t, c, r, a in zip(
-            targets.tolist(), chosen[:, 0].tolist(), ranks, alts))
