@@ -118,3 +118,17 @@ def test_n_choices_and_preemption_keep_the_values(checkpoint):
         check([None, *s.prompt_lps], ref_lp, PROMPT, 2)
     assert seqs[0].generated_ids == seqs[1].generated_ids
     llm.scheduler.bm.check_integrity()
+
+
+def test_ranks_only_when_asked_and_top1_from_max(checkpoint):
+    """``prompt_ranks=False`` (the echo shape has no ranks) skips the rank pass; the values and the
+    top-1 (taken with a max when one alternative is asked for) are those of the full computation."""
+    path, ref = checkpoint
+    ref_lp = reference(ref, PROMPT)
+    llm = LLM(path, num_blocks=64, block_size=4)
+    with_ranks, without = (llm.generate([PROMPT], SamplingParams(max_tokens=0, prompt_logprobs=1, prompt_ranks=r))[0]
+                           for r in (True, False))
+    check(with_ranks.prompt_logprobs, ref_lp, PROMPT, 1)
+    assert all(e.rank is None for e in without.prompt_logprobs[1:])
+    for a, b in zip(with_ranks.prompt_logprobs[1:], without.prompt_logprobs[1:]):
+        assert a.logprob == b.logprob and a.top == b.top and a.rank >= 1

@@ -21,7 +21,7 @@ class PromptLogprob(NamedTuple):
     """The logprob of one prompt token given the tokens before it."""
     token: int
     logprob: float
-    rank: int                      # 1 = the most likely token (ties count as better)
+    rank: int | None               # 1 = the most likely token (ties count as better); None: not asked for
     top: list[tuple[int, float]]   # the ``prompt_logprobs`` most likely (token id, logprob), best first
 
 
@@ -57,24 +57,35 @@ def span_rows(spans: list[PromptSpan]) -> list[int]:
 def record(spans: list[PromptSpan], logits: torch.Tensor) -> None:
     """Append each span's logprobs to its sequence's ``prompt_lps``. ``logits``: (sum of counts,
     vocab), the spans' rows in order. One batched pass for all spans (a step scoring 16 prompts of
-    28 tokens has 432 rows of 32k logits): each row's logsumexp, the chosen token's logit, its rank
-    and the top-k read the logits without writing a log_softmax copy of them."""
+    28 tokens has 432 rows of 32k logits): one ``log_softmax`` (fused; faster here than
+    ``logsumexp``, which is composite), one gather, one top-k, and the rank pass -- as costly as the
+    others together -- only for the sequences that asked for ranks (``SamplingParams.prompt_ranks``)."""
     if not spans:
         return
-    logits = logits.float()
     targets = [t for sp in spans for t in sp.seq.token_ids[sp.first + 1:sp.first + 1 + sp.count]]
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (R, 1)
-    chosen_logit = logits.gather(1, torch.tensor(targets, device=logits.device)[:, None])  # (R, 1)
-    ranks = ((logits > chosen_logit).sum(dim=1) + 1).tolist()  # ties count as better
-    chosen = (chosen_logit - lse)[:, 0].tolist()
+    lp = torch.log_softmax(logits.float(), dim=-1)  # (R, V)
+    chosen_t = lp.gather(1, torch.tensor(targets, device=lp.device)[:, None])  # (R, 1)
+    chosen = chosen_t[:, 0].tolist()
+    ranks = None
+    if any(_wants_ranks(sp.seq) for sp in spans):  # ties count as better
+        ranks = ((lp > chosen_t).sum(dim=1, dtype=torch.int32) + 1).tolist()
     k_max = max(sp.seq.prompt_logprobs or 0 for sp in spans)
-    if k_max:
-        top = torch.topk(logits, k_max, dim=1)
-        top_ids, top_lps = top.indices.tolist(), (top.values - lse).tolist()
+    if k_max == 1:  # lm-eval's logprobs=1: a max is cheaper than a top-k
+        best = lp.max(dim=1)
+        top_ids, top_lps = best.indices[:, None].tolist(), best.values[:, None].tolist()
+    elif k_max:
+        top = torch.topk(lp, k_max, dim=1)
+        top_ids, top_lps = top.indices.tolist(), top.values.tolist()
     at = 0
     for sp in spans:
         k = sp.seq.prompt_logprobs or 0
+        rank = ranks if ranks is not None and _wants_ranks(sp.seq) else None
         sp.seq.prompt_lps.extend(
-            PromptLogprob(targets[r], chosen[r], ranks[r], list(zip(top_ids[r][:k], top_lps[r][:k])) if k else [])
+            PromptLogprob(targets[r], chosen[r], rank[r] if rank else None,
+                          list(zip(top_ids[r][:k], top_lps[r][:k])) if k else [])
             for r in range(at, at + sp.count))
         at += sp.count
+
+
+def _wants_ranks(seq: Sequence) -> bool:
+    return getattr(seq.params, "prompt_ranks", True)

@@ -40,6 +40,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    prompt_ranks: bool = True  # with prompt_logprobs: each token's rank too (one more pass over the logits)
     n: int = 1
     priority: int = 0
     logit_bias: tuple[tuple[int, float], ...] = ()

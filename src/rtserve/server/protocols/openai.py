@@ -184,6 +184,7 @@ def parse(body: bytes, chat: bool) -> GenerationRequest:
             seed=_get(doc, "seed", int), stop=tuple(stop or ()),
             stop_token_ids=tuple(_get(doc, "stop_token_ids", list, [])),
             ignore_eos=_get(doc, "ignore_eos", bool, False), logprobs=logprobs, prompt_logprobs=scored,
+            prompt_ranks=prompt_logprobs is not None,  # only vLLM's prompt_logprobs shape has ranks
             n=_get(doc, "n", int, 1),
             priority=_get(doc, "priority", int, 0), logit_bias=_logit_bias(doc), structured=structured)
     except ValueError as e:
