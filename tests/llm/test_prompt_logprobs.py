@@ -105,8 +105,9 @@ def test_scoring_batches_with_generation(checkpoint, tmp_path):
 def test_n_choices_and_preemption_keep_the_values(checkpoint):
     path, ref = checkpoint
     ref_lp = reference(ref, PROMPT)
-    # 8 blocks of 4: two 22-token sequences cannot both hold their prompt: one is preempted and recomputed
-    llm = LLM(path, num_blocks=8, block_size=4, max_num_batched_tokens=8)
+    # 8 blocks of 4: two 22-token sequences cannot both hold their prompt: one is preempted and
+    # recomputed (no prefix cache: with it the second choice would share the first one's blocks)
+    llm = LLM(path, num_blocks=8, block_size=4, max_num_batched_tokens=8, enable_prefix_caching=False)
     seqs = llm.make_sequences(PROMPT, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, n=2,
                                                      prompt_logprobs=2))
     for s in seqs:
@@ -125,10 +126,39 @@ def test_ranks_only_when_asked_and_top1_from_max(checkpoint):
     top-1 (taken with a max when one alternative is asked for) are those of the full computation."""
     path, ref = checkpoint
     ref_lp = reference(ref, PROMPT)
-    llm = LLM(path, num_blocks=64, block_size=4)
+    llm = LLM(path, num_blocks=64, block_size=4, enable_prefix_caching=False)  # the second computes too
     with_ranks, without = (llm.generate([PROMPT], SamplingParams(max_tokens=0, prompt_logprobs=1, prompt_ranks=r))[0]
                            for r in (True, False))
     check(with_ranks.prompt_logprobs, ref_lp, PROMPT, 1)
     assert all(e.rank is None for e in without.prompt_logprobs[1:])
     for a, b in zip(with_ranks.prompt_logprobs[1:], without.prompt_logprobs[1:]):
         assert a.logprob == b.logprob and a.top == b.top and a.rank >= 1
+
+
+def test_scored_prompts_share_cached_blocks_with_their_scores(checkpoint):
+    """A scored prompt takes the cached blocks another scored prompt computed (their scores come
+    with them) -- in a later step, or in the same step by waiting one: lm-eval's choices of one
+    question. Blocks whose scores have fewer alternatives or no ranks are not taken; values stay exact."""
+    path, ref = checkpoint
+    llm = LLM(path, num_blocks=128, block_size=4)
+    other = PROMPT[:13] + [9, 9, 4, 77]  # shares 3 full blocks (12 tokens) and one more token
+    first = llm.generate([PROMPT], SamplingParams(max_tokens=0, prompt_logprobs=2))[0]
+    later = llm.generate([other], SamplingParams(max_tokens=0, prompt_logprobs=2))[0]
+    check(first.prompt_logprobs, reference(ref, PROMPT), PROMPT, 2)
+    check(later.prompt_logprobs, reference(ref, other), other, 2)
+    assert later.num_cached_tokens == 12
+    more = llm.generate([other], SamplingParams(max_tokens=0, prompt_logprobs=3))[0]  # 3 > the 2 kept
+    check(more.prompt_logprobs, reference(ref, other), other, 3)
+    assert more.num_cached_tokens == 0
+    # the same step: the second waits one step for the first's blocks (their scores have 3 alternatives now)
+    third = PROMPT[:13] + [1, 2, 3]
+    seqs = [s for p in (PROMPT[:17], third) for s in llm.make_sequences(p, SamplingParams(max_tokens=0, prompt_logprobs=1))]
+    llm.scheduler.bm = type(llm.scheduler.bm)(llm.scheduler.bm.num_blocks, 4, True, max_scored_blocks=64)  # cold
+    for s in seqs:
+        llm.scheduler.add(s)
+    while llm.scheduler.has_work:
+        llm.step()
+    assert [s.num_cached_tokens for s in seqs] == [0, 12]
+    for s, p in zip(seqs, (PROMPT[:17], third)):
+        check([None, *s.prompt_lps], reference(ref, p), p, 1)
+    llm.scheduler.bm.check_integrity()

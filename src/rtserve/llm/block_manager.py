@@ -6,6 +6,11 @@ A block whose ref count drops to 0 keeps its hash and goes to the end of the fre
 be revived by a later request with the same prefix until it is reused: the least recently freed
 block is evicted first (LRU).
 
+A full block computed by a scored sequence (prompt logprobs) may also carry ``scores``: an opaque
+payload (``prompt_logprobs.BlockScores``: its tokens' logprobs and the log-probabilities at its last
+position), so a later scored prompt can take the block from the cache and still have every logprob.
+At most ``max_scored_blocks`` blocks keep one (the oldest payload is dropped first); eviction drops it.
+
 Invariant (``check_integrity``): every block is either free (ref 0, in the free queue) or used
 (ref > 0), so ``num_free + num_used == num_blocks``.
 """
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from .sequence import Sequence
 
@@ -23,6 +29,7 @@ class Block:
     ref_count: int = 0
     hash: int | None = None
     token_ids: tuple[int, ...] = ()  # kept for full blocks, to reject hash collisions
+    scores: Any = None  # prompt_logprobs.BlockScores, when a scored sequence computed it
 
 
 def block_hash(parent: int | None, token_ids: tuple[int, ...]) -> int:
@@ -38,7 +45,8 @@ class BlockManager:
         enable_prefix_caching: share full blocks between sequences by content hash.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 max_scored_blocks: int = 0) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be >= 1")
         self.num_blocks, self.block_size = num_blocks, block_size
@@ -46,6 +54,8 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))  # LRU order
         self._by_hash: dict[int, int] = {}
+        self.max_scored_blocks = max_scored_blocks
+        self._scored: OrderedDict[int, None] = OrderedDict()  # blocks with a payload, oldest first
         self.num_prefix_queries = 0  # full prompt blocks looked up
         self.num_prefix_hits = 0     # of which found in the cache
 
@@ -82,9 +92,10 @@ class BlockManager:
             out.append((parent, toks))
         return out
 
-    def take_cached_prefix(self, seq: Sequence) -> int:
+    def take_cached_prefix(self, seq: Sequence, accept: Callable[[Any], bool] | None = None) -> int:
         """For a sequence with no blocks yet: attach the longest cached run of full blocks of its
-        tokens (always leaving at least one token to compute, so the step yields logits).
+        tokens (always leaving at least one token to compute, so the step yields logits); with
+        ``accept``, only blocks whose ``scores`` it accepts (a scored prompt).
         Returns the number of tokens found, and sets ``num_computed_tokens``/``num_cached_tokens``.
         """
         assert not seq.block_table
@@ -94,7 +105,7 @@ class BlockManager:
         self.num_prefix_queries += len(hashes)
         for h, toks in hashes:
             i = self._by_hash.get(h)
-            if i is None or self.blocks[i].token_ids != toks:
+            if i is None or self.blocks[i].token_ids != toks or accept is not None and not accept(self.blocks[i].scores):
                 break
             self._ref(i)
             seq.block_table.append(i)
@@ -102,6 +113,11 @@ class BlockManager:
         self.num_prefix_hits += len(seq.block_table)
         seq.num_computed_tokens = seq.num_cached_tokens = found
         return found
+
+    def uncached_block_hashes(self, seq: Sequence) -> list[int]:
+        """The hashes of the full prompt blocks after ``seq``'s cached ones (what it will compute)."""
+        n = len(seq.block_table)
+        return [h for h, _ in self._full_block_hashes(seq.token_ids, seq.num_tokens - 1)[n:]]
 
     def _ref(self, i: int) -> None:
         b = self.blocks[i]
@@ -127,19 +143,38 @@ class BlockManager:
                 if self._by_hash.get(b.hash) == i:
                     del self._by_hash[b.hash]
                 b.hash, b.token_ids = None, ()
+            self._drop_scores(i)
             b.ref_count = 1
             seq.block_table.append(i)
         return True
 
     def cache_full_blocks(self, seq: Sequence) -> None:
-        """Register the sequence's computed full blocks in the prefix cache (after a step)."""
+        """Register the sequence's computed full blocks in the prefix cache (after a step), with
+        the scores a scored sequence prepared for them (``seq.block_scores``)."""
         if not self.enable_prefix_caching:
+            seq.block_scores.clear()
             return
         for n, (h, toks) in enumerate(self._full_block_hashes(seq.token_ids, seq.num_computed_tokens)):
             b = self.blocks[seq.block_table[n]]
             if b.hash is None:
                 b.hash, b.token_ids = h, toks
-                self._by_hash.setdefault(h, b.block_id)
+                scores = seq.block_scores.pop(n, None)
+                known = self._by_hash.get(h)
+                if scores is not None and self.max_scored_blocks:
+                    b.scores = scores
+                    self._scored[b.block_id] = None
+                    if len(self._scored) > self.max_scored_blocks:
+                        self._drop_scores(next(iter(self._scored)))
+                    if known is not None and self.blocks[known].scores is None:
+                        known = None  # the scored copy serves both kinds of prompt
+                if known is None:
+                    self._by_hash[h] = b.block_id
+        seq.block_scores.clear()
+
+    def _drop_scores(self, i: int) -> None:
+        if self.blocks[i].scores is not None:
+            self.blocks[i].scores = None
+            del self._scored[i]
 
     def free(self, seq: Sequence) -> None:
         """Release the sequence's blocks; blocks reaching ref 0 stay cached until evicted.

@@ -18,7 +18,7 @@ from .block_manager import BlockManager
 from .config import DecoderConfig
 from .engine_config import EngineConfig
 from .model_runner import ModelRunner
-from .prompt_logprobs import prompt_spans, record
+from .prompt_logprobs import accepts, fill_from_cache, prompt_spans, record
 from .sampler import SampleRow, sample
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
@@ -42,6 +42,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     prompt_logprobs: list | None = None  # None, then a PromptLogprob per later prompt token (params.prompt_logprobs)
+    num_cached_tokens: int = 0  # prompt tokens its first choice found in the prefix cache
 
 
 def with_overrides(config: EngineConfig, overrides: dict) -> EngineConfig:
@@ -52,6 +53,9 @@ def with_overrides(config: EngineConfig, overrides: dict) -> EngineConfig:
         raise TypeError(f"LLM() got an unexpected keyword argument '{unknown[0]}'; "
                         f"engine options: {', '.join(EngineConfig.keys())}")
     return dataclasses.replace(config, **overrides) if overrides else config
+
+
+SCORES_CACHE_BYTES = 128 << 20  # vocabulary rows the prefix cache keeps for scored prompts (prompt_logprobs)
 
 
 class StepFailed(Exception):
@@ -102,7 +106,9 @@ class LLM:
             SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                             max_model_len=self.runner.max_model_len, max_waiting=config.waiting_limit,
                             max_waiting_tokens=config.waiting_tokens_limit),
-            BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching))
+            BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
+                         max_scored_blocks=SCORES_CACHE_BYTES // (4 * c.vocab_size)),
+            score_accept=accepts)
 
     def make_sequences(self, prompt: list[int], params: SamplingParams) -> list[Sequence]:
         """One sequence per choice (``n``); they share the prompt's blocks through the prefix cache
@@ -192,6 +198,7 @@ class LLM:
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
+        self._scores_from_cache(out)
         spans = prompt_spans(out)  # prompt positions scored this step (before update moves the counters)
         try:
             logits = self.runner.run(out)
@@ -199,7 +206,8 @@ class LLM:
             raise StepFailed([s.seq for s in out.scheduled], e) from e
         to_sample = out.to_sample
         if spans:
-            record(spans, logits[len(to_sample):])
+            record(spans, logits[len(to_sample):], self.runner.block_size if self.scheduler.bm.enable_prefix_caching
+                   else None)
             logits = logits[:len(to_sample)]
         tokens = self._sample(to_sample, logits)
         self.scheduler.update(out, tokens)
@@ -207,6 +215,14 @@ class LLM:
         self._advance_grammars(generating)
         self._check_stop_strings(generating)
         return to_sample
+
+    def _scores_from_cache(self, out) -> None:
+        """Scored prompts that start on cached blocks: their logprobs there, from the blocks' scores."""
+        bm = self.scheduler.bm
+        for s in out.scheduled:
+            seq = s.seq
+            if seq.prompt_logprobs is not None and seq.num_cached_tokens and not seq.prompt_lps:
+                fill_from_cache(seq, [bm.blocks[i].scores for i in seq.block_table[:seq.num_cached_tokens // bm.block_size]])
 
     def _advance_grammars(self, seqs: list[Sequence]) -> None:
         """Constrained sequences consume their new token; one whose grammar is complete ends with
@@ -276,8 +292,8 @@ class LLM:
         results = [RequestOutput(p if isinstance(p, str) else None, tp, [
             CompletionOutput(i, self.text_of(s), s.generated_ids, s.finish_reason.value if s.finish_reason else None,
                              s.output_logprobs if params.logprobs is not None else None)
-            for i, s in enumerate(g)], [None, *g[0].prompt_lps] if params.prompt_logprobs is not None else None)
-            for p, tp, g in zip(prompts, token_prompts, groups)]
+            for i, s in enumerate(g)], [None, *g[0].prompt_lps] if params.prompt_logprobs is not None else None,
+            g[0].num_cached_tokens) for p, tp, g in zip(prompts, token_prompts, groups)]
         for g in groups:
             for s in g:
                 self._detok.pop(s.seq_id, None)

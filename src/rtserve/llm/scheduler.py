@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from .admission import AdmissionControl, Overloaded  # noqa: F401 (raised by admit)
 from .block_manager import BlockManager
@@ -77,9 +78,13 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
+                 score_accept: Callable[[Sequence, Any], bool] | None = None) -> None:
+        """``score_accept(seq, block.scores)``: whether a cached block's scores serve a scored
+        prompt (``prompt_logprobs.accepts``); None: scored prompts never use the prefix cache."""
         self.config = config
         self.bm = block_manager
+        self.score_accept = score_accept
         self.waiting: deque[Sequence] = deque()  # by (priority, seq_id)
         self.running: list[Sequence] = []
         self.admission = AdmissionControl(config.max_waiting, config.max_waiting_tokens, config.max_num_seqs)
@@ -168,16 +173,36 @@ class Scheduler:
             i += 1
         if out.preempted:
             return out  # no room: admit nobody new this step
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
-            if not seq.block_table and not seq.needs_prompt_logits:  # a cached prefix has no logits
+        self._admit_waiting(out, budget)
+        return out
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        """Start waiting sequences in order while the budget and the batch slots last. A scored
+        prompt takes cached blocks only when they carry scores (``score_accept``); one whose next
+        full block another scored prompt computes in this very step waits a step, and then finds
+        that block in the cache (lm-eval's choices share their context)."""
+        computing: set[int] = set()  # full-block hashes scored prompts compute this step
+        i = 0
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[i]
+            scored = seq.needs_prompt_logits
+            if not seq.block_table and not scored:  # a cached prefix has no logits
                 self.bm.take_cached_prefix(seq)
+            elif not seq.block_table and not seq.prompt_lps and self.score_accept is not None:
+                self.bm.take_cached_prefix(seq, accept=lambda scores, seq=seq: self.score_accept(seq, scores))
+            todo = self.bm.uncached_block_hashes(seq) if scored and self.score_accept is not None else []
+            if todo and todo[0] in computing:
+                self.bm.free(seq)  # back to the queue; next step it finds the block cached
+                seq.num_computed_tokens = seq.num_cached_tokens = 0
+                i += 1
+                continue
             n = min(seq.num_uncomputed, budget)
             if not self.bm.allocate(seq, n):
                 self.bm.free(seq)  # give back cached blocks it took; retry next step
                 seq.num_computed_tokens = seq.num_cached_tokens = 0
                 break
-            self.waiting.popleft()
+            computing.update(todo)
+            del self.waiting[i]
             self.admission.started(seq)  # after it left the queue: see admission.py's invariant
             if not seq.first_scheduled:
                 seq.first_scheduled = time.monotonic()
@@ -185,7 +210,6 @@ class Scheduler:
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, n))
             budget -= n
-        return out
 
     def update(self, out: SchedulerOutput, sampled: dict[int, int]) -> list[Sequence]:
         """Apply a step's results: ``sampled`` maps seq_id -> new token for ``out.to_sample``.

@@ -60,6 +60,7 @@ class Sequence:
     output_logprobs: list = field(default_factory=list)
     prompt_logprobs: int | None = None  # alternatives per prompt token when the prompt is scored (None: not)
     prompt_lps: list = field(default_factory=list)  # prompt_logprobs.PromptLogprob of tokens 1.. so far
+    block_scores: dict = field(default_factory=dict)  # block index -> BlockScores, until the block is cached
     failure: RequestFailure | None = None  # set when it ended in a fault, an unload or a shutdown
 
     def __post_init__(self) -> None:
