@@ -7,9 +7,10 @@ work included on both sides).
 The random checkpoint gets a word-level tokenizer over its whole 32000-token vocabulary; the script
 writes the documents (a 24-word question, 4 choices of 1 to 3 words each; 4 loglikelihood requests
 per document). A second table measures what scoring costs the engine itself, on the same prompts in
-batches of the same size: with ``prompt_logprobs`` (the head and a log_softmax at every position;
-the prefix cache skipped), and without (max_tokens 1: the last position only) with the prefix cache
-on and off -- the gap between those two is the most reusing a cached prefix could save.
+lm-eval's order (longest first, then by tokens) and batches of the same size: with
+``prompt_logprobs`` (the head and a log_softmax at every position) with the prefix cache on (a
+question's blocks, with their scores, serve its other choices) and off, and without (max_tokens 1:
+the last position only).
 
     python benchmarks/lm_eval_throughput.py [--docs 1000] [--batch-size 16] [--rounds 2] [--num-concurrent 1] [--out benchmarks/results/lm_eval_throughput.json]
 """
@@ -130,18 +131,19 @@ def prompts_of(ckpt: Path, samples: list) -> list[list[int]]:
 
 
 def engine_cost(ckpt: Path, prompts: list[list[int]], batch: int) -> dict:
-    """The same prompts through the engine in batches of ``batch`` (document order): scored, and
-    last position only with the prefix cache on and off (what reusing a cached prefix saves when
-    no logits are needed for it)."""
+    """The same prompts through the engine in lm-eval's order and batches of ``batch``: scored
+    (as the server scores echo with logprobs: no ranks) with the prefix cache on and off, and the
+    last position only."""
     from rtserve.llm.engine import LLM
     from rtserve.llm.sampling_params import SamplingParams
 
-    last = SamplingParams(max_tokens=1, temperature=0)
+    prompts = sorted(prompts, key=lambda t: (-len(t), tuple(t)))  # lm-eval's Collator order
+    scored = SamplingParams(max_tokens=0, prompt_logprobs=1, prompt_ranks=False)
     rows = {}
-    for name, params, cache in (("prompt_logprobs=1: every position, prefix cache skipped",
-                                 SamplingParams(max_tokens=0, prompt_logprobs=1), True),
-                                ("max_tokens=1: last position, prefix cache on", last, True),
-                                ("max_tokens=1: last position, prefix cache off", last, False)):
+    for name, params, cache in (("prompt_logprobs=1, prefix cache on", scored, True),
+                                ("prompt_logprobs=1, prefix cache off", scored, False),
+                                ("max_tokens=1: last position, prefix cache on",
+                                 SamplingParams(max_tokens=1, temperature=0), True)):
         llm = LLM(ckpt, num_blocks=4096, block_size=16, enable_prefix_caching=cache)
         t0 = time.perf_counter()
         for i in range(0, len(prompts), batch):

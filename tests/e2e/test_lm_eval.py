@@ -112,7 +112,8 @@ def test_lm_eval_through_the_server_matches_hf(setup):
         ours, remote_values = per_doc(no_bos, task), per_doc(remote, task)
         assert remote_values.keys() == ours.keys()
         for doc, values in remote_values.items():
-            assert values == pytest.approx(ours[doc], abs=1e-6), (task, doc)
+            # the two runs meet different prefix-cache states and batch shapes: float32 rounding differs
+            assert values == pytest.approx(ours[doc], abs=1e-5), (task, doc)
     hf = evaluate("hf", {"pretrained": str(ckpt), "dtype": "float32", "device": "cpu", "max_length": 256}, tasks)
     for task in ("rt_mc", "rt_rolling"):
         ours, theirs = per_doc(served, task), per_doc(hf, task)

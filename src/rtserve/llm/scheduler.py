@@ -6,8 +6,9 @@ Policy (one step):
    has no room, the *newest* running sequence is preempted: its blocks are freed and it goes back
    to the front of the queue, to be recomputed later (its generated tokens are kept).
 2. Then waiting sequences, in order, while budget, blocks and ``max_num_seqs`` allow: each first
-   takes what the prefix cache holds of its tokens (not one whose prompt is scored, ``prompt_logprobs``:
-   a cached prefix has no logits, so it is computed), then a prefill chunk of what is left.
+   takes what the prefix cache holds of its tokens (one whose prompt is scored, ``prompt_logprobs``,
+   only blocks that kept their scores, and it waits a step when another scored prompt computes its
+   next block in this one), then a prefill chunk of what is left.
 Invariant: the tokens scheduled in a step add up to at most ``max_num_batched_tokens``.
 
 The waiting queue is ordered by (priority, arrival): a lower ``Sequence.priority`` starts first

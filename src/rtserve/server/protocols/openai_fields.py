@@ -158,7 +158,7 @@ FIELDS: tuple[Field, ...] = (
     _impl("chat_template_kwargs", _H, "extra variables for the chat template (e.g. enable_thinking)", "vLLM"),
     _refused("min_tokens", _G, "not implemented; only 0 is accepted", _only(0), _enum(0), "vLLM"),
     _impl("prompt_logprobs", _G, "0 to 20: the prompt tokens' logprobs, rank and that many alternatives, in "
-          "vLLM's shape (choices[i].prompt_logprobs; chat: top-level); a scored prompt skips the prefix cache", "vLLM"),
+          "vLLM's shape (choices[i].prompt_logprobs; chat: top-level); a scored prompt reuses cached blocks other scored prompts computed", "vLLM"),
     _refused("use_beam_search", _G, "beam search is not implemented; only false is accepted",
              _only(False), _enum(False), "vLLM"),
     _refused("allowed_token_ids", _G, "not implemented (logit_bias of -100 bans tokens)", source="vLLM"),
