@@ -267,6 +267,7 @@ def summary_rows(closed: list[dict], servers) -> list[dict]:
 def main() -> int:
     args = parse_args()
     slos = {k: float(v) for k, v in (s.split("=", 1) for s in args.slo)}
+    load_before = os.getloadavg()  # others' load on the shared cores: figures mean little above ~2
     with tempfile.TemporaryDirectory() as tmp:
         n_params = build_repository(Path(tmp))
         offline = Offline(Path(tmp) / "llama34m" / "1", args.threads, args.offline_main_thread) if args.closed else None
@@ -285,7 +286,8 @@ def main() -> int:
                 proc.wait(30)
     print(f"\nLlama {n_params / 1e6:.1f}M float32 on {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
           f"{args.input_len}-token prompts; closed loop {args.output_len[1]} tokens, Poisson "
-          f"{args.output_len[0]}-{args.output_len[1]}; SLOs {slos}; times in ms; *_cpu: CPU seconds per second")
+          f"{args.output_len[0]}-{args.output_len[1]}; SLOs {slos}; times in ms; *_cpu: CPU seconds per second; "
+          f"load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after")
     summary = summary_rows(closed, servers)
     if closed:
         print("\nclosed loop, offline engine vs served (medians of the rounds" +
@@ -300,7 +302,8 @@ def main() -> int:
     write_json(args.out, {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
                           f"{os.cpu_count()} CPUs", "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
                           "params": n_params, "engine": ENGINE, "input_len": args.input_len,
-                          "output_len": args.output_len, "slos": slos, "compare_src": args.compare_src, "closed": closed, "summary": summary,
+                          "output_len": args.output_len, "slos": slos, "compare_src": args.compare_src,
+                          "load_average": [load_before[0], os.getloadavg()[0]], "closed": closed, "summary": summary,
                           "capacity_req_s": capacity, "runs": runs})
     return 0
 
