@@ -122,3 +122,12 @@ def test_a_coalesced_chunk_is_a_valid_openai_chunk(chat):
         assert c.text == "bcd" and c.logprobs.token_logprobs == [-0.5, -0.25, -1.0]
         assert c.logprobs.text_offset == [0, 1, 2]
     assert c.finish_reason == "length"
+
+
+def test_an_outbox_whose_loop_closed_drops_its_deltas_without_raising():
+    loop = asyncio.new_event_loop()
+    out = Outbox(loop)
+    loop.close()
+    out.push([(Mailbox(), d(0, "a", [1]))])  # the engine thread must go on: nobody is listening
+    out.push([(Mailbox(), d(0, "b", [2]))])
+    assert out._items == [] and not out._scheduled
