@@ -1,10 +1,11 @@
 """How the engine thread's output reaches the requests on the event loop, and why it coalesces.
 
 Profiled under load (benchmarks/llm_serving.py --profile, py-spy --gil, 64 streaming clients on 2
-cores), the event loop held the GIL for about 30% of the time the engine needed it, most of it in
-``transport.write`` -- one socket write, through loopback TCP into the client, per token per stream
--- and the rest in waking one task per token. The engine waits for the GIL after every tensor
-operation, so every millisecond the loop spends per token is taken from the engine's step.
+cores), the event loop's thread held the GIL in 30% of the samples where any thread held it, its
+largest part in ``transport.write`` -- one socket write, through loopback TCP into the client, per
+token per stream -- and much of the rest in waking one task per token. The engine takes the GIL
+back after every tensor operation, so every millisecond the loop holds it per token is taken from
+the engine's step (and on a busy machine a loop thread descheduled while holding it stalls the step).
 
 So the hop is per step, not per token, and it never queues behind itself: the engine thread appends
 a step's deltas to its loop's :class:`Outbox` and schedules one callback only when none is pending;
