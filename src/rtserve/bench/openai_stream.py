@@ -5,8 +5,10 @@ arrival times.
 Token counting: every request asks for ``stream_options.include_usage``, and the usage chunk's
 ``completion_tokens`` is the request's output-token count (exact: the server counts it). Per chunk,
 the tokens are the length of the chunk's ``logprobs`` when the server sent them, otherwise 1 for
-each chunk that carries a choice: rtserve sends one chunk per sampled token (the text of a chunk can
-be empty, an incomplete UTF-8 character or a model without a tokenizer, so text is never counted).
+each chunk that carries a choice (the text of a chunk can be empty, an incomplete UTF-8 character or
+a model without a tokenizer, so text is never counted). rtserve sends one chunk per sampled token
+while its event loop and the client keep up, and coalesces several tokens into one chunk when they
+fall behind, so without logprobs the per-chunk counts are a lower bound; the usage chunk is exact.
 TTFT is timed to the first chunk that carries a choice; ITL is every gap between such chunks.
 """
 from __future__ import annotations

@@ -8,10 +8,10 @@ its step fails (only that step's sequences fail; the traceback is logged; the en
 when the engine closes (unload, reload, shutdown: ``close`` lets running requests finish for up to
 its drain timeout, then fails the rest with 503, and refuses new ones at once).
 
-The event loop never takes a lock: new requests and aborts go through a thread-safe inbox that
-the engine thread drains before each step, and deltas come back with ``call_soon_threadsafe`` --
-once per step and loop, not once per sequence: each such call wakes the loop through its self-pipe,
-and at 64 running sequences per-sequence calls cost the loop (and the GIL the engine needs) dearly.
+New requests and aborts go through a thread-safe inbox that the engine thread drains before each
+step; deltas come back through ``stream_delivery``: one loop callback per step at most, none while
+the previous one is pending, and a request's stream takes all its waiting deltas as one (so a loop or
+client slower than the engine gets fewer, larger chunks instead of a backlog). Why: see that module.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from typing import AsyncIterator
 from .engine import LLM, StepFailed
 from .sampling_params import SamplingParams
 from .sequence import RequestFailure, Sequence
+from .stream_delivery import Mailbox, Outbox, coalesce
 
 log = logging.getLogger("rtserve.llm")
 
@@ -76,8 +77,8 @@ InboxMessage = AddSequences | AbortSequences | FailAll | Stop
 
 
 class _Stream:
-    def __init__(self, loop, queue, index: int, hold: int) -> None:
-        self.loop, self.queue, self.index, self.hold = loop, queue, index, hold
+    def __init__(self, outbox: Outbox, box: Mailbox, index: int, hold: int) -> None:
+        self.outbox, self.box, self.index, self.hold = outbox, box, index, hold
         self.sent_tokens = 0
         self.sent_chars = 0
         self.sent_prompt = False
@@ -89,6 +90,7 @@ class AsyncLLM:
         self._inbox: deque[InboxMessage] = deque()
         self._wake = threading.Event()
         self._streams: dict[int, _Stream] = {}
+        self._outboxes: dict[asyncio.AbstractEventLoop, Outbox] = {}
         self._running = True
         self._accepting = True
         self._lock = threading.Lock()  # generate's accept-and-post and close's refusal exclude each other
@@ -107,7 +109,7 @@ class AsyncLLM:
         deadline = time.monotonic() + drain_timeout_s
         while self._busy() and time.monotonic() < deadline:
             time.sleep(0.01)
-        left = len({id(st.queue) for st in list(self._streams.values())})
+        left = len({id(st.box) for st in list(self._streams.values())})
         self._post(FailAll(RequestFailure(503, message)))
         self._post(Stop())
         self._thread.join(30)
@@ -129,21 +131,26 @@ class AsyncLLM:
         tokens = self.llm.encode(prompt)
         seqs = self.llm.make_sequences(tokens, params)
         self.llm.admit(seqs)  # RequestTooLarge (400) or Overloaded (429): nothing is queued
-        queue: asyncio.Queue = asyncio.Queue()
+        box = Mailbox()
         hold = max((len(x) for x in params.stop), default=1) - 1
         with self._lock:
             if not self._accepting:
                 raise EngineClosed("the model is not taking requests (it is unloading, or the server is shutting down)")
+            outbox = self._outboxes.get(loop)
+            if outbox is None:
+                for closed in [x for x in self._outboxes if x.is_closed()]:
+                    del self._outboxes[closed]
+                outbox = self._outboxes[loop] = Outbox(loop)
             for i, s in enumerate(seqs):
-                self._streams[s.seq_id] = _Stream(loop, queue, i, hold)
+                self._streams[s.seq_id] = _Stream(outbox, box, i, hold)
             self._post(AddSequences(seqs))
         remaining = len(seqs)
         try:
             while remaining:
-                delta = await queue.get()
-                if delta.finish_reason is not None:
-                    remaining -= 1
-                yield delta
+                for delta in coalesce(await box.take()):
+                    if delta.finish_reason is not None:
+                        remaining -= 1
+                    yield delta
         finally:
             for s in seqs:
                 self._streams.pop(s.seq_id, None)
@@ -201,18 +208,13 @@ class AsyncLLM:
         else:
             raise TypeError(f"unknown engine inbox message {type(msg).__name__}")
 
-    @staticmethod
-    def _put_all(items: list) -> None:
-        for queue, delta in items:
-            queue.put_nowait(delta)
-
     def _deliver(self, deltas: list[tuple["_Stream", StreamDelta]]) -> None:
-        """One loop callback per step and loop, carrying every delta of that loop's streams."""
-        by_loop: dict = {}
+        """A step's deltas to their loops' outboxes (at most one pending loop callback each)."""
+        by_outbox: dict[Outbox, list] = {}
         for st, delta in deltas:
-            by_loop.setdefault(st.loop, []).append((st.queue, delta))
-        for loop, items in by_loop.items():
-            loop.call_soon_threadsafe(self._put_all, items)
+            by_outbox.setdefault(st.outbox, []).append((st.box, delta))
+        for outbox, items in by_outbox.items():
+            outbox.push(items)
 
     def _delta(self, seq: Sequence) -> tuple["_Stream", StreamDelta] | None:
         st = self._streams.get(seq.seq_id)

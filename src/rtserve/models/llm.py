@@ -214,16 +214,20 @@ class LLMModel(ServedModel):
         """Pass deltas through, recording TTFT, inter-token latency, queue time, e2e and token counts."""
         lm, name = self.metrics, self.name
         last, is_first, d = t_arrival, True, first
+        if lm is not None:  # the per-delta series, looked up once per stream rather than per token
+            itl, tokens = lm.itl.labels(name), lm.generation_tokens.labels(name)
         try:
             while d is not None:
                 if lm is not None:
                     now = time.perf_counter()
                     if d.token_ids:
-                        (lm.ttft if is_first else lm.itl).labels(name).observe(now - last)
                         if is_first:
+                            lm.ttft.labels(name).observe(now - last)
                             lm.queue.labels(name).observe(d.queue_s)
+                        else:  # one gap per delta: a coalesced delta (several tokens) is one gap
+                            itl.observe(now - last)
                         is_first, last = False, now
-                        lm.generation_tokens.labels(name).inc(len(d.token_ids))
+                        tokens.inc(len(d.token_ids))
                     if d.finish_reason is not None:
                         lm.requests.labels(name, d.finish_reason).inc()
                         lm.prompt_tokens.labels(name).inc(d.num_prompt_tokens)
