@@ -135,11 +135,21 @@ class BlockManager:
         """Register the sequence's computed full blocks in the prefix cache (after a step)."""
         if not self.enable_prefix_caching:
             return
-        for n, (h, toks) in enumerate(self._full_block_hashes(seq.token_ids, seq.num_computed_tokens)):
-            b = self.blocks[seq.block_table[n]]
-            if b.hash is None:
-                b.hash, b.token_ids = h, toks
-                self._by_hash.setdefault(h, b.block_id)
+        # only the blocks that filled since the last call: a block with a hash holds this sequence's
+        # chain up to it (set here, or shared through take_cached_prefix), so hashing restarts there
+        # (rehashing every full block every step cost O(context) per sequence and step)
+        bs, table = self.block_size, seq.block_table
+        full = seq.num_computed_tokens // bs
+        n = full
+        while n and self.blocks[table[n - 1]].hash is None:
+            n -= 1
+        parent = self.blocks[table[n - 1]].hash if n else None
+        for i in range(n, full):
+            toks = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            parent = block_hash(parent, toks)
+            b = self.blocks[table[i]]
+            b.hash, b.token_ids = parent, toks
+            self._by_hash.setdefault(parent, b.block_id)
 
     def free(self, seq: Sequence) -> None:
         """Release the sequence's blocks; blocks reaching ref 0 stay cached until evicted.
