@@ -10,9 +10,9 @@ Why measure: decode is a small-M matmul against every weight, and which kernel s
 depends on the CPU (AVX2 or AVX-512, cache sizes) and the shape. On this project's 2-core AVX-512
 machine the packed layout wins at M >= 4 by 1.2-5x (the 32000 x 512 LM head most), while at M = 1
 MKL's sgemm on the transposed copy is often as fast or faster. Each distinct (shape, dtype,
-threads) is timed once at M = 1 and M = 64 (runs interleaved, best of several), and the layout
-with the least summed relative loss over the two is kept: one layout per weight, so memory does
-not double.
+threads) is timed once at M = 1, 8 and 64 (runs interleaved, best of several): the layout with the
+least summed relative loss at 8 and 64 serves several rows; one row gets its own layout only when
+that is 25% faster at M = 1 (then the weight is held twice: ``measure``).
 
 The oneDNN ops are private, so a weight is packed only after a check that the packed product
 matches the plain one. ``RTSERVE_MATMUL`` = onednn | mm | linear forces a layout (where usable);
@@ -65,16 +65,19 @@ def _best_time(fn, x: torch.Tensor, rounds: int) -> list[float]:
     return best
 
 
-def measure(candidates: dict, in_features: int, rounds: int = 9) -> str:
-    """The layout whose summed relative slowdown at M = 1 and M = 64 is least."""
+def measure(candidates: dict, in_features: int, rounds: int = 7) -> tuple[str, str]:
+    """(layout for one row, layout for several rows). Several: the least summed relative slowdown at
+    M = 8 and M = 64. One row (decode of one sequence): the fastest at M = 1 when it beats the
+    several-rows layout there by 25% or more (then the layer keeps both: memory for speed), else the
+    same."""
     names, fns = list(candidates), list(candidates.values())
-    loss = [0.0] * len(names)
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
-        for m in (1, 64):
-            times = _best_time(fns, torch.randn(m, in_features, generator=g), rounds)
-            loss = [a + t / min(times) for a, t in zip(loss, times)]
-    return names[loss.index(min(loss))]
+        t = {m: _best_time(fns, torch.randn(m, in_features, generator=g), rounds) for m in (1, 8, 64)}
+    loss = [t[8][i] / min(t[8]) + t[64][i] / min(t[64]) for i in range(len(names))]
+    many = loss.index(min(loss))
+    one = t[1].index(min(t[1]))
+    return names[one if t[1][many] >= 1.25 * t[1][one] else many], names[many]
 
 
 class FrozenLinear:
@@ -86,27 +89,25 @@ class FrozenLinear:
         self.bias = bias.detach().contiguous() if bias is not None else None
         self.packed = self.weight_t = self.weight = None
         if weight.dtype != torch.float32 or weight.device.type != "cpu":
-            self.layout, self.weight_t = "mm", weight.t().contiguous()  # the fastest plain layout off-CPU
+            self.layout = self.layout_one = "mm"  # the fastest plain layout off-CPU
+            self.weight_t = weight.t().contiguous()
             return
         packed = _pack(weight, self.bias) if _onednn_usable() else None
         forced = os.environ.get("RTSERVE_MATMUL", "")
         if forced and forced not in LAYOUTS:
             raise ValueError(f"RTSERVE_MATMUL={forced!r}: expected one of {', '.join(LAYOUTS)}")
         key = (*weight.shape, weight.dtype, torch.get_num_threads(), bias is not None, packed is not None)
-        layout = forced if forced and (forced != "onednn" or packed is not None) else _CHOSEN.get(key)
+        layout = (forced, forced) if forced and (forced != "onednn" or packed is not None) else _CHOSEN.get(key)
         if layout is None:
             wt = weight.t().contiguous()
             cands = {"mm": lambda x: self._mm(x, wt), "linear": lambda x: F.linear(x, weight, self.bias)}
             if packed is not None:
                 cands["onednn"] = lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
             layout = _CHOSEN[key] = measure(cands, weight.shape[1])
-        self.layout = layout
-        if layout == "onednn":
-            self.packed = packed
-        elif layout == "mm":
-            self.weight_t = weight.t().contiguous()
-        else:
-            self.weight = weight
+        self.layout, self.layout_one = layout[1], layout[0]
+        self.packed = packed if "onednn" in layout else None
+        self.weight_t = weight.t().contiguous() if "mm" in layout else None
+        self.weight = weight if "linear" in layout else None
 
     def _mm(self, x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
         if self.bias is None:
@@ -117,9 +118,12 @@ class FrozenLinear:
     def onednn(self) -> bool:
         return self.packed is not None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
+    def _call(self, layout: str, x: torch.Tensor) -> torch.Tensor:
+        if layout == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        if self.weight_t is not None:
+        if layout == "mm":
             return self._mm(x, self.weight_t)
         return F.linear(x, self.weight, self.bias)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._call(self.layout_one if x.dim() == 2 and x.shape[0] == 1 else self.layout, x)
