@@ -154,21 +154,31 @@ class BlockManager:
         if not self.enable_prefix_caching:
             seq.block_scores.clear()
             return
-        for n, (h, toks) in enumerate(self._full_block_hashes(seq.token_ids, seq.num_computed_tokens)):
-            b = self.blocks[seq.block_table[n]]
-            if b.hash is None:
-                b.hash, b.token_ids = h, toks
-                scores = seq.block_scores.pop(n, None)
-                known = self._by_hash.get(h)
-                if scores is not None and self.max_scored_blocks:
-                    b.scores = scores
-                    self._scored[b.block_id] = None
-                    if len(self._scored) > self.max_scored_blocks:
-                        self._drop_scores(next(iter(self._scored)))
-                    if known is not None and self.blocks[known].scores is None:
-                        known = None  # the scored copy serves both kinds of prompt
-                if known is None:
-                    self._by_hash[h] = b.block_id
+        # only the blocks that filled since the last call: a block with a hash holds this sequence's
+        # chain up to it (set here, or shared through take_cached_prefix), so hashing restarts there
+        # (rehashing every full block every step cost O(context) per sequence and step)
+        bs, table = self.block_size, seq.block_table
+        full = seq.num_computed_tokens // bs
+        n = full
+        while n and self.blocks[table[n - 1]].hash is None:
+            n -= 1
+        parent = self.blocks[table[n - 1]].hash if n else None
+        for i in range(n, full):
+            toks = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            parent = block_hash(parent, toks)
+            b = self.blocks[table[i]]
+            b.hash, b.token_ids = parent, toks
+            known = self._by_hash.get(parent)
+            scores = seq.block_scores.pop(i, None)
+            if scores is not None and self.max_scored_blocks:
+                b.scores = scores
+                self._scored[b.block_id] = None
+                if len(self._scored) > self.max_scored_blocks:
+                    self._drop_scores(next(iter(self._scored)))
+                if known is not None and self.blocks[known].scores is None:
+                    known = None  # the scored copy serves both kinds of prompt
+            if known is None:
+                self._by_hash[parent] = b.block_id
         seq.block_scores.clear()
 
     def _drop_scores(self, i: int) -> None:

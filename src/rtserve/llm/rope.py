@@ -37,23 +37,26 @@ class Rotary(torch.nn.Module):
         inv = inv_frequencies(head_dim, theta, scaling).to(device)
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32, device=device), inv)
         emb = torch.cat([freqs, freqs], dim=-1)
+        h = head_dim // 2
+        sin = emb.sin()
         self.register_buffer("cos", emb.cos(), persistent=False)  # (P, D)
-        self.register_buffer("sin", emb.sin(), persistent=False)
-
-    @staticmethod
-    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-        h = x.shape[-1] // 2
-        return torch.cat([-x[..., h:], x[..., :h]], dim=-1)
+        # sin with the first half negated: rotate_half(x) * sin == swap_halves(x) * signed_sin
+        self.register_buffer("signed_sin", torch.cat([-sin[:, :h], sin[:, h:]], dim=-1), persistent=False)
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for the step's positions, (T, 1, D): looked up once per step, used by every layer."""
-        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+        """cos and signed sin for the step's positions, (T, 1, D): looked up once per step, used by
+        every layer."""
+        return self.cos[positions].unsqueeze(1).to(dtype), self.signed_sin[positions].unsqueeze(1).to(dtype)
 
-    @classmethod
-    def rotate(cls, x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x: (T, H, D), any number of heads (q and k together when they are adjacent)."""
-        cos, sin = tables
-        return x * cos + cls._rotate_half(x) * sin
+    @staticmethod
+    def rotate(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor],
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (..., H, D), any number of heads (q and k together when they are adjacent). Three ops
+        (mul, flip, addcmul) instead of seven; ``out`` may be ``x`` itself (rotate in place: the
+        inputs of the last op are temporaries)."""
+        cos, signed_sin = tables
+        swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # (x2, x1)
+        return torch.addcmul(x * cos, swapped, signed_sin, out=out)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         # q: (T, Hq, D), k: (T, Hkv, D); positions: (T,)

@@ -73,8 +73,12 @@ def _penalize(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
 def sample(logits: torch.Tensor, rows: list[SampleRow]) -> SampleResult:
     """logits: (N, vocab) float32, one row per sequence that samples this step. Rows with an
     ``allowed`` bitmask can only draw the tokens it allows; the others are untouched."""
-    logits = logits.float().clone()
     constrained = [i for i, r in enumerate(rows) if r.allowed is not None]
+    edits = constrained or any(r.params.logit_bias or r.params.repetition_penalty != 1.0
+                               or r.params.presence_penalty or r.params.frequency_penalty for r in rows)
+    logits = logits.float()
+    if edits:  # masks and penalties write in place: not into the caller's tensor (a copy of N x vocab)
+        logits = logits.clone()
     apply_bitmasks(logits, constrained, [rows[i].allowed for i in constrained])
     logits = _penalize(logits, rows)
     want_lp = any(r.params.logprobs is not None for r in rows)

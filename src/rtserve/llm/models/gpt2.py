@@ -44,8 +44,8 @@ class GPT2Attention(nn.Module):
 
     def forward(self, x, kv_cache, meta: AttentionMetadata):
         t = x.shape[0]
-        q, k, v = self.c_attn(x).view(t, 3, self.nh, self.hd).unbind(1)
-        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        qkv = self.c_attn(x).view(t, 3, self.nh, self.hd)
+        out = paged_attention(qkv[:, 0], qkv[:, 1:].transpose(0, 1), kv_cache, meta, self.scale)
         return self.c_proj(out.reshape(t, self.nh * self.hd))
 
 

@@ -62,17 +62,18 @@ class Attention(nn.Module):
         self.q_proj = self.k_proj = self.v_proj = self.o_proj = None
 
     def forward(self, x, rope, kv_cache, meta: AttentionMetadata):
-        """rope: the step's (cos, sin) tables from ``Rotary.tables``."""
+        """rope: the step's tables from ``Rotary.tables``."""
         t = x.shape[0]
-        if self.q_proj is None:  # fused
-            qkv = self.qkv(x)
+        if self.q_proj is None:  # fused: q and k rotated in one pass, in place in the qkv output,
+            qkv = self.qkv(x)    # from where K and V go to the cache together
             nq, nkv = self.nh * self.hd, self.nkv * self.hd
-            v = qkv[:, nq + nkv:].reshape(t, self.nkv, self.hd)
-            qk = qkv[:, :nq + nkv].reshape(t, self.nh + self.nkv, self.hd)
+            qk = qkv[:, :nq + nkv].view(t, self.nh + self.nkv, self.hd)
+            src = qk
             if self.qk_norm:
-                qk = torch.cat([self.q_norm(qk[:, :self.nh]), self.k_norm(qk[:, self.nh:])], dim=1)
-            qk = self.rotary.rotate(qk, rope)  # q and k rotated in one pass
-            q, k = qk[:, :self.nh], qk[:, self.nh:]
+                src = torch.cat([self.q_norm(qk[:, :self.nh]), self.k_norm(qk[:, self.nh:])], dim=1)
+            self.rotary.rotate(src, rope, out=qk)
+            q = qk[:, :self.nh]                                                # (T, Hq, D)
+            kv = qkv[:, nq:].view(t, 2, self.nkv, self.hd).transpose(0, 1)     # (2, T, Hkv, D)
         else:
             q = self.q_proj(x).view(t, self.nh, self.hd)     # (T, Hq, D)
             k = self.k_proj(x).view(t, self.nkv, self.hd)    # (T, Hkv, D)
@@ -80,7 +81,8 @@ class Attention(nn.Module):
             if self.qk_norm:
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = self.rotary.rotate(q, rope), self.rotary.rotate(k, rope)
-        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale).reshape(t, self.nh * self.hd)
+            kv = torch.stack([k, v])
+        out = paged_attention(q, kv, kv_cache, meta, self.scale).reshape(t, self.nh * self.hd)
         return self.o(out) if self.o_proj is None else self.o_proj(out)
 
 
