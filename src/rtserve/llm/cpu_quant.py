@@ -116,7 +116,9 @@ def _dequant(q: torch.Tensor, scales: torch.Tensor, group_size: int) -> Kernel:
 
 
 def candidates(bits: int) -> tuple[str, ...]:
-    return ("int8pack-bf16x2", "intmm-x2", "dequant") if bits == 8 else ("int4pack-bf16x2", "dequant")
+    # in order of preference where timings are close: intmm-x2 reproduces the dequantizing matmul
+    # most closely (demo LM: the same mean KL to float32, 0.000146, against 0.000172)
+    return ("intmm-x2", "int8pack-bf16x2", "dequant") if bits == 8 else ("int4pack-bf16x2", "dequant")
 
 
 def build(name: str, q: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> Kernel | None:
@@ -151,7 +153,8 @@ def _agrees(fn: Kernel, q: torch.Tensor, scales: torch.Tensor) -> bool:
 
 def _fastest(kernels: dict[str, Kernel], x: torch.Tensor, reps: int = 5) -> str:
     """The kernel with the lowest of ``reps`` timings, taken in turns (other processes share the
-    cores: a burst of theirs then lands on every candidate alike, not on one)."""
+    cores: a burst of theirs then lands on every candidate alike, not on one); the first listed
+    wins unless another is 10% faster, so noise does not flip the choice between near-equals."""
     best = dict.fromkeys(kernels, float("inf"))
     for fn in kernels.values():
         fn(x)  # first calls build oneDNN primitives
@@ -160,7 +163,9 @@ def _fastest(kernels: dict[str, Kernel], x: torch.Tensor, reps: int = 5) -> str:
             t0 = time.perf_counter()
             fn(x)
             best[name] = min(best[name], time.perf_counter() - t0)
-    return min(best, key=best.get)
+    first = next(iter(best))  # the preferred one, unless another is clearly (10%) faster
+    fastest = min(best, key=best.get)
+    return fastest if best[fastest] < 0.9 * best[first] else first
 
 
 @dataclass(frozen=True)
