@@ -16,7 +16,8 @@ float32 at every batch size but drops the demo LM's top-1 agreement from 98.9% t
   Batch-1 decode streams 1 byte a weight instead of 4: fastest for small batches.
 - ``intmm-x2`` (int8): ``torch._int_mm`` (int8 x int8 -> int32, oneDNN). Each row becomes two int8
   rows, its per-row quantization and the quantized residual (~15 bits together); the int32 products
-  are exact and scaled in float32. Faster than float32 from about 16 rows up (VNNI where present).
+  are exact and scaled in float32. Faster than float32 from about 16 rows up (VNNI where present);
+  int8 layers use it for every call of more than one row (``EXACT``), timing decides batch 1.
 - ``int4pack-bf16x2`` (int4): ``aten._weight_int4pack_mm_for_cpu`` (the tinygemm int4 layout for
   CPU), rows split as above; group scales in bfloat16, the kernel's own format.
 - ``dequant``: expand the weight to float per call: the fallback when the others fail their check.
@@ -37,6 +38,11 @@ import torch
 
 Kernel = Callable[[torch.Tensor], torch.Tensor]
 BUCKETS = (1, 16, 64)  # rows timed at load; a call uses the choice of the nearest (in log scale)
+#: above one row, int8 layers use this kernel without timing: its products equal the dequantizing
+#: matmul's up to a ~15-bit split of the activations, so prompt scoring and prefill keep today's
+#: fidelity exactly (timed choices mixed it with int8pack per shape: demo LM 98.66-98.84% top-1
+#: against 98.9%); it is also the faster one from ~16 rows up where the machine is quiet
+EXACT = "intmm-x2"
 _CHOICES: dict[tuple, dict[int, str]] = {}  # (bits, out, in, group) -> {bucket rows: kernel name}
 _LOCK = threading.Lock()
 
@@ -203,7 +209,10 @@ def choose(q: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) ->
         picks = {}
         for rows in BUCKETS:
             x = torch.randn(rows, q.shape[1])
-            picks[rows] = _fastest({n: built[n] for n in fast}, x) if len(fast) > 1 else fast[0]
+            if rows > 1 and EXACT in fast:  # prefill and batches: the dequantizing matmul's numerics
+                picks[rows] = EXACT
+            else:
+                picks[rows] = _fastest({n: built[n] for n in fast}, x) if len(fast) > 1 else fast[0]
         with _LOCK:
             _CHOICES[key] = picks
     return Choice({r: built[n] for r, n in picks.items()}, dict(picks))
