@@ -7,6 +7,10 @@ ignored; output tokens/s = all generated tokens / wall time (prefill included). 
 ``--repeats`` times, and each one's best run is reported.
 
     python benchmarks/llm_cpu.py [--concurrency 1 16 64] [--new-tokens 128] [--out benchmarks/results/llm_cpu.json]
+
+``--quant int8 int4`` adds rtserve on weight-only quantized copies of the checkpoint (``rtserve compress
+--quantize int8-weight|int4-weight``), run in turns with rtserve float32 at each concurrency: tok/s
+side by side and the ratio to float32 (``quant_rows``).
 """
 from __future__ import annotations
 
@@ -63,6 +67,35 @@ def run_rtserve(llm: LLM, ps, new_tokens) -> float:
     return len(ps) * new_tokens / dt
 
 
+QUANT_METHODS = {"int8": "int8-weight", "int4": "int4-weight"}
+
+
+def quant_rows(path: Path, llm: LLM, quants: list[str], args) -> list[dict]:
+    """rtserve float32 and each quantized copy of ``path`` in turns, best of ``args.repeats`` each."""
+    from rtserve.compress.llm_quant import quantize_checkpoint
+
+    engines = {"f32": llm}
+    for name in quants:
+        quantize_checkpoint(path, path / f"q-{name}", QUANT_METHODS[name])
+        engines[name] = LLM(path / f"q-{name}", llm.engine_config)
+    kernels = {n: e.runner.model.model.layers[0].mlp.gate_up.kernel for n, e in engines.items() if n != "f32"}
+    print(f"quantized kernels (gate_up): {kernels}", flush=True)
+    rows = []
+    for c in args.concurrency:
+        ps = prompts(c, args.prompt_tokens)
+        best = dict.fromkeys(engines, 0.0)
+        for e in engines.values():
+            run_rtserve(e, ps[:1], 4)  # warm up
+        for _ in range(args.repeats):
+            for name, e in engines.items():
+                best[name] = max(best[name], run_rtserve(e, ps, args.new_tokens))
+        row = {"concurrency": c} | {f"{n}_tok_s": v for n, v in best.items()}
+        row |= {f"{n}_vs_f32": best[n] / best["f32"] for n in quants}
+        rows.append(row)
+        print(format_table([row], list(row)), flush=True)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
@@ -71,6 +104,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2, help="alternate the two this many times, keep each one's best")
     ap.add_argument("--out", default=str(HERE / "results" / "llm_cpu.json"))
+    ap.add_argument("--quant", nargs="*", default=[], choices=list(QUANT_METHODS),
+                    help="also rtserve on weight-only quantized copies, in turns with float32 (quant_rows)")
+    ap.add_argument("--only-quant", action="store_true", help="with --quant: skip the transformers comparison")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
@@ -78,7 +114,7 @@ def main() -> int:
         model, n_params = build(Path(tmp))
         llm = LLM(tmp, num_blocks=(max(args.concurrency) * (args.prompt_tokens + args.new_tokens)) // 16 + 64,
                   block_size=16, max_num_seqs=max(args.concurrency), max_num_batched_tokens=4096)
-        for c in args.concurrency:
+        for c in [] if args.only_quant else args.concurrency:
             ps = prompts(c, args.prompt_tokens)
             run_rtserve(llm, ps[:1], 4)  # warm up
             ours = theirs = 0.0
@@ -88,11 +124,15 @@ def main() -> int:
             rows.append({"concurrency": c, "rtserve_tok_s": ours, "transformers_tok_s": theirs,
                          "ratio": ours / theirs})
             print(format_table([rows[-1]], list(rows[-1])), flush=True)
+        qrows = quant_rows(Path(tmp), llm, args.quant, args) if args.quant else []
     print(f"\nLlama {n_params / 1e6:.1f}M params, float32, {args.threads} threads, "
           f"{args.prompt_tokens}-token prompts, {args.new_tokens} new tokens")
-    print(format_table(rows, list(rows[0])))
+    for table in (rows, qrows):
+        if table:
+            print(format_table(table, list(table[0])))
     write_json(args.out, {"date": time.strftime("%Y-%m-%d"), "params": n_params, "threads": args.threads,
-                          "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "rows": rows})
+                          "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "rows": rows,
+                          "quant_rows": qrows})
     return 0
 
 

@@ -19,7 +19,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 from rtserve.bench.report import format_table, write_json  # noqa: E402
 from rtserve.compress.llm_job import run_llm_quantization  # noqa: E402
-from rtserve.demo import DEMO_LM  # noqa: E402
+from rtserve.demo.repository import DEMO_LM  # noqa: E402
 
 
 def main() -> int:

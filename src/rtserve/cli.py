@@ -342,7 +342,8 @@ def _add_generate_parser(sub) -> None:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int)
     g.add_argument("--stop", action="append")
-    g.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    g.add_argument("--dtype", default="auto", choices=list(DTYPES),
+                   help="auto: float32 on CPU, bfloat16 on CUDA")
     g.add_argument("--device", default="cpu")
     g.add_argument("--num-blocks", type=int, default=512)
     g.set_defaults(func=cmd_generate)

@@ -28,10 +28,12 @@ def checkpoint(tmp_path_factory):
 
 def test_float32_kernel_and_graphs_match_transformers(checkpoint):
     path, expected = checkpoint
-    llm = LLM(path, device="cuda", num_blocks=64, block_size=4, max_num_batched_tokens=16, max_num_seqs=8)
+    llm = LLM(path, device="cuda", dtype="float32", num_blocks=64, block_size=4, max_num_batched_tokens=16,
+              max_num_seqs=8)
     assert llm.runner.decode_kernel == "triton" and llm.runner.graphs is not None
     assert llm.generate_greedy(PROMPTS, max_tokens=8) == expected
-    eager = LLM(path, device="cuda", num_blocks=64, block_size=4, cuda_graphs=False, decode_kernel="gather")
+    eager = LLM(path, device="cuda", dtype="float32", num_blocks=64, block_size=4, cuda_graphs=False,
+                decode_kernel="gather")
     assert eager.generate_greedy(PROMPTS, max_tokens=8) == expected
     llm.scheduler.bm.check_integrity()
 

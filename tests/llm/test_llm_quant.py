@@ -103,3 +103,21 @@ def test_quantizing_twice_and_a_damaged_checkpoint_are_errors(llama, tmp_path):
     save_file(t, tmp_path / "q" / "model.safetensors")
     with pytest.raises(ValueError, match="down_proj.weight.qweight' .* is missing"):
         LLM(tmp_path / "q", num_blocks=8, block_size=4)
+
+
+def test_cpu_kernels_agree_with_the_dequantizing_matmul(llama, tmp_path, monkeypatch):
+    """The layers' CPU kernels (llm/cpu_quant.py, whichever the load-time timing picked) keep the
+    fidelity of expanding the weight per call: same top-1 agreement with float32, close logits."""
+    quantize_checkpoint(llama, tmp_path / "q", "int8-weight")
+    base = LLM(llama, num_blocks=64, block_size=4)
+    fast = LLM(tmp_path / "q", num_blocks=64, block_size=4)
+    assert fast.runner.model.model.layers[0].mlp.gate_up.kernel.startswith("cpu:")
+    monkeypatch.setenv("RTSERVE_QUANT_KERNEL", "dequant")
+    slow = LLM(tmp_path / "q", num_blocks=64, block_size=4)
+    assert slow.runner.model.model.layers[0].mlp.gate_up.kernel == "dequant"
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(1, 97, (6, 20), generator=g).tolist()
+    assert _top1_agreement(base, fast, prompts) >= _top1_agreement(base, slow, prompts)
+    for p in prompts[:3]:
+        a, b = _last_logits(fast, p), _last_logits(slow, p)
+        assert float((a - b).abs().max()) <= 2 ** -7 * float(b.abs().max())

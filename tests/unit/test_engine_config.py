@@ -14,7 +14,7 @@ def test_keys_and_defaults():
     c = EngineConfig()
     assert (c.num_blocks, c.block_size, c.max_num_seqs, c.max_num_batched_tokens, c.max_model_len) == \
         (None, 16, 64, 2048, None)
-    assert (c.dtype, c.enable_prefix_caching, c.kv_cache_memory_fraction) == ("float32", True, None)
+    assert (c.dtype, c.enable_prefix_caching, c.kv_cache_memory_fraction) == ("auto", True, None)
     assert (c.decode_kernel, c.cuda_graphs, c.pipeline_stages, c.pipeline_micro_batches) == (None, None, None, None)
 
 
@@ -52,7 +52,7 @@ def test_unknown_key_names_it_and_the_allowed_ones():
     ({"pipeline_micro_batches": 0}, "engine.pipeline_micro_batches: must be an integer >= 1 or unset"),
     ({"max_waiting": -1}, "engine.max_waiting: must be an integer >= 0 or unset, got -1"),
     ({"max_waiting_tokens": "lots"}, "engine.max_waiting_tokens: must be an integer >= 1 or unset, got 'lots'"),
-    ({"dtype": "float64"}, "engine.dtype: 'float64' is not one of float32, bfloat16, float16"),
+    ({"dtype": "float64"}, "engine.dtype: 'float64' is not one of auto, float32, bfloat16, float16"),
     ({"decode_kernel": "flash"}, "engine.decode_kernel: 'flash' is not one of gather, triton (or unset)"),
     ({"enable_prefix_caching": "yes"}, "engine.enable_prefix_caching: must be true or false, got 'yes'"),
     ({"cuda_graphs": 1}, "engine.cuda_graphs: must be true or false or unset, got 1"),

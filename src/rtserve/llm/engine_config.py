@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: float32 on CPU, bfloat16 on CUDA (dtypes.py)
 DECODE_KERNELS = ("gather", "triton")
 
 
@@ -19,7 +19,9 @@ class EngineConfig:
     None is the checkpoint's ``max_position_embeddings``. ``decode_kernel`` ("gather" or "triton")
     and ``cuda_graphs``: see ``ModelRunner`` (None: both on for CUDA). ``pipeline_stages`` > 1: the
     layers run in that many worker processes (``PipelineRunner``), each step cut into
-    ``pipeline_micro_batches`` groups (None: one per stage) that overlap.
+    ``pipeline_micro_batches`` groups (None: one per stage) that overlap. ``dtype``: "auto" is
+    float32 on a CPU and bfloat16 on CUDA (float16 without bfloat16 support); bfloat16 / float16 on a
+    CPU without native instructions for them log a warning (``dtypes.py`` resolves all of it).
 
     Admission control (``admission.py``): a request is refused at once (429 with ``Retry-After``)
     when the sequences waiting for one of the ``max_num_seqs`` batch slots would pass
@@ -36,7 +38,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
-    dtype: str = "float32"
+    dtype: str = "auto"
     enable_prefix_caching: bool = True
     kv_cache_memory_fraction: float | None = None
     decode_kernel: str | None = None

@@ -13,14 +13,12 @@ from .attention import AttentionGroup, AttentionMetadata
 from .quant_linear import read_quantized
 from .cache_size import plan_cache
 from .config import DecoderConfig
-from .engine_config import DTYPES as DTYPE_NAMES
+from .dtypes import resolve_dtype
 from .engine_config import EngineConfig
 from .models import model_class
 from .prompt_logprobs import prompt_spans, span_rows
 from .scheduler import SchedulerOutput
 from .weights import load_weights
-
-DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 class ForwardInput(NamedTuple):
@@ -77,7 +75,7 @@ class ModelRunner:
     def __init__(self, path: Path | str, config: EngineConfig, device: str = "cpu") -> None:
         self.engine_config = config
         self.device = torch.device(device)
-        self.dtype = DTYPES[config.dtype]
+        self.dtype = resolve_dtype(config.dtype, self.device)
         self.model = load_decoder(Path(path), self.dtype, self.device)
         c = self.config = self.model.config
         self._plan_cache(c, config, self.device)  # after the weights: on CUDA the cache gets what they leave

@@ -25,7 +25,9 @@ from ..backends.base import Backend
 from ..executors.base import InstanceSpec, make_instances
 from .attention import AttentionGroup, AttentionMetadata
 from .engine_config import EngineConfig
-from .model_runner import DTYPES, ForwardInput, ModelRunner
+from .dtypes import TORCH as DTYPES
+from .dtypes import dtype_name, resolve_dtype
+from .model_runner import ForwardInput, ModelRunner
 from .scheduler import SchedulerOutput
 
 MIN_GROUP_TOKENS = 32  # a step is cut into groups of at least this many tokens
@@ -149,7 +151,7 @@ class PipelineRunner(ModelRunner):
         if stages is None or not 2 <= stages <= c.num_layers:
             raise ValueError(f"pipeline_stages {stages}: must be between 2 and the model's {c.num_layers} layers")
         self.engine_config = config
-        self.config, self.device, self.dtype = c, torch.device("cpu"), DTYPES[config.dtype]
+        self.config, self.device, self.dtype = c, torch.device("cpu"), resolve_dtype(config.dtype, device)
         self._plan_cache(c, config, torch.device(device))
         self.decode_kernel, self.graphs = "gather", None
         bounds = np.linspace(0, c.num_layers, stages + 1).round().astype(int)
@@ -157,7 +159,7 @@ class PipelineRunner(ModelRunner):
         try:
             for k in range(stages):
                 opts = {"layers": [int(bounds[k]), int(bounds[k + 1])], "first": k == 0, "last": k == stages - 1,
-                        "dtype": config.dtype, "num_blocks": self.num_blocks, "block_size": self.block_size,
+                        "dtype": dtype_name(self.dtype), "num_blocks": self.num_blocks, "block_size": self.block_size,
                         "threads": max(1, (os.cpu_count() or 1) // stages)}  # the stages share the cores
                 spec = InstanceSpec(f"{__name__}:StageBackend", str(Path(path) / "config.json"), device, opts)
                 self.stages.append(make_instances("process", spec)[0])
