@@ -3,10 +3,12 @@ Hugging Face transformers ``generate()`` (static batching) on the same random we
 
 Model: Llama architecture, ~34M parameters (hidden 512, 6 layers, 8 heads, 4 KV heads, intermediate
 1408, vocab 32000, tied embeddings), float32, 2 threads; 32-token prompts, 128 new tokens, EOS
-ignored; output tokens/s = all generated tokens / wall time (prefill included). The two run in turns,
-``--repeats`` times, and each one's best run is reported.
+ignored; output tokens/s = all generated tokens / wall time (prefill included). The engines run in turns,
+``--repeats`` times, and each one's best (``--stat best``) or median (``--stat median``) run is reported.
+``--llamacpp`` adds llama.cpp f32 / f16 / q8_0 rows (the same checkpoint converted to GGUF, see
+``llamacpp_side.py``) in the same interleaved rounds; without llama_cpp installed they are skipped.
 
-    python benchmarks/llm_cpu.py [--concurrency 1 16 64] [--new-tokens 128] [--out benchmarks/results/llm_cpu.json]
+    python benchmarks/llm_cpu.py [--concurrency 1 16 64] [--new-tokens 128] [--llamacpp] [--repeats 3 --stat median]
 
 ``--quant int8 int4`` adds rtserve on weight-only quantized copies of the checkpoint (``rtserve compress
 --quantize int8-weight|int4-weight``), run in turns with rtserve float32 at each concurrency: tok/s
@@ -15,6 +17,7 @@ side by side and the ratio to float32 (``quant_rows``).
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -96,13 +99,45 @@ def quant_rows(path: Path, llm: LLM, quants: list[str], args) -> list[dict]:
     return rows
 
 
+def llamacpp_sides(args, checkpoint: Path, vocab_size: int, workdir: Path) -> dict:
+    """name -> llama.cpp model for --llamacpp, or {} (with the reason printed) when llama_cpp is missing."""
+    if not args.llamacpp:
+        return {}
+    import llamacpp_side
+
+    if (why := llamacpp_side.available()) is not None:
+        print(f"--llamacpp skipped: {why}", flush=True)
+        return {}
+    ggufs = llamacpp_side.convert_all(checkpoint, workdir, vocab_size, converter=args.llamacpp_converter)
+    return llamacpp_side.load_all(ggufs, args.threads)
+
+
+def llamacpp_round(sides: dict, ps, new_tokens, samples: dict) -> None:
+    import llamacpp_side
+
+    for name, m in sides.items():
+        samples.setdefault(name, []).append(llamacpp_side.throughput(m, ps, new_tokens))
+
+
+def llamacpp_columns(samples: dict, reduce, ours: float) -> dict:
+    cols = {}
+    for name in (n for n in samples if n.startswith("llamacpp_")):
+        cols[f"{name}_tok_s"] = reduce(samples[name])
+        cols[f"rtserve_vs_{name}"] = ours / cols[f"{name}_tok_s"]
+    return cols
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=2, help="alternate the two this many times, keep each one's best")
+    ap.add_argument("--repeats", type=int, default=2, help="alternate the engines this many times")
+    ap.add_argument("--stat", choices=["best", "median"], default="best", help="which of the repeats to report")
+    ap.add_argument("--llamacpp", action="store_true", help="add llama.cpp f32/f16/q8_0 rows (needs llama_cpp)")
+    ap.add_argument("--llamacpp-converter", default=None, help="convert_hf_to_gguf.py or its folder "
+                    "(else $RTSERVE_LLAMACPP_CONVERTER, the cache, or the installed version's sdist from PyPI)")
     ap.add_argument("--out", default=str(HERE / "results" / "llm_cpu.json"))
     ap.add_argument("--quant", nargs="*", default=[], choices=list(QUANT_METHODS),
                     help="also rtserve on weight-only quantized copies, in turns with float32 (quant_rows)")
@@ -110,19 +145,26 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    reduce = max if args.stat == "best" else statistics.median
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as gguf_dir:
         model, n_params = build(Path(tmp))
+        sides = llamacpp_sides(args, Path(tmp), model.config.vocab_size, Path(gguf_dir))
         llm = LLM(tmp, num_blocks=(max(args.concurrency) * (args.prompt_tokens + args.new_tokens)) // 16 + 64,
                   block_size=16, max_num_seqs=max(args.concurrency), max_num_batched_tokens=4096)
         for c in [] if args.only_quant else args.concurrency:
             ps = prompts(c, args.prompt_tokens)
             run_rtserve(llm, ps[:1], 4)  # warm up
-            ours = theirs = 0.0
-            for _ in range(args.repeats):  # interleaved, best of each: the machine is shared and noisy
-                ours = max(ours, run_rtserve(llm, ps, args.new_tokens))
-                theirs = max(theirs, run_transformers(model, ps, args.new_tokens))
+            for m in sides.values():
+                m.generate(ps, 2)  # warm up, and make the context for c sequences outside the timing
+            samples: dict[str, list[float]] = {"rtserve": [], "transformers": []}
+            for _ in range(args.repeats):  # interleaved: the machine is shared and noisy
+                samples["rtserve"].append(run_rtserve(llm, ps, args.new_tokens))
+                samples["transformers"].append(run_transformers(model, ps, args.new_tokens))
+                llamacpp_round(sides, ps, args.new_tokens, samples)
+            ours, theirs = reduce(samples["rtserve"]), reduce(samples["transformers"])
             rows.append({"concurrency": c, "rtserve_tok_s": ours, "transformers_tok_s": theirs,
                          "ratio": ours / theirs})
+            rows[-1].update(llamacpp_columns(samples, reduce, ours))
             print(format_table([rows[-1]], list(rows[-1])), flush=True)
         qrows = quant_rows(Path(tmp), llm, args.quant, args) if args.quant else []
     print(f"\nLlama {n_params / 1e6:.1f}M params, float32, {args.threads} threads, "
@@ -130,9 +172,11 @@ def main() -> int:
     for table in (rows, qrows):
         if table:
             print(format_table(table, list(table[0])))
+    for m in sides.values():
+        m.close()
     write_json(args.out, {"date": time.strftime("%Y-%m-%d"), "params": n_params, "threads": args.threads,
-                          "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "rows": rows,
-                          "quant_rows": qrows})
+                          "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+                          "repeats": args.repeats, "stat": args.stat, "rows": rows, "quant_rows": qrows})
     return 0
 
 
