@@ -306,7 +306,7 @@ class LLM:
             for p, tp, g in zip(prompts, token_prompts, groups)]
         for g in groups:
             for s in g:
-                self._detok.pop(s.seq_id, None)
+                self.forget(s)
         return results
 
     def generate_greedy(self, prompts: list[list[int]], max_tokens: int = 16) -> list[list[int]]:

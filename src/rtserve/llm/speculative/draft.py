@@ -109,3 +109,7 @@ class DraftProposer:
 
     def forget(self, seq_id: int) -> None:
         self._computed.pop(seq_id, None)
+
+    def prune(self, live: set[int]) -> None:
+        for i in [i for i in self._computed if i not in live]:
+            del self._computed[i]

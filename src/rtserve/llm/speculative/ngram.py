@@ -42,3 +42,7 @@ class NgramProposer:
 
     def forget(self, seq_id: int) -> None:
         self._index.pop(seq_id, None)
+
+    def prune(self, live: set[int]) -> None:
+        for i in [i for i in self._index if i not in live]:
+            del self._index[i]

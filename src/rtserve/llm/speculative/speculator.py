@@ -37,6 +37,7 @@ from .verify import Proposal, Verified, verify
 
 log = logging.getLogger("rtserve.llm")
 MAX_BACKOFF = 32
+PRUNE_EVERY = 256  # steps
 
 
 @dataclass
@@ -75,6 +76,7 @@ class Speculator:
         self.config, self.scheduler, self.proposer = config, scheduler, proposer
         self.stats = SpecStats(accepted_per_pos=[0] * config.num_tokens)
         self._backoff: dict[int, _Backoff] = {}
+        self._steps = 0
 
     @classmethod
     def build(cls, config: SpeculativeConfig, path: Path, engine_config, runner, scheduler: Scheduler,
@@ -103,6 +105,9 @@ class Speculator:
                           sc.max_model_len - seq.num_tokens - 1))
 
     def propose(self, out: SchedulerOutput) -> StepDrafts | None:
+        self._steps += 1
+        if self._steps % PRUNE_EVERY == 0:
+            self._prune()
         budget = self.scheduler.config.max_num_batched_tokens - out.num_batched_tokens
         bm = self.scheduler.bm
         chosen: list[tuple[ScheduledSeq, int]] = []
@@ -215,6 +220,14 @@ class Speculator:
     def forget(self, seq_id: int) -> None:
         self._backoff.pop(seq_id, None)
         self.proposer.forget(seq_id)
+
+    def _prune(self) -> None:
+        """Drop the state of sequences that ended without ``forget`` (a caller that never said)."""
+        sc = self.scheduler
+        live = {s.seq_id for s in sc.running} | {s.seq_id for s in sc.waiting}
+        for i in [i for i in self._backoff if i not in live]:
+            del self._backoff[i]
+        self.proposer.prune(live)
 
 
 def cut_at_stop(seq: Sequence, tokenizer, new: int, stops: tuple[str, ...]) -> None:
