@@ -15,8 +15,9 @@ honestly by construction and the cases are named for what they are:
 - ``extractive-noisy``: the same with ``--noisy-mix``: the context moves the model off the chain
   now and then, so part of the proposals are rejected.
 - ``nothing-matched``: random prompts; prompt lookup finds no n-gram (min 2): the cost of looking.
-- ``all-rejected``: the passage follows another permutation than the model, so every proposal is
-  wrong (proposals back off after misses): the worst case.
+- ``all-rejected``: every third token of the passage's chain is replaced by another, so each n-gram
+  the lookup finds is followed by a wrong token, and the draft model (``--draft``) follows another
+  permutation: every proposal is rejected (proposals back off after misses). The worst case.
 
 ``--draft`` adds draft-model speculation with a 2-layer, 256-wide model built the same way (same
 sigma). Output tokens/s = generated tokens / wall time, prefill included, prefix caching off (each
@@ -86,8 +87,11 @@ def prompts(case: str, n: int, sigma: torch.Tensor, other: torch.Tensor) -> list
         if case == "nothing-matched":
             out.append(torch.randint(0, VOCAB, (PASSAGE + GAP + 1,), generator=g).tolist())
             continue
-        passage = chain(other if case == "all-rejected" else sigma, start, PASSAGE)
-        out.append(passage + filler + [passage[PASSAGE // 4]])
+        passage = chain(sigma, start, PASSAGE)
+        if case == "all-rejected":  # every third token of the chain replaced: each match proposes a wrong token
+            passage = [t if i % 3 != 2 else int(other[t]) for i, t in enumerate(passage)]
+        at = PASSAGE // 4 + (1 if case == "all-rejected" else 0)  # all-rejected: a chain token (index % 3 == 0)
+        out.append(passage + filler + [passage[at]])
     return out
 
 
@@ -121,8 +125,10 @@ def main() -> int:
         n_params = build(root / "clean", sigma, args.mix)
         build(root / "noisy", sigma, args.noisy_mix)
         if args.draft:
+            small = dict(hidden=256, layers=2, inter=704, heads=4, kv=2, seed=1)
             for name in ("clean", "noisy"):
-                build(root / name / "draft", sigma, args.mix, hidden=256, layers=2, inter=704, heads=4, kv=2, seed=1)
+                build(root / name / "draft", sigma, args.mix, **small)
+            build(root / "clean" / "draft-wrong", other, args.mix, **small)
         for case in args.cases:
             path = root / ("noisy" if case == "extractive-noisy" else "clean")
             rows += run_case(case, path, sigma, other, args)
@@ -142,8 +148,8 @@ def run_case(case: str, path: Path, sigma, other, args) -> list[dict]:
     engines = {"plain": LLM(path, **common),
                "ngram": LLM(path, **common, speculative={"method": "ngram", "num_tokens": args.num_tokens})}
     if args.draft and case != "nothing-matched":
-        engines["draft"] = LLM(path, **common, speculative={"method": "draft", "num_tokens": args.num_tokens,
-                                                            "draft": "draft"})
+        engines["draft"] = LLM(path, **common, speculative={
+            "method": "draft", "num_tokens": args.num_tokens, "draft": "draft-wrong" if case == "all-rejected" else "draft"})
     rows = []
     for c in args.concurrency:
         ps = prompts(case, c, sigma, other)

@@ -172,7 +172,7 @@ class LLM:
             if detok is None or s.is_finished and s.failure is not None:
                 continue
             try:
-                delta = detok.update(s.generated_ids)
+                delta = detok.update(s.generated_ids, final=s.is_finished)
                 if not s.params.stop or s.is_finished or not delta:
                     continue
                 i = find_stop(detok.text, s.params.stop, len(delta))

@@ -95,9 +95,10 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.text = ""
 
-    def update(self, output_ids: list[int]) -> str:
+    def update(self, output_ids: list[int], final: bool = False) -> str:
+        """The new text; ``final`` (the sequence ended): nothing is held back any more."""
         full = self.tokenizer.decode(output_ids)
-        if full.endswith("\ufffd"):
+        if full.endswith("\ufffd") and not final:
             return ""
         delta = full[len(self.text):] if full.startswith(self.text) else full
         self.text = full
