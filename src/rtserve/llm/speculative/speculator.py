@@ -18,7 +18,8 @@ depend on the step's budget). Everything else the sampler applies -- temperature
 min-p, logit_bias, repetition/presence/frequency penalties, logprobs -- is applied under speculation
 (``verify.py``), and stop tokens, stop strings, ``max_tokens`` and ``max_model_len`` cut the kept
 tokens where plain decoding would have stopped. A sequence whose proposals keep being rejected
-proposes less often (1, 2, 4, ... up to ``MAX_BACKOFF`` steps apart) until one is accepted again.
+proposes less often (after 1, 3, 7, ... up to ``MAX_BACKOFF`` steps without) and then one token
+only (a probe: 2 rows), until a proposal is accepted again.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from .ngram import NgramProposer
 from .verify import Proposal, Verified, verify
 
 log = logging.getLogger("rtserve.llm")
-MAX_BACKOFF = 32
+MAX_BACKOFF = 64
 PRUNE_EVERY = 256  # steps
 
 
@@ -97,12 +98,14 @@ class Speculator:
         if (s.num_tokens != 1 or not s.completes or p is None or seq.grammar is not None
                 or (seq.generator is not None and not p.greedy)):
             return 0
+        k = self.config.num_tokens
         b = self._backoff.get(seq.seq_id)
-        if b is not None and b.skip:
-            b.skip -= 1
-            return 0
-        return max(0, min(self.config.num_tokens, seq.max_tokens - seq.num_generated - 1,
-                          sc.max_model_len - seq.num_tokens - 1))
+        if b is not None and b.misses:
+            if b.skip:
+                b.skip -= 1
+                return 0
+            k = 1  # a probe after misses: 2 rows, not K + 1
+        return max(0, min(k, seq.max_tokens - seq.num_generated - 1, sc.max_model_len - seq.num_tokens - 1))
 
     def propose(self, out: SchedulerOutput) -> StepDrafts | None:
         self._steps += 1
@@ -200,7 +203,7 @@ class Speculator:
             b.misses = b.skip = 0
         else:
             b.misses += 1
-            b.skip = min(2 ** (b.misses - 1) - 1, MAX_BACKOFF)
+            b.skip = min(2 ** b.misses - 1, MAX_BACKOFF)
 
     # -- 3. after the update -----------------------------------------------------------------------
     def settle(self, step: StepDrafts) -> None:
