@@ -172,7 +172,9 @@ class LLM:
             if detok is None or s.is_finished and s.failure is not None:
                 continue
             try:
-                delta = detok.update(s.generated_ids, final=s.is_finished)
+                delta = detok.update(s.generated_ids)
+                if s.is_finished and not delta:  # nothing held back at the end
+                    delta = detok.finish(s.generated_ids)
                 if not s.params.stop or s.is_finished or not delta:
                     continue
                 i = find_stop(detok.text, s.params.stop, len(delta))

@@ -95,10 +95,18 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.text = ""
 
-    def update(self, output_ids: list[int], final: bool = False) -> str:
-        """The new text; ``final`` (the sequence ended): nothing is held back any more."""
+    def update(self, output_ids: list[int]) -> str:
         full = self.tokenizer.decode(output_ids)
-        if full.endswith("\ufffd") and not final:
+        if full.endswith("\ufffd"):
+            return ""
+        delta = full[len(self.text):] if full.startswith(self.text) else full
+        self.text = full
+        return delta
+
+    def finish(self, output_ids: list[int]) -> str:
+        """When the sequence has ended: the text held back for an incomplete character, as it decodes."""
+        full = self.tokenizer.decode(output_ids)
+        if full == self.text:
             return ""
         delta = full[len(self.text):] if full.startswith(self.text) else full
         self.text = full
