@@ -241,13 +241,30 @@ class LLMMetrics:
                                       ("finished_reason",)))
         self.refused = r.add(Counter("rtserve_llm_request_refused_total",
                                      "Requests refused by admission control (429): the waiting queue was full", m))
+        # speculative decoding (vLLM's spec_decode_num_drafts / _num_draft_tokens / _num_accepted_tokens):
+        # acceptance rate = accepted / draft tokens; tokens per verifying step = emitted / drafts
+        self.spec_drafts = r.add(Counter("rtserve_llm_spec_decode_num_drafts_total",
+                                         "Sequence-steps that verified speculative proposals", m))
+        self.spec_draft_tokens = r.add(Counter("rtserve_llm_spec_decode_num_draft_tokens_total",
+                                               "Speculative tokens proposed and verified", m))
+        self.spec_accepted_tokens = r.add(Counter("rtserve_llm_spec_decode_num_accepted_tokens_total",
+                                                  "Speculative tokens accepted", m))
+        self.spec_emitted_tokens = r.add(Counter("rtserve_llm_spec_decode_num_emitted_tokens_total",
+                                                 "Tokens output by the sequence-steps that verified proposals", m))
         self._bound: dict[int, object] = {}
 
-    def bind(self, name: str, scheduler) -> None:
-        """Point the gauges and cache counters of ``name`` at a scheduler (once per engine)."""
+    def bind(self, name: str, scheduler, spec_stats=None) -> None:
+        """Point the gauges and cache counters of ``name`` at a scheduler (once per engine), and the
+        speculative-decoding counters at ``spec_stats`` (``llm.speculative.speculator.SpecStats``) if given."""
         if self._bound.get(id(scheduler)) is not None:
             return
         self._bound[id(scheduler)] = scheduler
+        if spec_stats is not None:
+            st = spec_stats
+            self.spec_drafts.labels(name).set_function(lambda: st.num_drafts)
+            self.spec_draft_tokens.labels(name).set_function(lambda: st.num_draft_tokens)
+            self.spec_accepted_tokens.labels(name).set_function(lambda: st.num_accepted_tokens)
+            self.spec_emitted_tokens.labels(name).set_function(lambda: st.num_emitted_tokens)
         bm = scheduler.bm
         self.running.labels(name).set_function(lambda: len(scheduler.running))
         self.waiting.labels(name).set_function(lambda: len(scheduler.waiting))

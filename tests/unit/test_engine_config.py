@@ -10,7 +10,7 @@ def test_keys_and_defaults():
     assert EngineConfig.keys() == (
         "num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "dtype",
         "enable_prefix_caching", "kv_cache_memory_fraction", "decode_kernel", "cuda_graphs", "pipeline_stages",
-        "pipeline_micro_batches", "max_waiting", "max_waiting_tokens")
+        "pipeline_micro_batches", "max_waiting", "max_waiting_tokens", "speculative")
     c = EngineConfig()
     assert (c.num_blocks, c.block_size, c.max_num_seqs, c.max_num_batched_tokens, c.max_model_len) == \
         (None, 16, 64, 2048, None)

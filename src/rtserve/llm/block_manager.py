@@ -186,6 +186,19 @@ class BlockManager:
             self.blocks[i].scores = None
             del self._scored[i]
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Give back the blocks past the first ``num_tokens`` tokens' (speculative decoding, after
+        rejected proposals). They hold no computed token, so they are unhashed and unshared; they go
+        to the front of the free queue, so reusing them evicts no cached prefix."""
+        keep = self.blocks_needed(num_tokens)
+        while len(seq.block_table) > keep:
+            i = seq.block_table.pop()
+            b = self.blocks[i]
+            assert b.ref_count == 1 and b.hash is None, (i, b.ref_count, b.hash)
+            b.ref_count = 0
+            self._free[i] = None
+            self._free.move_to_end(i, last=False)
+
     def free(self, seq: Sequence) -> None:
         """Release the sequence's blocks; blocks reaching ref 0 stay cached until evicted.
         The tail is freed first so a prompt's leading blocks are evicted last."""

@@ -109,6 +109,11 @@ class LLM:
             BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
                          max_scored_blocks=SCORES_CACHE_BYTES // (4 * c.vocab_size)),
             score_accept=accepts)
+        self.speculator = None  # speculative decoding (engine.speculative): llm/speculative/
+        if config.speculative is not None:
+            from .speculative.speculator import Speculator
+
+            self.speculator = Speculator.build(config.speculative, path, config, self.runner, self.scheduler, device)
 
     def make_sequences(self, prompt: list[int], params: SamplingParams) -> list[Sequence]:
         """One sequence per choice (``n``); they share the prompt's blocks through the prefix cache
@@ -164,7 +169,9 @@ class LLM:
             seq.failure = RequestFailure(status, message)
         self.scheduler.abort(seq, FinishReason.ABORT)
 
-    def _check_stop_strings(self, seqs: list[Sequence]) -> list[Sequence]:
+    def _check_stop_strings(self, seqs: list[Sequence], before: dict[int, int] | None = None) -> list[Sequence]:
+        """``before``: seq_id -> tokens generated before this step, for sequences that may have got
+        several (speculation): the tokens after the one that completes a stop string are dropped."""
         stopped = []
         for s in seqs:
             detok = self._detok.get(s.seq_id)
@@ -172,6 +179,8 @@ class LLM:
                 continue
             try:
                 delta = detok.update(s.generated_ids)
+                if s.is_finished and not delta:  # nothing held back at the end
+                    delta = detok.finish(s.generated_ids)
                 if not s.params.stop or s.is_finished or not delta:
                     continue
                 i = find_stop(detok.text, s.params.stop, len(delta))
@@ -179,6 +188,11 @@ class LLM:
                 self.fail(s, 500, f"detokenizing the output failed: {type(e).__name__}: {e}")
                 continue
             if i >= 0:
+                new = s.num_generated - before.get(s.seq_id, s.num_generated - 1) if before else 1
+                if new > 1:
+                    from .speculative.speculator import cut_at_stop
+
+                    cut_at_stop(s, self.tokenizer, new, s.params.stop)
                 detok.text = detok.text[:i]  # the stop string is not part of the output
                 self.scheduler.abort(s, FinishReason.STOP)
                 stopped.append(s)
@@ -186,6 +200,8 @@ class LLM:
 
     def forget(self, seq: Sequence) -> None:
         self._detok.pop(seq.seq_id, None)
+        if self.speculator is not None:
+            self.speculator.forget(seq.seq_id)
 
     def text_of(self, seq: Sequence) -> str:
         detok = self._detok.get(seq.seq_id)
@@ -199,21 +215,32 @@ class LLM:
         if not out.scheduled:
             return []
         self._scores_from_cache(out)
-        spans = prompt_spans(out)  # prompt positions scored this step (before update moves the counters)
+        drafts = None  # speculative proposals appended to the step (llm/speculative/speculator.py)
         try:
+            drafts = self.speculator.propose(out) if self.speculator is not None else None
+            spans = prompt_spans(out)  # prompt positions scored this step (before update moves the counters)
             logits = self.runner.run(out)
         except Exception as e:  # noqa: BLE001 - reported with the step's sequences
+            if drafts is not None:
+                self.speculator.rollback(drafts)
             raise StepFailed([s.seq for s in out.scheduled], e) from e
         to_sample = out.to_sample
+        rows = len(to_sample) + (drafts.num_tokens if drafts is not None else 0)
         if spans:
-            record(spans, logits[len(to_sample):], self.runner.block_size if self.scheduler.bm.enable_prefix_caching
-                   else None)
-            logits = logits[:len(to_sample)]
-        tokens = self._sample(to_sample, logits)
+            record(spans, logits[rows:], self.runner.block_size if self.scheduler.bm.enable_prefix_caching else None)
+            logits = logits[:rows]
+        plain, tokens, before = to_sample, {}, None
+        if drafts is not None:
+            plain, logits, tokens = self.speculator.verify(drafts, to_sample, logits, self.fail)
+            before = {s.seq_id: s.num_generated for s in to_sample}  # the proposals are out again
+        if plain:
+            tokens.update(self._sample(plain, logits))
         self.scheduler.update(out, tokens)
+        if drafts is not None:
+            self.speculator.settle(drafts)
         generating = [s for s in to_sample if s.max_tokens]  # max_tokens 0: scored, no token
         self._advance_grammars(generating)
-        self._check_stop_strings(generating)
+        self._check_stop_strings(generating, before)
         return to_sample
 
     def _scores_from_cache(self, out) -> None:
@@ -296,7 +323,7 @@ class LLM:
             g[0].num_cached_tokens) for p, tp, g in zip(prompts, token_prompts, groups)]
         for g in groups:
             for s in g:
-                self._detok.pop(s.seq_id, None)
+                self.forget(s)
         return results
 
     def generate_greedy(self, prompts: list[list[int]], max_tokens: int = 16) -> list[list[int]]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from .speculative.config import SpeculativeConfig
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: float32 on CPU, bfloat16 on CUDA (dtypes.py)
 DECODE_KERNELS = ("gather", "triton")
 
@@ -31,7 +33,10 @@ class EngineConfig:
     five batches and bound a new request's wait to about four generations of the running batch, a
     prefill backlog to eight full steps. Under a TTFT target, ``max_waiting: 0`` keeps an admitted
     request's TTFT that of a full batch at any overload; in between, size it by Little's law: about
-    the completions per second times the queueing time allowed (``benchmarks/llm_admission.py``)."""
+    the completions per second times the queueing time allowed (``benchmarks/llm_admission.py``).
+
+    ``speculative`` (``{method: ngram | draft, num_tokens: K, draft: path, prompt_lookup_min/max}``):
+    speculative decoding (``llm/speculative/``); None: off."""
 
     num_blocks: int | None = None
     block_size: int = 16
@@ -47,8 +52,12 @@ class EngineConfig:
     pipeline_micro_batches: int | None = None
     max_waiting: int | None = None
     max_waiting_tokens: int | None = None
+    speculative: SpeculativeConfig | None = None  # a mapping in model.yaml: speculative/config.py
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "speculative", SpeculativeConfig.from_value(self.speculative))
+        if self.speculative is not None and self.pipeline_stages and self.pipeline_stages > 1:
+            raise ValueError("engine.speculative: not supported with pipeline_stages > 1")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             _check_int(name, getattr(self, name), optional=False)
         for name in ("num_blocks", "max_model_len", "pipeline_stages", "pipeline_micro_batches",

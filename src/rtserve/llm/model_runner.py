@@ -26,8 +26,9 @@ class ForwardInput(NamedTuple):
     ids: torch.Tensor           # (T,) int64 token ids
     positions: torch.Tensor     # (T,) int64 position of each token in its sequence
     meta: AttentionMetadata     # slots to write, and how each query reads the paged cache
-    logits_index: torch.Tensor  # (N + M,) int64 rows of the tokens that sample (``out.to_sample`` order),
-    #                             then the M prompt rows of ``prompt_logprobs.prompt_spans(out)``
+    logits_index: torch.Tensor  # (N + M,) int64 rows of the tokens that sample (``out.to_sample`` order;
+    #                             1 + num_spec rows for a sequence verifying proposals), then the M
+    #                             prompt rows of ``prompt_logprobs.prompt_spans(out)``
 
 
 class DecodeInputs(NamedTuple):
@@ -151,8 +152,8 @@ class ModelRunner:
             tables.append(table)
             (decode if n == 1 else prefill).append((i, offset, n, start + n))
             offset += n
-            if s.completes:
-                logits_index.append(offset - 1)
+            if s.completes:  # and a row per speculative token verified (the step's last num_spec)
+                logits_index.extend(range(offset - 1 - s.num_spec, offset))
         logits_index += span_rows(prompt_spans(out))
         single = not decode or not prefill
         groups = []

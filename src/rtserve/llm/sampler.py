@@ -70,6 +70,35 @@ def _penalize(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
     return logits
 
 
+def penalize(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """In place on (N, V) float32 logits, one ``rows`` entry each: logit_bias, then repetition,
+    presence and frequency penalties (over each row's own prompt and output ids)."""
+    return _penalize(logits, rows)
+
+
+def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """(N, V) what each random row draws from, proportionally (not renormalized after top-p and
+    min-p): softmax(logits / temperature) over the top-k, then top-p and min-p zero the tail.
+    ``logits``: (N, V) float32, already masked, biased and penalized. Speculative verification
+    uses it too, so both draw from one distribution."""
+    temps = torch.tensor([p.temperature for p in params], device=logits.device)
+    sub = logits / temps[:, None]
+    for j, p in enumerate(params):
+        if p.top_k and p.top_k < sub.shape[1]:
+            kth = torch.topk(sub[j], p.top_k).values[-1]
+            sub[j][sub[j] < kth] = float("-inf")
+    probs = torch.softmax(sub, dim=-1)
+    for j, p in enumerate(params):
+        if p.top_p < 1.0:
+            sorted_p, order = probs[j].sort(descending=True)
+            # keep the smallest prefix whose mass reaches top_p (always the first token)
+            drop = (sorted_p.cumsum(0) - sorted_p) >= p.top_p
+            probs[j, order[drop]] = 0.0
+        if p.min_p > 0.0:
+            probs[j][probs[j] < p.min_p * probs[j].max()] = 0.0
+    return probs
+
+
 def sample(logits: torch.Tensor, rows: list[SampleRow]) -> SampleResult:
     """logits: (N, vocab) float32, one row per sequence that samples this step. Rows with an
     ``allowed`` bitmask can only draw the tokens it allows; the others are untouched."""
@@ -87,24 +116,7 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> SampleResult:
     random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
     if random_rows:
         idx = torch.tensor(random_rows, device=logits.device)
-        sub = logits[idx]
-        temps = torch.tensor([rows[i].params.temperature for i in random_rows], device=logits.device)
-        sub = sub / temps[:, None]
-        for j, i in enumerate(random_rows):
-            p = rows[i].params
-            if p.top_k and p.top_k < sub.shape[1]:
-                kth = torch.topk(sub[j], p.top_k).values[-1]
-                sub[j][sub[j] < kth] = float("-inf")
-        probs = torch.softmax(sub, dim=-1)
-        for j, i in enumerate(random_rows):
-            p = rows[i].params
-            if p.top_p < 1.0:
-                sorted_p, order = probs[j].sort(descending=True)
-                # keep the smallest prefix whose mass reaches top_p (always the first token)
-                drop = (sorted_p.cumsum(0) - sorted_p) >= p.top_p
-                probs[j, order[drop]] = 0.0
-            if p.min_p > 0.0:
-                probs[j][probs[j] < p.min_p * probs[j].max()] = 0.0
+        probs = filtered_probs(logits[idx], [rows[i].params for i in random_rows])
         # Inverse-CDF draw: one uniform per row against the row's cumulative probabilities. Seeded
         # rows draw from their own generator, so they are reproducible in any batch. (An
         # exponential race needs a random number per vocabulary entry: 29 ms for 64 x 32k here.)

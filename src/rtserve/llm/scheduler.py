@@ -57,6 +57,7 @@ class SchedulerConfig:
 class ScheduledSeq:
     seq: Sequence
     num_tokens: int  # tokens computed for it this step, starting at seq.num_computed_tokens
+    num_spec: int = 0  # of which proposed tokens at the end (speculative decoding): num_spec + 1 logits rows
 
     @property
     def completes(self) -> bool:
@@ -212,8 +213,10 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, n))
             budget -= n
 
-    def update(self, out: SchedulerOutput, sampled: dict[int, int]) -> list[Sequence]:
-        """Apply a step's results: ``sampled`` maps seq_id -> new token for ``out.to_sample``.
+    def update(self, out: SchedulerOutput, sampled: dict[int, int | list[int]]) -> list[Sequence]:
+        """Apply a step's results: ``sampled`` maps seq_id -> new token for ``out.to_sample``, or a
+        list: verified speculative tokens then the new one (their KV was computed this step, past
+        the scheduled tokens; the proposals were taken back out of ``token_ids`` before this).
         Returns the sequences that finished in this step (their blocks are freed)."""
         finished = []
         for s in out.scheduled:
@@ -222,7 +225,8 @@ class Scheduler:
                 continue
             completes = s.completes
             seq.num_computed_tokens += s.num_tokens
-            self.bm.cache_full_blocks(seq)
+            if not completes or seq.max_tokens == 0:
+                self.bm.cache_full_blocks(seq)
             if not completes:
                 continue
             if seq.max_tokens == 0:  # scored, nothing to generate
@@ -230,13 +234,19 @@ class Scheduler:
                 self._finish(seq, FinishReason.LENGTH)
                 finished.append(seq)
                 continue
-            tok = sampled[seq.seq_id]
-            seq.append_token(tok)
+            toks = sampled[seq.seq_id]
             reason = None
-            if tok in seq.stop_token_ids:
-                reason = FinishReason.STOP
-            elif seq.num_generated >= seq.max_tokens or seq.num_tokens >= self.config.max_model_len:
-                reason = FinishReason.LENGTH
+            for j, tok in enumerate(toks if isinstance(toks, list) else (toks,)):
+                if j:  # a verified proposal: computed this step
+                    seq.num_computed_tokens += 1
+                seq.append_token(tok)
+                if tok in seq.stop_token_ids:
+                    reason = FinishReason.STOP
+                elif seq.num_generated >= seq.max_tokens or seq.num_tokens >= self.config.max_model_len:
+                    reason = FinishReason.LENGTH
+                if reason is not None:
+                    break
+            self.bm.cache_full_blocks(seq)  # after the verified proposals: they are computed too
             if reason is not None:
                 self.running.remove(seq)
                 self._finish(seq, reason)

@@ -103,6 +103,15 @@ class IncrementalDetokenizer:
         self.text = full
         return delta
 
+    def finish(self, output_ids: list[int]) -> str:
+        """When the sequence has ended: the text held back for an incomplete character, as it decodes."""
+        full = self.tokenizer.decode(output_ids)
+        if full == self.text:
+            return ""
+        delta = full[len(self.text):] if full.startswith(self.text) else full
+        self.text = full
+        return delta
+
 
 def find_stop(text: str, stops: tuple[str, ...], new_len: int) -> int:
     """Index where the first stop string starts, looking only where the newest ``new_len``

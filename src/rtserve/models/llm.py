@@ -4,6 +4,7 @@ template, vocabulary and context checks), streams the engine's deltas, and recor
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -45,6 +46,28 @@ def check_checkpoint(ctx: LoadContext, model_dir: Path, version: int, names: tup
     return files
 
 
+def check_draft_folder(ctx: LoadContext, config: ModelConfig, model_dir: Path, version: int) -> None:
+    """``engine.speculative.draft`` (a folder, relative to the version folder) must lie inside the
+    model's folder, and its files inside the repository, before the engine reads them."""
+    spec = config.engine.get("speculative") if isinstance(config.engine, dict) else None
+    if not isinstance(spec, dict) or spec.get("method") != "draft" or not isinstance(spec.get("draft"), str):
+        return  # absent, or invalid: EngineConfig names the problem
+    version_dir = model_dir / str(version)
+    draft = (version_dir / spec["draft"]).resolve()
+    if not draft.is_relative_to(model_dir.resolve()):
+        raise ConfigError(f"engine.speculative.draft: '{spec['draft']}' resolves outside the model's folder "
+                          f"{model_dir.name}/ (a path relative to the version folder, inside the model's folder)")
+    if not draft.is_dir():
+        raise ConfigError(f"engine.speculative.draft: '{spec['draft']}' is not a folder (from {version_dir})")
+    from ..llm.weights import checkpoint_files
+
+    ctx.check_inside(model_dir, [version_dir / spec["draft"] / n for n in ENGINE_READS])
+    try:
+        ctx.check_inside(model_dir, checkpoint_files(version_dir / spec["draft"]))
+    except ValueError as e:
+        raise ConfigError(f"engine.speculative.draft: {e}") from None
+
+
 def _parsers(config: ModelConfig, tokenizer) -> tuple[str | None, str | None]:
     """The tool-call and reasoning parsers' names: model.yaml's (``none``: no parser), else detected
     from the chat template. Their markers are kept in the decoded text (they may be special tokens)."""
@@ -75,6 +98,7 @@ class LLMModel(ServedModel):
     def load(cls, config: ModelConfig, model_dir: Path, version: int, ctx: LoadContext) -> "LLMModel":
         try:
             check_checkpoint(ctx, model_dir, version, ENGINE_READS)
+            check_draft_folder(ctx, config, model_dir, version)
             return cls(config, model_dir, version, ctx.metrics.llm if ctx.metrics else None)
         except ConfigError as e:
             raise ConfigError(f"model '{config.name}' version {version}: {e.message}") from None
@@ -102,7 +126,8 @@ class LLMModel(ServedModel):
 
         self.engine = AsyncLLM(self.llm)
         if self.metrics:
-            self.metrics.bind(self.name, self.llm.scheduler)
+            spec = self.llm.speculator
+            self.metrics.bind(self.name, self.llm.scheduler, spec.stats if spec is not None else None)
 
     async def drain(self, drain_timeout_s: float = 10.0) -> None:
         """Refuse new requests; running ones get up to ``drain_timeout_s`` to finish, the rest a 503."""
@@ -249,4 +274,5 @@ class LLMModel(ServedModel):
                 "engine": {"num_blocks": self.llm.scheduler.bm.num_blocks, "block_size": self.llm.scheduler.bm.block_size,
                            "max_num_seqs": sc.max_num_seqs, "max_num_batched_tokens": sc.max_num_batched_tokens,
                            "max_model_len": sc.max_model_len, "max_waiting": sc.max_waiting,
-                           "max_waiting_tokens": sc.max_waiting_tokens}}
+                           "max_waiting_tokens": sc.max_waiting_tokens,
+                           "speculative": dataclasses.asdict(spec) if (spec := self.llm.engine_config.speculative) else None}}
