@@ -37,10 +37,12 @@ def test_bench_openai_counts_add_up(lm_url, tmp_path, capsys, mode):
     doc = json.loads(out.read_text())
     reqs, s = doc["requests"], doc["summary"]
     assert len(reqs) == 10 and all(r["ok"] for r in reqs)
-    # ignore_eos: every request generates exactly max_tokens, one chunk per token
+    # ignore_eos: every request generates exactly max_tokens (the usage chunk counts them); the server
+    # sends one chunk per token while the client keeps up and coalesces several into one when it falls
+    # behind (llm/stream_delivery.py), so without logprobs the per-chunk counts are a lower bound
     assert s["output_tokens"] == sum(r["max_tokens"] for r in reqs)
-    assert all(r["output_tokens"] == r["max_tokens"] == sum(r["chunk_tokens"]) == len(r["chunk_times_s"])
-               for r in reqs)
+    assert all(r["output_tokens"] == r["max_tokens"] >= sum(r["chunk_tokens"]) and
+               len(r["chunk_tokens"]) == len(r["chunk_times_s"]) >= 1 for r in reqs)
     assert all(r["start_s"] <= r["chunk_times_s"][0] <= r["end_s"] for r in reqs)  # TTFT <= E2E
     assert s["ttft_ms"]["p99"] <= s["e2e_ms"]["p99"] and s["ttft_ms"]["mean"] <= s["e2e_ms"]["mean"]
     if "--chat" not in mode:
