@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from . import triton_attention
-from .attention import AttentionGroup, AttentionMetadata
+from .attention import AttentionGroup, AttentionMetadata, GatherSpace
 from .quant_linear import read_quantized
 from .cache_size import plan_cache
 from .config import DecoderConfig
@@ -73,6 +73,8 @@ class ModelRunner:
     "triton" (CUDA default: the paged decode kernel reads the cache through block tables).
     ``cuda_graphs``: replay captured decode steps on CUDA (needs "triton")."""
 
+    gather_space: GatherSpace | None = None  # set on CPU (the pipeline's stages keep their own)
+
     def __init__(self, path: Path | str, config: EngineConfig, device: str = "cpu") -> None:
         self.engine_config = config
         self.device = torch.device(device)
@@ -91,6 +93,7 @@ class ModelRunner:
         # scratch that padded rows of a captured CUDA graph write to; the block manager never hands it out.
         self.kv_caches = [torch.zeros(2, self.num_blocks + 1, self.block_size, c.num_kv_heads, c.head_dim,
                                       dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
+        self.gather_space = GatherSpace() if self.device.type == "cpu" else None  # CUDA: its allocator caches
         self.graphs = None
         cuda_graphs = config.cuda_graphs
         if cuda_graphs is None:
@@ -161,41 +164,38 @@ class ModelRunner:
             groups.append(self._decode_group(decode, tables, rows=not single))
         if prefill:
             groups.append(self._prefill_group(prefill, tables, out_rows=not single))
-        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev), groups=groups)
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev), groups=groups,
+                                 workspace=self.gather_space)
         return ForwardInput(torch.tensor(ids, dtype=torch.long, device=dev),
                             torch.tensor(pos, dtype=torch.long, device=dev), meta,
                             torch.tensor(logits_index, dtype=torch.long, device=dev))
 
-    def _kv_slots(self, members, tables) -> np.ndarray:
-        """(S, C) cache slot of each context position, padding 0: one broadcast over the padded block
-        tables (a numpy pass per sequence cost ~10 us each, 0.6 ms a step at 64 sequences)."""
-        bs = self.block_size
+    def _kv_blocks(self, members, tables) -> tuple[np.ndarray, np.ndarray]:
+        """(S, B) cache blocks of each member's context (padding 0) and the (S,) context lengths."""
         ctx = np.array([m[3] for m in members])
-        c = int(ctx.max())
-        nb = -(-c // bs)
+        nb = -(-int(ctx.max()) // self.block_size)
         t = np.zeros((len(members), nb), np.int64)
         for j, m in enumerate(members):
             row = tables[m[0]][:nb]
             t[j, :len(row)] = row
-        cp = np.arange(c)
-        kv = t[:, cp // bs] * bs + cp % bs
-        kv[cp[None, :] >= ctx[:, None]] = 0
-        return kv
+        return t, ctx
 
     def _decode_group(self, members, tables, rows: bool) -> AttentionGroup:
-        """One query per sequence; a mask only when the contexts differ in length."""
+        """One query per sequence; a mask unless every context fills all B blocks."""
         dev = self.device
-        ctx = np.asarray([m[3] for m in members])
+        blocks, ctx = self._kv_blocks(members, tables)
+        c = blocks.shape[1] * self.block_size
         mask = None
-        if ctx.min() != ctx.max():
-            mask = torch.from_numpy(np.arange(ctx.max())[None, None, None, :] < ctx[:, None, None, None]).to(dev)
-        return AttentionGroup(kv_slots=torch.from_numpy(self._kv_slots(members, tables)).to(dev), mask=mask,
+        if ctx.min() != c:
+            mask = torch.from_numpy(np.arange(c)[None, None, None, :] < ctx[:, None, None, None]).to(dev)
+        return AttentionGroup(kv_blocks=torch.from_numpy(blocks).to(dev), mask=mask,
                               rows=torch.tensor([m[1] for m in members], device=dev) if rows else None)
 
     def _prefill_group(self, members, tables, out_rows: bool) -> AttentionGroup:
         """Queries padded to the longest chunk; causal within each sequence's context."""
         dev = self.device
-        q_max, c_max = max(m[2] for m in members), max(m[3] for m in members)
+        blocks, _ = self._kv_blocks(members, tables)
+        q_max, c_max = max(m[2] for m in members), blocks.shape[1] * self.block_size
         q_index = np.zeros((len(members), q_max), np.int64)
         q_valid = np.zeros((len(members), q_max), bool)
         mask = np.zeros((len(members), 1, q_max, c_max), bool)
@@ -205,7 +205,7 @@ class ModelRunner:
             mask[j, 0, :n, :c] = np.arange(c)[None, :] <= (c - n + np.arange(n))[:, None]  # causal
             mask[j, 0, n:, 0] = True  # padded query rows attend somewhere (no NaN); dropped later
         return AttentionGroup(
-            kv_slots=torch.from_numpy(self._kv_slots(members, tables)).to(dev), mask=torch.from_numpy(mask).to(dev),
+            kv_blocks=torch.from_numpy(blocks).to(dev), mask=torch.from_numpy(mask).to(dev),
             q_index=torch.from_numpy(q_index).to(dev), q_valid=torch.from_numpy(q_valid).to(dev),
             out_rows=torch.from_numpy(q_index[q_valid]).to(dev) if out_rows else None)
 

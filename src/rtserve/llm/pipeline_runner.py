@@ -23,7 +23,7 @@ import torch
 
 from ..backends.base import Backend
 from ..executors.base import InstanceSpec, make_instances
-from .attention import AttentionGroup, AttentionMetadata
+from .attention import AttentionGroup, AttentionMetadata, GatherSpace
 from .engine_config import EngineConfig
 from .dtypes import TORCH as DTYPES
 from .dtypes import dtype_name, resolve_dtype
@@ -31,7 +31,7 @@ from .model_runner import ForwardInput, ModelRunner
 from .scheduler import SchedulerOutput
 
 MIN_GROUP_TOKENS = 32  # a step is cut into groups of at least this many tokens
-_GROUP_FIELDS = ("kv_slots", "mask", "rows", "q_index", "q_valid", "out_rows")
+_GROUP_FIELDS = ("kv_blocks", "mask", "rows", "q_index", "q_valid", "out_rows")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 
 
@@ -51,7 +51,7 @@ def unflatten(d: dict[str, np.ndarray]) -> ForwardInput:
     """The step's inputs back from ``flatten``'s arrays (``ids`` None where a stage got none)."""
     groups = []
     i = 0
-    while f"g{i}.kv_slots" in d:
+    while f"g{i}.kv_blocks" in d:
         groups.append(AttentionGroup(**{f: torch.from_numpy(np.array(d[f"g{i}.{f}"])) if f"g{i}.{f}" in d else None
                                        for f in _GROUP_FIELDS}))
         i += 1
@@ -122,11 +122,13 @@ class StageBackend(Backend):
         nb, bs = int(options["num_blocks"]), int(options["block_size"])
         self.kv = [torch.zeros(2, nb + 1, bs, c.num_kv_heads, c.head_dim, dtype=dtype, device=dev)
                    for _ in range(b - a)]
+        self.gather_space = GatherSpace() if dev.type == "cpu" else None
         self.file_inputs, self.file_outputs = [], []
 
     @torch.inference_mode()
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         step = unflatten(inputs)
+        step.meta.workspace = self.gather_space
         if self.first:
             x = self.m.model.embed_tokens(step.ids)
         else:

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import torch
 
+from .reductions import max_rows
 from .scheduler import SchedulerOutput
 from .sequence import Sequence
 
@@ -85,8 +86,8 @@ def record(spans: list[PromptSpan], logits: torch.Tensor, block_size: int | None
         ranks = ((lp > chosen_t).sum(dim=1, dtype=torch.int32) + 1).tolist()
     k_max = max(sp.seq.prompt_logprobs or 0 for sp in spans)
     if k_max == 1:  # lm-eval's logprobs=1: a max is cheaper than a top-k
-        best = lp.max(dim=1)
-        top_ids, top_lps = best.indices[:, None].tolist(), best.values[:, None].tolist()
+        values, indices = max_rows(lp)
+        top_ids, top_lps = indices[:, None].tolist(), values[:, None].tolist()
     elif k_max:
         top = torch.topk(lp, k_max, dim=1)
         top_ids, top_lps = top.indices.tolist(), top.values.tolist()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .reductions import argmax_rows
 from .sampling_params import SamplingParams
 
 
@@ -112,7 +113,7 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> SampleResult:
     logits = _penalize(logits, rows)
     want_lp = any(r.params.logprobs is not None for r in rows)
     logp = torch.log_softmax(logits, dim=-1) if want_lp else None
-    tokens = logits.argmax(dim=-1)
+    tokens = argmax_rows(logits)
     random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
     if random_rows:
         idx = torch.tensor(random_rows, device=logits.device)

@@ -19,6 +19,7 @@ import torch
 
 from ..config import DecoderConfig
 from ..engine_config import EngineConfig
+from ..reductions import argmax_rows
 from ..sampler import filtered_probs
 from ..scheduler import ScheduledSeq, SchedulerOutput
 from ..sequence import Sequence
@@ -89,7 +90,7 @@ class DraftProposer:
     def _choose(logits: torch.Tensor, seqs: list[Sequence], tokens: list[list[int]], qs: list[list]) -> None:
         """Greedy rows: the draft's argmax; random rows: a draw from the draft's distribution under
         the row's temperature / top-k / top-p / min-p, kept as q for the rejection test."""
-        best = logits.argmax(dim=-1).tolist()
+        best = argmax_rows(logits).tolist()
         random = [j for j, s in enumerate(seqs) if not s.params.greedy]
         if random:
             probs = filtered_probs(logits[random], [seqs[j].params for j in random])

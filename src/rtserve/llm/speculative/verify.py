@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..reductions import argmax_rows
 from ..sampler import SampleRow, filtered_probs, penalize
 from ..sequence import Sequence
 
@@ -90,7 +91,7 @@ def verify(logits: torch.Tensor, seqs: list[Sequence], proposals: list[Proposal]
     logits = penalize(logits.float().clone(), rows)
     want_lp = any(s.params.logprobs is not None for s in seqs)
     logp = torch.log_softmax(logits, dim=-1) if want_lp else None
-    greedy_best = logits.argmax(dim=-1).tolist()
+    greedy_best = argmax_rows(logits).tolist()
     random = [i for i, r in enumerate(rows) if not r.params.greedy]
     probs = None
     if random:
