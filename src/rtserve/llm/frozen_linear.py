@@ -10,10 +10,9 @@ Why measure: decode is a small-M matmul against every weight, and which kernel s
 depends on the CPU (AVX2 or AVX-512, cache sizes) and the shape. On this project's 2-core AVX-512
 machine the packed layout wins at M >= 4 by 1.2-5x (the 32000 x 512 LM head most), while at M = 1
 MKL's sgemm on the transposed copy is often as fast or faster. Each distinct (shape, dtype,
-threads) is timed once at M = 1, 8 and 64 (runs interleaved, best of several; M = 1 streaming the
-weight from memory through copies, as decode does): the layout with the least summed relative loss
-at 8 and 64 serves several rows; one row gets its own layout only when that is 15% faster at M = 1
-(then the weight is held twice: ``measure``).
+threads) is timed once at M = 1, 8 and 64 (runs interleaved, best of several): the layout with the
+least summed relative loss at 8 and 64 serves several rows; one row gets its own layout only when
+that is 25% faster at M = 1 (then the weight is held twice: ``measure``).
 
 The oneDNN ops are private, so a weight is packed only after a check that the packed product
 matches the plain one. ``RTSERVE_MATMUL`` = onednn | mm | linear forces a layout (where usable);
@@ -28,8 +27,6 @@ import torch
 import torch.nn.functional as F
 
 LAYOUTS = ("onednn", "mm", "linear")
-STREAM_BYTES = 64 << 20  # twice the L3 of the machines measured on (32 MiB)
-ONE_ROW_GAIN = 1.15      # a second copy of a weight for one-row steps must save this much
 _CHOSEN: dict[tuple, str] = {}  # (out, in, dtype, threads, bias) -> layout, measured once per process
 
 
@@ -54,51 +51,33 @@ def _pack(weight: torch.Tensor, bias: torch.Tensor | None):
         return None
 
 
-def _best_time(fns: list[list], x: torch.Tensor, rounds: int) -> list[float]:
-    """Per candidate, the best of ``rounds`` timings of one call, each round calling the candidate
-    once per weight copy in turn (``fns[i]``: candidate i on each copy); candidates interleaved so a
-    noisy moment hits them alike."""
-    best = [float("inf")] * len(fns)
-    for copies in fns:
-        for f in copies:
-            f(x)  # warm up (first-call allocations, oneDNN primitive creation)
+def _best_time(fn, x: torch.Tensor, rounds: int) -> list[float]:
+    """Per candidate, the best of ``rounds`` timings; candidates interleaved so a noisy moment
+    hits them alike."""
+    best = [float("inf")] * len(fn)
+    for f in fn:
+        f(x)  # warm up (first-call allocations, oneDNN primitive creation)
     for _ in range(rounds):
-        for i, copies in enumerate(fns):
+        for i, f in enumerate(fn):
             t0 = time.perf_counter()
-            for f in copies:
-                f(x)
-            best[i] = min(best[i], (time.perf_counter() - t0) / len(copies))
+            f(x)
+            best[i] = min(best[i], time.perf_counter() - t0)
     return best
 
 
-def _stream_copies(weight: torch.Tensor) -> int:
-    """How many copies of ``weight`` to cycle through so that one-row timings stream it from memory,
-    as decode does (every weight of the model is read once a token, far more than the caches hold):
-    copies filling STREAM_BYTES. A weight timed again and again in cache measured a different winner
-    (the 512 x 512 o_proj: F.linear in cache, oneDNN 2.4x faster streamed)."""
-    return max(1, min(64, -(-STREAM_BYTES // (weight.numel() * weight.element_size()))))
-
-
-def measure(candidates: dict, weight: torch.Tensor, rounds: int = 7) -> tuple[str, str]:
-    """(layout for one row, layout for several rows). ``candidates``: name -> a function of a
-    weight returning that layout's matmul. Several rows: the least summed relative slowdown at M = 8
-    and M = 64. One row (decode of one sequence; timed streaming ``_stream_copies`` copies): the
-    fastest at M = 1 when it beats the several-rows layout there by ONE_ROW_GAIN or more (then the
-    layer keeps both: memory for speed), else the same."""
-    names = list(candidates)
+def measure(candidates: dict, in_features: int, rounds: int = 7) -> tuple[str, str]:
+    """(layout for one row, layout for several rows). Several: the least summed relative slowdown at
+    M = 8 and M = 64. One row (decode of one sequence): the fastest at M = 1 when it beats the
+    several-rows layout there by 25% or more (then the layer keeps both: memory for speed), else the
+    same."""
+    names, fns = list(candidates), list(candidates.values())
     g = torch.Generator().manual_seed(0)
-    k = weight.shape[1]
     with torch.inference_mode():
-        one = [[make(weight)] for make in candidates.values()]
-        t = {m: _best_time(one, torch.randn(m, k, generator=g), rounds) for m in (8, 64)}
-        copies = [weight] + [weight.clone() for _ in range(_stream_copies(weight) - 1)]
-        streamed = [[make(w) for w in copies] for make in candidates.values()]
-        t[1] = _best_time(streamed, torch.randn(1, k, generator=g), rounds)
-        del copies, streamed
+        t = {m: _best_time(fns, torch.randn(m, in_features, generator=g), rounds) for m in (1, 8, 64)}
     loss = [t[8][i] / min(t[8]) + t[64][i] / min(t[64]) for i in range(len(names))]
     many = loss.index(min(loss))
-    one_best = t[1].index(min(t[1]))
-    return names[one_best if t[1][many] >= ONE_ROW_GAIN * t[1][one_best] else many], names[many]
+    one = t[1].index(min(t[1]))
+    return names[one if t[1][many] >= 1.25 * t[1][one] else many], names[many]
 
 
 class FrozenLinear:
@@ -120,13 +99,11 @@ class FrozenLinear:
         key = (*weight.shape, weight.dtype, torch.get_num_threads(), bias is not None, packed is not None)
         layout = (forced, forced) if forced and (forced != "onednn" or packed is not None) else _CHOSEN.get(key)
         if layout is None:
-            b = self.bias
-            cands = {"mm": lambda w: (lambda x, wt=w.t().contiguous(): self._mm(x, wt)),
-                     "linear": lambda w: (lambda x: F.linear(x, w, b))}
+            wt = weight.t().contiguous()
+            cands = {"mm": lambda x: self._mm(x, wt), "linear": lambda x: F.linear(x, weight, self.bias)}
             if packed is not None:
-                cands["onednn"] = lambda w: (lambda x, p=(packed if w is weight else _pack(w, b)):
-                                             torch.ops.mkldnn._linear_pointwise(x, p, b, "none", [], ""))
-            layout = _CHOSEN[key] = measure(cands, weight)
+                cands["onednn"] = lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+            layout = _CHOSEN[key] = measure(cands, weight.shape[1])
         self.layout, self.layout_one = layout[1], layout[0]
         self.packed = packed if "onednn" in layout else None
         self.weight_t = weight.t().contiguous() if "mm" in layout else None
