@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from . import triton_attention
-from .attention import AttentionGroup, AttentionMetadata, GatherSpace
+from .attention import AttentionGroup, AttentionMetadata, GatherSpace, cache_shape
 from .quant_linear import read_quantized
 from .cache_size import plan_cache
 from .config import DecoderConfig
@@ -89,10 +89,11 @@ class ModelRunner:
         if decode_kernel == "triton" and not triton_attention.available():
             raise ValueError("decode_kernel 'triton' needs the triton package")
         self.decode_kernel = decode_kernel
-        # one (2, blocks + 1, block_size, Hkv, D) tensor per layer: K and V. The extra last block is
-        # scratch that padded rows of a captured CUDA graph write to; the block manager never hands it out.
-        self.kv_caches = [torch.zeros(2, self.num_blocks + 1, self.block_size, c.num_kv_heads, c.head_dim,
-                                      dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
+        # one (2, blocks + 1, Hkv, block_size, D) tensor per layer: K and V (``attention.cache_shape``). The
+        # extra last block is scratch that padded rows of a captured CUDA graph write to; the block
+        # manager never hands it out.
+        shape = cache_shape(self.num_blocks + 1, self.block_size, c.num_kv_heads, c.head_dim)
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
         self.gather_space = GatherSpace() if self.device.type == "cpu" else None  # CUDA: its allocator caches
         self.graphs = None
         cuda_graphs = config.cuda_graphs

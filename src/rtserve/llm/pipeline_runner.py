@@ -23,7 +23,7 @@ import torch
 
 from ..backends.base import Backend
 from ..executors.base import InstanceSpec, make_instances
-from .attention import AttentionGroup, AttentionMetadata, GatherSpace
+from .attention import AttentionGroup, AttentionMetadata, GatherSpace, cache_shape
 from .engine_config import EngineConfig
 from .dtypes import TORCH as DTYPES
 from .dtypes import dtype_name, resolve_dtype
@@ -120,7 +120,7 @@ class StageBackend(Backend):
             self.head = FrozenLinear(w) if w.device.type == "cpu" else m.lm_head
         self.m, self.c = m, c
         nb, bs = int(options["num_blocks"]), int(options["block_size"])
-        self.kv = [torch.zeros(2, nb + 1, bs, c.num_kv_heads, c.head_dim, dtype=dtype, device=dev)
+        self.kv = [torch.zeros(cache_shape(nb + 1, bs, c.num_kv_heads, c.head_dim), dtype=dtype, device=dev)
                    for _ in range(b - a)]
         self.gather_space = GatherSpace() if dev.type == "cpu" else None
         self.file_inputs, self.file_outputs = [], []

@@ -137,7 +137,7 @@ class LlamaBody(nn.Module):
 
 @register_architecture("llama", "qwen2", "qwen3")
 class LlamaForCausalLM(nn.Module):
-    """forward(input_ids (T,), positions (T,), kv_caches [(2, blocks, block_size, Hkv, D)] per layer,
+    """forward(input_ids (T,), positions (T,), kv_caches [attention.cache_shape] per layer,
     meta, logits_index (N,)) -> logits (N, vocab) for the tokens that are sampled."""
 
     tied_weights = ("lm_head.weight", "model.embed_tokens.weight")
