@@ -12,8 +12,10 @@ honestly by construction and the cases are named for what they are:
   512-token passage of that chain, 16 other tokens, then a token from the middle of the passage: the
   model's greedy output copies the passage from there. The best case for prompt lookup. Every
   matmul and attention of the real model still runs, so a step costs what the 34M model's costs.
-- ``extractive-noisy``: the same with ``--noisy-mix``: the context moves the model off the chain
-  now and then, so part of the proposals are rejected.
+- ``extractive-noisy``: the same with ``--noisy-mix`` (one case per value): the context moves the
+  model off the chain now and then, so part of the proposals are rejected and part of the output is
+  not in the prompt at all. ``copied`` is the share of output tokens that came from accepted
+  proposals: how extractive the output really was.
 - ``nothing-matched``: random prompts; prompt lookup finds no n-gram (min 2): the cost of looking.
 - ``all-rejected``: every third token of the passage's chain is replaced by another, so each n-gram
   the lookup finds is followed by a wrong token, and the draft model (``--draft``) follows another
@@ -109,7 +111,8 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--num-tokens", type=int, default=4, help="K: tokens proposed per step")
     ap.add_argument("--mix", type=float, default=0.0)
-    ap.add_argument("--noisy-mix", type=float, default=15.0)
+    ap.add_argument("--noisy-mix", type=float, nargs="+", default=[15.0],
+                    help="extractive-noisy: one case per value (larger: the model leaves the passage more often)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--draft", action="store_true")
@@ -123,15 +126,17 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         n_params = build(root / "clean", sigma, args.mix)
-        build(root / "noisy", sigma, args.noisy_mix)
+        noisy = [root / f"noisy-{m:g}" for m in args.noisy_mix] if "extractive-noisy" in args.cases else []
+        for m, path in zip(args.noisy_mix, noisy):
+            build(path, sigma, m)
+        small = dict(hidden=256, layers=2, inter=704, heads=4, kv=2, seed=1)
         if args.draft:
-            small = dict(hidden=256, layers=2, inter=704, heads=4, kv=2, seed=1)
-            for name in ("clean", "noisy"):
-                build(root / name / "draft", sigma, args.mix, **small)
+            for path in [root / "clean", *noisy]:
+                build(path / "draft", sigma, args.mix, **small)
             build(root / "clean" / "draft-wrong", other, args.mix, **small)
         for case in args.cases:
-            path = root / ("noisy" if case == "extractive-noisy" else "clean")
-            rows += run_case(case, path, sigma, other, args)
+            for m, path in (zip(args.noisy_mix, noisy) if case == "extractive-noisy" else [(args.mix, root / "clean")]):
+                rows += run_case(case, path, sigma, other, args, mix=m)
     print(f"\nLlama {n_params / 1e6:.1f}M params, float32, {args.threads} threads, {PASSAGE + GAP + 1}-token prompts, "
           f"{args.new_tokens} new tokens, K = {args.num_tokens}, median of {args.rounds} interleaved rounds")
     print(format_table(rows, list(rows[0])))
@@ -141,7 +146,7 @@ def main() -> int:
     return 0
 
 
-def run_case(case: str, path: Path, sigma, other, args) -> list[dict]:
+def run_case(case: str, path: Path, sigma, other, args, mix: float) -> list[dict]:
     c_max = max(args.concurrency)
     common = dict(num_blocks=c_max * (PASSAGE + GAP + args.new_tokens + 64) // 16 + 16, block_size=16,
                   max_num_seqs=c_max, max_num_batched_tokens=4096, enable_prefix_caching=False)
@@ -170,8 +175,10 @@ def run_case(case: str, path: Path, sigma, other, args) -> list[dict]:
                 continue
             st = engines[name].speculator.stats
             tok_s = statistics.median(speeds[name])
-            rows.append({"case": case, "concurrency": c, "method": name, "plain_tok_s": plain, "spec_tok_s": tok_s,
-                         "ratio": tok_s / plain,
+            generated = args.rounds * c * args.new_tokens
+            rows.append({"case": case, "mix": mix, "concurrency": c, "method": name, "plain_tok_s": plain,
+                         "spec_tok_s": tok_s, "ratio": tok_s / plain,
+                         "copied": st.num_accepted_tokens / generated,
                          "acceptance": st.num_accepted_tokens / st.num_draft_tokens if st.num_draft_tokens else 0.0,
                          "tokens_per_verify": st.num_emitted_tokens / st.num_drafts if st.num_drafts else 0.0,
                          "verified_seq_steps": st.num_drafts})
