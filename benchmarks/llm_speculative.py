@@ -14,8 +14,12 @@ honestly by construction and the cases are named for what they are:
   matmul and attention of the real model still runs, so a step costs what the 34M model's costs.
 - ``extractive-noisy``: the same with ``--noisy-mix`` (one case per value): the context moves the
   model off the chain now and then, so part of the proposals are rejected and part of the output is
-  not in the prompt at all. ``copied`` is the share of output tokens that came from accepted
-  proposals: how extractive the output really was.
+  not in the prompt at all. ``accepted_share`` is the share of output tokens that were accepted
+  proposals (at most K / (K + 1): each verifying step adds one token of the model's own).
+- ``extractive-edited``: the clean model, but every m-th token of the prompt's passage
+  (``--edit-every``, one case per value) is replaced by another: the output copies spans of m - 1
+  tokens with an edit between, as a summary quoting its source does. Each edit costs a rejected
+  proposal and the steps until the lookup finds the passage again.
 - ``nothing-matched``: random prompts; prompt lookup finds no n-gram (min 2): the cost of looking.
 - ``all-rejected``: every third token of the passage's chain is replaced by another, so each n-gram
   the lookup finds is followed by a wrong token, and the draft model (``--draft``) follows another
@@ -80,7 +84,7 @@ def chain(sigma: torch.Tensor, start: int, n: int) -> list[int]:
     return out
 
 
-def prompts(case: str, n: int, sigma: torch.Tensor, other: torch.Tensor) -> list[list[int]]:
+def prompts(case: str, n: int, sigma: torch.Tensor, other: torch.Tensor, edit_every: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(2)
     out = []
     for _ in range(n):
@@ -90,9 +94,11 @@ def prompts(case: str, n: int, sigma: torch.Tensor, other: torch.Tensor) -> list
             out.append(torch.randint(0, VOCAB, (PASSAGE + GAP + 1,), generator=g).tolist())
             continue
         passage = chain(sigma, start, PASSAGE)
-        if case == "all-rejected":  # every third token of the chain replaced: each match proposes a wrong token
-            passage = [t if i % 3 != 2 else int(other[t]) for i, t in enumerate(passage)]
-        at = PASSAGE // 4 + (1 if case == "all-rejected" else 0)  # all-rejected: a chain token (index % 3 == 0)
+        every = 3 if case == "all-rejected" else edit_every if case == "extractive-edited" else 0
+        at = PASSAGE // 4
+        if every:  # every m-th token of the chain replaced; all-rejected (m = 3): each match proposes a wrong token
+            passage = [t if i % every != every - 1 else int(other[t]) for i, t in enumerate(passage)]
+            at = -(-at // every) * every  # start on a chain token (index % m == 0)
         out.append(passage + filler + [passage[at]])
     return out
 
@@ -116,7 +122,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--draft", action="store_true")
-    ap.add_argument("--cases", nargs="+", default=["extractive", "extractive-noisy", "nothing-matched", "all-rejected"])
+    ap.add_argument("--edit-every", type=int, nargs="+", default=[8, 16, 32],
+                    help="extractive-edited: one case per value (every m-th passage token replaced)")
+    ap.add_argument("--cases", nargs="+", default=["extractive", "extractive-edited", "extractive-noisy",
+                                                    "nothing-matched", "all-rejected"])
     ap.add_argument("--out", default=str(HERE / "results" / "llm_speculative.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -135,8 +144,14 @@ def main() -> int:
                 build(path / "draft", sigma, args.mix, **small)
             build(root / "clean" / "draft-wrong", other, args.mix, **small)
         for case in args.cases:
-            for m, path in (zip(args.noisy_mix, noisy) if case == "extractive-noisy" else [(args.mix, root / "clean")]):
-                rows += run_case(case, path, sigma, other, args, mix=m)
+            if case == "extractive-noisy":
+                variants = [(m, path, 0) for m, path in zip(args.noisy_mix, noisy)]
+            elif case == "extractive-edited":
+                variants = [(args.mix, root / "clean", m) for m in args.edit_every]
+            else:
+                variants = [(args.mix, root / "clean", 0)]
+            for mix, path, every in variants:
+                rows += run_case(case, path, sigma, other, args, mix=mix, edit_every=every)
     print(f"\nLlama {n_params / 1e6:.1f}M params, float32, {args.threads} threads, {PASSAGE + GAP + 1}-token prompts, "
           f"{args.new_tokens} new tokens, K = {args.num_tokens}, median of {args.rounds} interleaved rounds")
     print(format_table(rows, list(rows[0])))
@@ -146,7 +161,7 @@ def main() -> int:
     return 0
 
 
-def run_case(case: str, path: Path, sigma, other, args, mix: float) -> list[dict]:
+def run_case(case: str, path: Path, sigma, other, args, mix: float, edit_every: int) -> list[dict]:
     c_max = max(args.concurrency)
     common = dict(num_blocks=c_max * (PASSAGE + GAP + args.new_tokens + 64) // 16 + 16, block_size=16,
                   max_num_seqs=c_max, max_num_batched_tokens=4096, enable_prefix_caching=False)
@@ -157,7 +172,7 @@ def run_case(case: str, path: Path, sigma, other, args, mix: float) -> list[dict
             "method": "draft", "num_tokens": args.num_tokens, "draft": "draft-wrong" if case == "all-rejected" else "draft"})
     rows = []
     for c in args.concurrency:
-        ps = prompts(case, c, sigma, other)
+        ps = prompts(case, c, sigma, other, edit_every)
         for llm in engines.values():
             timed(llm, ps[:1], 4)  # warm up
             if llm.speculator is not None:
@@ -176,9 +191,9 @@ def run_case(case: str, path: Path, sigma, other, args, mix: float) -> list[dict
             st = engines[name].speculator.stats
             tok_s = statistics.median(speeds[name])
             generated = args.rounds * c * args.new_tokens
-            rows.append({"case": case, "mix": mix, "concurrency": c, "method": name, "plain_tok_s": plain,
+            rows.append({"case": case, "mix": mix, "edit_every": edit_every, "concurrency": c, "method": name, "plain_tok_s": plain,
                          "spec_tok_s": tok_s, "ratio": tok_s / plain,
-                         "copied": st.num_accepted_tokens / generated,
+                         "accepted_share": st.num_accepted_tokens / generated,
                          "acceptance": st.num_accepted_tokens / st.num_draft_tokens if st.num_draft_tokens else 0.0,
                          "tokens_per_verify": st.num_emitted_tokens / st.num_drafts if st.num_drafts else 0.0,
                          "verified_seq_steps": st.num_drafts})
