@@ -15,7 +15,7 @@ from servers import start_server  # noqa: E402
 from models import write_random_llama  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
-ENGINE = ("engine:\n  num_blocks: 256\n  block_size: 4\n  max_model_len: 200\n  max_num_seqs: 1\n"
+ENGINE = ("engine:\n  num_blocks: 512\n  block_size: 4\n  max_model_len: 1200\n  max_num_seqs: 1\n"
           "  max_waiting: 2\n")
 PROMPT = [5, 17, 42, 8, 13]
 
@@ -23,7 +23,7 @@ PROMPT = [5, 17, 42, 8, 13]
 @pytest.fixture(scope="module")
 def url(tmp_path_factory):
     repo = tmp_path_factory.mktemp("admissionrepo")
-    write_random_llama(repo / "lm" / "1")
+    write_random_llama(repo / "lm" / "1", max_position_embeddings=1200)
     (repo / "lm" / "model.yaml").write_text("backend: llm\ndevice: cpu\n" + ENGINE)
     with start_server(repo, repo.parent, "--log-level", "warning") as srv:
         yield srv.url
@@ -70,17 +70,30 @@ def test_a_burst_over_the_queue_limit_is_refused_at_once_and_the_rest_completes(
     assert metric(url, 'rtserve_llm_num_requests_waiting{model="lm"}') == 0
 
 
+async def queue_full(http: httpx.AsyncClient) -> None:
+    """Until the server reports one sequence running and two waiting (no guess at timing)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        text = (await http.get("/metrics")).text
+        values = {ln.split("{")[0]: float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+                  if ln.startswith(("rtserve_llm_num_requests_running{", "rtserve_llm_num_requests_waiting{"))
+                  and 'model="lm"' in ln}
+        if values == {"rtserve_llm_num_requests_running": 1.0, "rtserve_llm_num_requests_waiting": 2.0}:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("the queue never filled")
+
+
 def test_the_openai_client_sees_a_rate_limit_error(url):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
 
     async def fill_and_ask():
         async with httpx.AsyncClient(base_url=url, timeout=60) as http:
-            busy = []
-            for _ in range(3):  # one running, then two waiting
-                busy.append(asyncio.create_task(timed_post(http, body(190))))
-                await asyncio.sleep(0.02)
+            # long enough that the running one is still running when the fourth arrives
+            busy = [asyncio.create_task(timed_post(http, body(1000))) for _ in range(3)]
             try:
+                await queue_full(http)  # one running, two waiting: the next one is refused
                 with pytest.raises(openai.RateLimitError) as e:
                     await asyncio.to_thread(client.completions.create, model="lm", prompt=PROMPT, max_tokens=4)
                 return e.value
