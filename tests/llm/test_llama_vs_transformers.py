@@ -83,6 +83,21 @@ def test_greedy_batched_ragged_and_chunked_matches(checkpoint):
     assert llm.scheduler.bm.num_prefix_hits > 0
 
 
+def test_decode_groups_split_by_context_length_match(checkpoint, monkeypatch):
+    """One long sequence among short ones: the decode step runs two groups (``decode_buckets``)."""
+    from rtserve.llm import model_runner
+
+    path, ref, _ = checkpoint
+    sizes = []
+    real = model_runner.decode_buckets
+    monkeypatch.setattr(model_runner, "decode_buckets", lambda m, bs: sizes.append(len(g := real(m, bs))) or g)
+    prompts = [list(range(1, 90)) + list(range(1, 90)), [3, 9, 27], [5], [7, 8], [11, 12, 13], [2, 4]]
+    expected = [ref_greedy(ref, p, 6) for p in prompts]
+    llm = LLM(path, num_blocks=128, block_size=4, max_num_batched_tokens=64, max_num_seqs=8)
+    assert llm.generate_greedy(prompts, max_tokens=6) == expected
+    assert max(sizes) >= 2
+
+
 def test_preemption_under_a_small_cache_keeps_outputs(checkpoint):
     path, ref, _ = checkpoint
     prompts = [list(range(i, i + 12)) for i in (1, 20, 40)]

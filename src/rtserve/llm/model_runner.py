@@ -67,6 +67,29 @@ def load_decoder(path: Path, dtype: torch.dtype, device: torch.device) -> torch.
     return model.eval()
 
 
+MAX_DECODE_GROUPS = 4
+SPLIT_MIN_SAVED_BLOCKS = 32  # a group costs two gathers and an SDPA a layer: ~10-20 blocks' worth on CPU
+
+
+def decode_buckets(members: list, block_size: int) -> list[list]:
+    """The decoding sequences (i, row, 1, context) cut into groups of similar context length, since
+    a group pads every context to its longest: longest first, a new group starts at a context
+    needing at most half the current group's blocks when that saves SPLIT_MIN_SAVED_BLOCKS blocks of
+    padding or more (one long sequence among short ones would otherwise pad them all to its length);
+    at most MAX_DECODE_GROUPS groups."""
+    order = sorted(members, key=lambda m: -m[3])
+    blocks = [-(-m[3] // block_size) for m in order]
+    groups, width = [[order[0]]], blocks[0]
+    for k in range(1, len(order)):
+        b = blocks[k]
+        if (len(groups) < MAX_DECODE_GROUPS and 2 * b <= width
+                and (width - b) * (len(order) - k) >= SPLIT_MIN_SAVED_BLOCKS):
+            groups.append([])
+            width = b
+        groups[-1].append(order[k])
+    return [sorted(g, key=lambda m: m[1]) for g in groups]  # step order within a group (one group: rows None)
+
+
 class ModelRunner:
     """Owns the weights and the KV cache, sized and shaped by an ``EngineConfig``. Its
     ``decode_kernel``: "gather" (portable: gather the context into a padded batch for SDPA) or
@@ -159,10 +182,9 @@ class ModelRunner:
             if s.completes:  # and a row per speculative token verified (the step's last num_spec)
                 logits_index.extend(range(offset - 1 - s.num_spec, offset))
         logits_index += span_rows(prompt_spans(out))
-        single = not decode or not prefill
-        groups = []
-        if decode:
-            groups.append(self._decode_group(decode, tables, rows=not single))
+        buckets = decode_buckets(decode, bs) if decode else []
+        single = len(buckets) + bool(prefill) == 1
+        groups = [self._decode_group(b, tables, rows=not single) for b in buckets]
         if prefill:
             groups.append(self._prefill_group(prefill, tables, out_rows=not single))
         meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev), groups=groups,
