@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from rtserve.llm.sampler import SampleRow, _penalize, sample
+from rtserve.llm.sampler import SampleRow, penalize, sample
 from rtserve.llm.sampling_params import SamplingParams
 
 PROBS = [0.7, 0.2, 0.1]
@@ -51,9 +51,9 @@ def test_top_k_top_p_min_p_remove_the_tail():
 
 def test_penalties():
     logits = torch.tensor([[2.0, 1.0, -1.0, 0.5]])
-    out = _penalize(logits.clone(), rows(SamplingParams(repetition_penalty=2.0), prompt=[0], output=[2]))
+    out = penalize(logits.clone(), rows(SamplingParams(repetition_penalty=2.0), prompt=[0], output=[2]))
     assert out.tolist() == [[1.0, 1.0, -2.0, 0.5]]
-    out = _penalize(logits.clone(), rows(SamplingParams(presence_penalty=0.5, frequency_penalty=0.25),
+    out = penalize(logits.clone(), rows(SamplingParams(presence_penalty=0.5, frequency_penalty=0.25),
                                          prompt=[3], output=[1, 1, 2]))
     assert out.tolist() == [[2.0, 1.0 - 0.5 - 0.5, -1.0 - 0.5 - 0.25, 0.5]]
 

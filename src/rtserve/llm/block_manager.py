@@ -92,16 +92,23 @@ class BlockManager:
             out.append((parent, toks))
         return out
 
-    def take_cached_prefix(self, seq: Sequence, accept: Callable[[Any], bool] | None = None) -> int:
+    def prompt_block_hashes(self, seq: Sequence) -> list[tuple[int, tuple[int, ...]]]:
+        """(hash, tokens) of each full block of ``seq``'s tokens, leaving at least one token after them."""
+        return self._full_block_hashes(seq.token_ids, seq.num_tokens - 1)
+
+    def take_cached_prefix(self, seq: Sequence, accept: Callable[[Any], bool] | None = None,
+                           hashes: list | None = None) -> int:
         """For a sequence with no blocks yet: attach the longest cached run of full blocks of its
         tokens (always leaving at least one token to compute, so the step yields logits); with
-        ``accept``, only blocks whose ``scores`` it accepts (a scored prompt).
+        ``accept``, only blocks whose ``scores`` it accepts (a scored prompt). ``hashes``:
+        ``prompt_block_hashes(seq)`` if the caller has them.
         Returns the number of tokens found, and sets ``num_computed_tokens``/``num_cached_tokens``.
         """
         assert not seq.block_table
         if not self.enable_prefix_caching:
             return 0
-        hashes = self._full_block_hashes(seq.token_ids, seq.num_tokens - 1)
+        if hashes is None:
+            hashes = self.prompt_block_hashes(seq)
         self.num_prefix_queries += len(hashes)
         for h, toks in hashes:
             i = self._by_hash.get(h)
@@ -114,10 +121,12 @@ class BlockManager:
         seq.num_computed_tokens = seq.num_cached_tokens = found
         return found
 
-    def uncached_block_hashes(self, seq: Sequence) -> list[int]:
-        """The hashes of the full prompt blocks after ``seq``'s cached ones (what it will compute)."""
-        n = len(seq.block_table)
-        return [h for h, _ in self._full_block_hashes(seq.token_ids, seq.num_tokens - 1)[n:]]
+    def uncached_block_hashes(self, seq: Sequence, hashes: list | None = None) -> list[int]:
+        """The hashes of the full prompt blocks after ``seq``'s cached ones (what it will compute);
+        ``hashes``: ``prompt_block_hashes(seq)`` if the caller has them."""
+        if hashes is None:
+            hashes = self.prompt_block_hashes(seq)
+        return [h for h, _ in hashes[len(seq.block_table):]]
 
     def _ref(self, i: int) -> None:
         b = self.blocks[i]

@@ -53,7 +53,9 @@ def apply_bitmasks(logits: torch.Tensor, rows: list[int], masks: list[torch.Tens
     logits.index_copy_(0, idx, torch.where(allowed, logits.index_select(0, idx), float("-inf")))
 
 
-def _penalize(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+def penalize(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    """In place on (N, V) float32 logits, one ``rows`` entry each: logit_bias, then repetition,
+    presence and frequency penalties (over each row's own prompt and output ids)."""
     for i, r in enumerate(rows):
         p = r.params
         if p.logit_bias:
@@ -69,12 +71,6 @@ def _penalize(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
             ids, counts = torch.tensor(r.output_ids, device=logits.device).unique(return_counts=True)
             logits[i, ids] -= p.presence_penalty + p.frequency_penalty * counts.to(logits.dtype)
     return logits
-
-
-def penalize(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
-    """In place on (N, V) float32 logits, one ``rows`` entry each: logit_bias, then repetition,
-    presence and frequency penalties (over each row's own prompt and output ids)."""
-    return _penalize(logits, rows)
 
 
 def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -110,7 +106,7 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> SampleResult:
     if edits:  # masks and penalties write in place: not into the caller's tensor (a copy of N x vocab)
         logits = logits.clone()
     apply_bitmasks(logits, constrained, [rows[i].allowed for i in constrained])
-    logits = _penalize(logits, rows)
+    logits = penalize(logits, rows)
     want_lp = any(r.params.logprobs is not None for r in rows)
     logp = torch.log_softmax(logits, dim=-1) if want_lp else None
     tokens = argmax_rows(logits)

@@ -188,11 +188,13 @@ class Scheduler:
         while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[i]
             scored = seq.needs_prompt_logits
+            hashes = self.bm.prompt_block_hashes(seq) if scored and self.score_accept is not None else None
             if not seq.block_table and not scored:  # a cached prefix has no logits
                 self.bm.take_cached_prefix(seq)
-            elif not seq.block_table and not seq.prompt_lps and self.score_accept is not None:
-                self.bm.take_cached_prefix(seq, accept=lambda scores, seq=seq: self.score_accept(seq, scores))
-            todo = self.bm.uncached_block_hashes(seq) if scored and self.score_accept is not None else []
+            elif not seq.block_table and not seq.prompt_lps and hashes is not None:
+                self.bm.take_cached_prefix(seq, accept=lambda scores, seq=seq: self.score_accept(seq, scores),
+                                           hashes=hashes)
+            todo = self.bm.uncached_block_hashes(seq, hashes) if hashes is not None else []
             if todo and todo[0] in computing:
                 self.bm.free(seq)  # back to the queue; next step it finds the block cached
                 seq.num_computed_tokens = seq.num_cached_tokens = 0
