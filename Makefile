@@ -7,7 +7,7 @@ STAMP   = $(VENV)/.installed
 TORCH   = torch==2.13.0
 LITERT  = .venv-litert
 
-.PHONY: serve test test-fast bench install litert clean
+.PHONY: serve test test-fast bench install litert clean native
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,13 +33,18 @@ $(LITERT)/.installed:
 
 litert: $(LITERT)/.installed
 
-serve: $(STAMP)
+# the native CPU kernels (src/rtserve/llm/native), compiled once per source, PyTorch and CPU into
+# ~/.cache/rtserve/native; without a compiler the engine runs on PyTorch operators alone
+native: $(STAMP)
+	-$(PY) -m rtserve.llm.native
+
+serve: $(STAMP) native
 	$(VENV)/bin/rtserve serve
 
-test: $(STAMP) $(LITERT)/.installed
+test: $(STAMP) $(LITERT)/.installed native
 	$(PY) -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) native
 	$(PY) -m pytest -q -m "not slow" tests/unit tests/integration
 
 bench: $(STAMP)

@@ -11,6 +11,7 @@ from rtserve.llm.block_manager import BlockManager  # noqa: E402
 from rtserve.llm.engine import LLM  # noqa: E402
 from rtserve.llm.engine_config import EngineConfig  # noqa: E402
 from rtserve.llm.model_runner import ModelRunner  # noqa: E402
+from rtserve.llm.native import ops as native_ops  # noqa: E402
 from rtserve.llm.scheduler import Scheduler, SchedulerConfig  # noqa: E402
 from rtserve.llm.sequence import Sequence  # noqa: E402
 
@@ -53,9 +54,17 @@ def ref_greedy(ref, prompt, n):
     return out[0, len(prompt):].tolist()
 
 
-def test_logits_match_for_prefill_and_each_decode_step(checkpoint):
-    path, ref, _ = checkpoint
+@pytest.mark.parametrize("native", [True, False], ids=["native-decode", "pytorch-decode"])
+def test_logits_match_for_prefill_and_each_decode_step(checkpoint, native, monkeypatch):
+    path, ref, name = checkpoint
+    monkeypatch.setenv("RTSERVE_NATIVE_DECODE", "1" if native else "0")
     runner = ModelRunner(path, EngineConfig(num_blocks=32, block_size=4))
+    if native and name != "gpt2" and native_ops() is not None:  # the decode steps below take the native path
+        assert runner.model._native is not None
+        calls = count_native_calls(runner.model._native, monkeypatch)
+    else:
+        assert getattr(runner.model, "_native", None) is None
+        calls = None
     sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64), BlockManager(32, 4))
     prompt = [5, 17, 3, 88, 42, 7, 7, 19, 60]
     seq = Sequence(list(prompt), max_tokens=4)
@@ -67,6 +76,34 @@ def test_logits_match_for_prefill_and_each_decode_step(checkpoint):
             theirs = ref(torch.tensor([seq.token_ids])).logits[0, -1]
         assert torch.allclose(ours, theirs, atol=2e-4, rtol=1e-4), (step, (ours - theirs).abs().max())
         sched.update(out, {seq.seq_id: int(theirs.argmax())})
+    assert calls is None or calls == [1, 1, 1]  # every decode step after the prefill ran natively
+
+
+def count_native_calls(native, monkeypatch) -> list:
+    calls, forward = [], native.forward
+
+    def counted(*a, **k):
+        calls.append(1)
+        return forward(*a, **k)
+    monkeypatch.setattr(native, "forward", counted)
+    return calls
+
+
+def test_native_decode_of_several_sequences_matches_the_pytorch_path(checkpoint, monkeypatch):
+    """Batches of ragged contexts (1 to 40 tokens, across block boundaries) on the native decode
+    path, forced up to 8 rows, give the same greedy tokens as the PyTorch path."""
+    path, _, name = checkpoint
+    if name == "gpt2" or native_ops() is None:
+        pytest.skip("the native decode path is for the Llama family, where the kernels build")
+    prompts = [[3, 9, 27], list(range(10, 47)), [1], list(range(60, 80)), [42] * 11, list(range(2, 30, 3))]
+    monkeypatch.setenv("RTSERVE_NATIVE_DECODE", "0")
+    expected = LLM(path, num_blocks=64, block_size=4, max_num_seqs=6).generate_greedy(prompts, max_tokens=8)
+    monkeypatch.setenv("RTSERVE_NATIVE_DECODE", "1")
+    monkeypatch.setenv("RTSERVE_NATIVE_DECODE_ROWS", "8")
+    llm = LLM(path, num_blocks=64, block_size=4, max_num_seqs=6)
+    calls = count_native_calls(llm.runner.model._native, monkeypatch)
+    assert llm.generate_greedy(prompts, max_tokens=8) == expected
+    assert len(calls) >= 7  # the decode steps ran natively
 
 
 def test_greedy_batched_ragged_and_chunked_matches(checkpoint):
@@ -84,9 +121,11 @@ def test_greedy_batched_ragged_and_chunked_matches(checkpoint):
 
 
 def test_decode_groups_split_by_context_length_match(checkpoint, monkeypatch):
-    """One long sequence among short ones: the decode step runs two groups (``decode_buckets``)."""
+    """One long sequence among short ones: the decode step runs two groups (``decode_buckets``) on
+    the PyTorch path (the native decode path attends through block tables, without groups)."""
     from rtserve.llm import model_runner
 
+    monkeypatch.setenv("RTSERVE_NATIVE_DECODE", "0")
     path, ref, _ = checkpoint
     sizes = []
     real = model_runner.decode_buckets

@@ -19,7 +19,9 @@ every layer, up to 6x slower at long contexts).
 Keeping them apart matters: padded together, one 32-token prefill chunk in a step of 64 decoding
 sequences makes every sequence attend with 32 query rows (measured: serving steps 2x slower).
 
-The CUDA kernel path (decode-only steps): block tables and context lengths instead of gathers.
+The CUDA kernel path (decode-only steps): block tables and context lengths instead of gathers. On
+CPU with the native kernels (``native/kernels.cpp``), decode groups do the same: ``decode_attention``
+reads each context in place through its block table up to its length (no gather, mask or padding).
 """
 from __future__ import annotations
 
@@ -42,6 +44,8 @@ class AttentionGroup:
     q_valid: torch.Tensor | None = None  # prefill: (S, Q) bool
     out_rows: torch.Tensor | None = None  # prefill: step rows of q_index[q_valid]; None: all T in order
     head_rows: torch.Tensor | None = None  # (S x Hkv x B,) rows of the (blocks x Hkv, ...) view: made once a step
+    context_lens: torch.Tensor | None = None  # decode on CPU with the native kernels: (S,) int64; the
+    #                                          context is then read in place (no gather, no mask)
 
     @property
     def is_decode(self) -> bool:
@@ -59,6 +63,9 @@ class AttentionMetadata:
     context_lens: torch.Tensor | None = None  # (S,) int32
     workspace: "GatherSpace | None" = None  # CPU: the buffer the layers gather their context into
     write_rows: torch.Tensor | None = None  # (T x Hkv,) rows of the (slots x Hkv, D) view: made once a step
+    # the native decode path (CPU, one new token per sequence: ``native_decode``): (S, B) int64
+    # cache blocks of each context and (S,) int64 context lengths; the layers attend in one call each
+    native: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
@@ -103,6 +110,10 @@ def _context(kv_cache: torch.Tensor, g: AttentionGroup,
 
 def _group_attention(q, kv_cache, g: AttentionGroup, scale: float, space: GatherSpace | None) -> torch.Tensor:
     hkv = kv_cache.shape[2]
+    if g.context_lens is not None:  # the native kernel reads each context in place
+        from .native import ops
+        queries = (q if g.rows is None else q[g.rows]).contiguous()
+        return ops().decode_attention(queries, kv_cache, g.kv_blocks, g.context_lens, scale)
     keys, values = _context(kv_cache, g, space)    # (S, Hkv, C, D)
     if g.is_decode:
         queries = (q if g.rows is None else q[g.rows]).unsqueeze(2)   # (S, Hq, 1, D)

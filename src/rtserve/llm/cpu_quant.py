@@ -20,6 +20,11 @@ float32 at every batch size but drops the demo LM's top-1 agreement from 98.9% t
   int8 layers use it for every call of more than one row (``EXACT``), timing decides batch 1.
 - ``int4pack-bf16x2`` (int4): ``aten._weight_int4pack_mm_for_cpu`` (the tinygemm int4 layout for
   CPU), rows split as above; group scales in bfloat16, the kernel's own format.
+- ``native-int8`` (int8): rtserve's own kernel (``native/kernels.cpp``): each int8 weight row widened
+  to float32 in registers and multiplied with float32 activations, read once for all rows of x. Exact
+  up to float32 rounding (the closest of all to the dequantizing matmul), and a stream of 1 byte a
+  weight: the fastest for one row where it builds (timing decides); the fused native decode layer
+  (``native_decode``) reads the same weight.
 - ``dequant``: expand the weight to float per call: the fallback when the others fail their check.
 
 ``RTSERVE_QUANT_KERNEL=<name>`` forces one kernel (benchmarks, tests).
@@ -112,6 +117,21 @@ def _int4pack(q: torch.Tensor, scales: torch.Tensor, group_size: int) -> Kernel:
     return run
 
 
+def _native_int8(q: torch.Tensor, scales: torch.Tensor) -> Kernel | None:
+    from .native import ops
+
+    nat = ops()
+    if nat is None:
+        return None
+    s = scales.float().contiguous()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return nat.linear(x.float().contiguous(), q, s, None).to(x.dtype)
+    run.nbytes = q.numel() + 4 * q.shape[0]
+    run.native = (q, s)  # what the fused decode layer reads
+    return run
+
+
 def _dequant(q: torch.Tensor, scales: torch.Tensor, group_size: int) -> Kernel:
     from .quant_linear import dequantize
 
@@ -122,9 +142,10 @@ def _dequant(q: torch.Tensor, scales: torch.Tensor, group_size: int) -> Kernel:
 
 
 def candidates(bits: int) -> tuple[str, ...]:
-    # in order of preference where timings are close: intmm-x2 reproduces the dequantizing matmul
-    # most closely (demo LM: the same mean KL to float32, 0.000146, against 0.000172)
-    return ("intmm-x2", "int8pack-bf16x2", "dequant") if bits == 8 else ("int4pack-bf16x2", "dequant")
+    # in order of preference where timings are close: native-int8 reproduces the dequantizing matmul
+    # up to float32 rounding, then intmm-x2 (demo LM: the same mean KL to float32, 0.000146, against
+    # int8pack's 0.000172)
+    return ("native-int8", "intmm-x2", "int8pack-bf16x2", "dequant") if bits == 8 else ("int4pack-bf16x2", "dequant")
 
 
 def build(name: str, q: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> Kernel | None:
@@ -134,6 +155,10 @@ def build(name: str, q: torch.Tensor, scales: torch.Tensor, bits: int, group_siz
     try:
         if name == "int8pack-bf16x2" and bits == 8:
             fn = _int8pack(q, scales)
+        elif name == "native-int8" and bits == 8 and scales.dim() == 1:
+            fn = _native_int8(q, scales)
+            if fn is None:
+                return None
         elif name == "intmm-x2" and bits == 8:
             fn = _intmm(q, scales)
         elif name == "int4pack-bf16x2" and bits == 4:
@@ -179,6 +204,7 @@ class Choice:
     """The kernel a call of a given number of rows uses: the one timed fastest at the nearest bucket."""
     kernels: dict[int, Kernel]  # bucket rows -> kernel
     names: dict[int, str]       # bucket rows -> kernel name
+    native: tuple | None = None  # (int8 weight, float32 scales) the native decode layer reads, where it builds
 
     @property
     def nbytes(self) -> int:
@@ -215,4 +241,5 @@ def choose(q: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) ->
                 picks[rows] = _fastest({n: built[n] for n in fast}, x) if len(fast) > 1 else fast[0]
         with _LOCK:
             _CHOICES[key] = picks
-    return Choice({r: built[n] for r, n in picks.items()}, dict(picks))
+    nat = built.get("native-int8")
+    return Choice({r: built[n] for r, n in picks.items()}, dict(picks), nat.native if nat is not None else None)

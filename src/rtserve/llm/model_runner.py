@@ -63,8 +63,24 @@ def load_decoder(path: Path, dtype: torch.dtype, device: torch.device) -> torch.
         extra = {name: torch.zeros((), dtype=dtype, device=device).expand(q.shape) for name, (q, _) in qtensors.items()}
     load_weights(model, path, dtype, device, tied, rename=rename, extra=extra)
     model.tie_weights()
-    model.prepare_for_inference(quantized=(recipe["bits"], qtensors) if recipe is not None else None)
+    head = (recipe or {}).get("lm_head")
+    if head is not None and head != {"dtype": "float16"}:
+        raise ValueError(f"{path}/quantization.json: 'lm_head' must be {{\"dtype\": \"float16\"}}, got {head!r}")
+    if head is not None and config.family == "gpt2":
+        raise ValueError(f"{path}: a float16 LM head is not supported for GPT-2")
+    kw = {"half_head": True} if head is not None else {}
+    model.prepare_for_inference(quantized=(recipe["bits"], qtensors) if recipe is not None else None, **kw)
     return model.eval()
+
+
+def native_attention_here(device: torch.device, dtype: torch.dtype) -> bool:
+    """Decode groups attend with the native kernel (``attention.AttentionGroup.context_lens``): CPU,
+    float32, the kernels built, and not turned off with ``RTSERVE_NATIVE_ATTENTION=0``."""
+    import os
+
+    from .native import ops
+    return (device.type == "cpu" and dtype == torch.float32 and os.environ.get("RTSERVE_NATIVE_ATTENTION", "1") != "0"
+            and ops() is not None)
 
 
 MAX_DECODE_GROUPS = 4
@@ -118,6 +134,7 @@ class ModelRunner:
         shape = cache_shape(self.num_blocks + 1, self.block_size, c.num_kv_heads, c.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
         self.gather_space = GatherSpace() if self.device.type == "cpu" else None  # CUDA: its allocator caches
+        self.native_attention = native_attention_here(self.device, self.dtype)
         self.graphs = None
         cuda_graphs = config.cuda_graphs
         if cuda_graphs is None:
@@ -166,6 +183,9 @@ class ModelRunner:
                                      context_lens=d.context_lens)
             logits_index = [i for i, s in enumerate(out.scheduled) if s.completes] + span_rows(prompt_spans(out))
             return ForwardInput(d.ids, d.positions, meta, torch.tensor(logits_index, dtype=torch.long, device=dev))
+        native = getattr(getattr(self, "model", None), "_native", None)  # (a pipeline's stages: none)
+        if native is not None and len(out.scheduled) <= native.max_rows and all(s.num_tokens == 1 for s in out.scheduled):
+            return self._prepare_native(out)
         ids, pos, slots, tables, logits_index = [], [], [], [], []
         decode, prefill = [], []  # (sequence i, first step row, queries, context)
         offset = 0
@@ -193,6 +213,23 @@ class ModelRunner:
                             torch.tensor(pos, dtype=torch.long, device=dev), meta,
                             torch.tensor(logits_index, dtype=torch.long, device=dev))
 
+    def _prepare_native(self, out: SchedulerOutput) -> ForwardInput:
+        """A step of one new token per sequence for ``native_decode``: block tables as they are,
+        context lengths, no gather groups."""
+        bs, n = self.block_size, len(out.scheduled)
+        pos = [s.seq.num_computed_tokens for s in out.scheduled]
+        width = max(len(s.seq.block_table) for s in out.scheduled)
+        blocks = np.zeros((n, width), np.int64)
+        for i, s in enumerate(out.scheduled):
+            blocks[i, :len(s.seq.block_table)] = s.seq.block_table
+        ids = [s.seq.token_ids[p] for s, p in zip(out.scheduled, pos)]
+        slots = [int(blocks[i, p // bs]) * bs + p % bs for i, p in enumerate(pos)]
+        logits_index = [i for i, s in enumerate(out.scheduled) if s.completes] + span_rows(prompt_spans(out))
+        lens = torch.tensor([p + 1 for p in pos], dtype=torch.long)
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long), native=(torch.from_numpy(blocks), lens))
+        return ForwardInput(torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long), meta,
+                            torch.tensor(logits_index, dtype=torch.long))
+
     def _kv_blocks(self, members, tables) -> tuple[np.ndarray, np.ndarray]:
         """(S, B) cache blocks of each member's context (padding 0) and the (S,) context lengths."""
         ctx = np.array([m[3] for m in members])
@@ -211,7 +248,10 @@ class ModelRunner:
         mask = None
         if ctx.min() != c:
             mask = torch.from_numpy(np.arange(c)[None, None, None, :] < ctx[:, None, None, None]).to(dev)
-        return AttentionGroup(kv_blocks=torch.from_numpy(blocks).to(dev), mask=mask,
+        lens = None
+        if self.native_attention:
+            mask, lens = None, torch.from_numpy(ctx.astype(np.int64))
+        return AttentionGroup(kv_blocks=torch.from_numpy(blocks).to(dev), mask=mask, context_lens=lens,
                               rows=torch.tensor([m[1] for m in members], device=dev) if rows else None)
 
     def _prefill_group(self, members, tables, out_rows: bool) -> AttentionGroup:

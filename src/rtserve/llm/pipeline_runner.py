@@ -27,11 +27,11 @@ from .attention import AttentionGroup, AttentionMetadata, GatherSpace, cache_sha
 from .engine_config import EngineConfig
 from .dtypes import TORCH as DTYPES
 from .dtypes import dtype_name, resolve_dtype
-from .model_runner import ForwardInput, ModelRunner
+from .model_runner import ForwardInput, ModelRunner, native_attention_here
 from .scheduler import SchedulerOutput
 
 MIN_GROUP_TOKENS = 32  # a step is cut into groups of at least this many tokens
-_GROUP_FIELDS = ("kv_blocks", "mask", "rows", "q_index", "q_valid", "out_rows")
+_GROUP_FIELDS = ("kv_blocks", "mask", "rows", "q_index", "q_valid", "out_rows", "context_lens")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 
 
@@ -156,6 +156,7 @@ class PipelineRunner(ModelRunner):
         self.config, self.device, self.dtype = c, torch.device("cpu"), resolve_dtype(config.dtype, device)
         self._plan_cache(c, config, torch.device(device))
         self.decode_kernel, self.graphs = "gather", None
+        self.native_attention = native_attention_here(torch.device(device), self.dtype)  # in the stages too
         bounds = np.linspace(0, c.num_layers, stages + 1).round().astype(int)
         self.stages = []
         try:

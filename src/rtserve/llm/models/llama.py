@@ -8,7 +8,7 @@ from torch import nn
 from ..attention import AttentionMetadata, paged_attention
 from ..config import DecoderConfig
 from ..frozen_linear import FrozenLinear
-from ..quant_linear import QuantLinear
+from ..quant_linear import HalfHead, QuantLinear
 from ..rope import Rotary
 from . import register_architecture
 
@@ -153,12 +153,17 @@ class LlamaForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def prepare_for_inference(self, quantized: tuple[int, dict] | None = None) -> None:
+    def prepare_for_inference(self, quantized: tuple[int, dict] | None = None,
+                              half_head: bool = False) -> None:
         """Freeze the matmuls for inference (see ``frozen_linear``). On CPU the LM head becomes a
         oneDNN-packed copy too (``F.linear`` on the (vocab, hidden) layout streams at ~14 GB/s
-        here, the packed one at ~45), at the cost of one more vocab x hidden matrix of memory."""
+        here, the packed one at ~45), at the cost of one more vocab x hidden matrix of memory.
+        ``half_head``: the head in float16 (``HalfHead``; a quantized checkpoint's recipe asks for it)."""
         w = self.lm_head.weight
-        self._head = FrozenLinear(w) if w.device.type == "cpu" else None
+        if half_head:
+            self._head = HalfHead(w)
+        else:
+            self._head = FrozenLinear(w) if w.device.type == "cpu" else None
         for i, layer in enumerate(self.model.layers):  # everywhere: fewer, larger matmuls and launches
             qa = qm = None
             if quantized is not None:
@@ -168,6 +173,10 @@ class LlamaForCausalLM(nn.Module):
                 qm = (bits, {k: t[f"{p}mlp.{k}_proj.weight"] for k in ("gate", "up", "down")})
             layer.self_attn.fuse(qa)
             layer.mlp.fuse(qm)
+        self._native = None
+        if w.device.type == "cpu":  # decode steps of a few sequences in one native call a layer
+            from ..native_decode import build as build_native
+            self._native = build_native(self)
 
     def forward_dense(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Training and teacher scoring: (B, T) token ids -> (B, T, vocab) logits with plain causal
@@ -192,6 +201,8 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(self.model.norm(x))
 
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata, logits_index):
+        if meta.native is not None:
+            return self._native.forward(input_ids, positions, kv_caches, *meta.native, meta.slot_mapping, logits_index)
         x = self.model.embed_tokens(input_ids)
         rope = self.rotary.tables(positions, x.dtype)
         for layer, cache in zip(self.model.layers, kv_caches):

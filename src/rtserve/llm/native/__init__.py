@@ -1,0 +1,105 @@
+"""rtserve's native CPU kernels (``kernels.cpp``): built on first use with the machine's C++ compiler
+and loaded as PyTorch operators (``torch.ops.rtserve.linear`` / ``decode_layer``).
+
+Built with ``-O3 -march=native`` for the CPU it runs on (AVX-512, AVX2 or scalar code), against the
+installed PyTorch's headers, into a cache folder keyed by the source, the PyTorch version and the
+CPU's flags: ``$RTSERVE_NATIVE_CACHE``, else ``~/.cache/rtserve/native``. A file lock makes processes
+that start together build it once. ``make install`` builds it ahead (``python -m rtserve.llm.native``, ``__main__.py``).
+
+Everything that uses it has a PyTorch fallback: without a compiler, when the build fails, or with
+``RTSERVE_NATIVE=0``, ``ops()`` returns None (with one warning saying why) and the engine runs as
+before. No Python package is compiled at install time, so the engine stays importable anywhere.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("rtserve.native")
+SOURCE = Path(__file__).with_name("kernels.cpp")
+_LOCK = threading.Lock()
+_STATE: dict[str, object] = {}
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
+def _command(out: Path) -> list[str]:
+    from torch.utils import cpp_extension
+
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (g++) on PATH")
+    libdir = os.path.join(os.path.dirname(torch.__file__), "lib")
+    abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", 1))
+    return [cxx, "-O3", f"-march={_arch()}", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-w",
+            f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *[f"-I{p}" for p in cpp_extension.include_paths()],
+            str(SOURCE), "-o", str(out), f"-L{libdir}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{libdir}"]
+
+
+def _arch() -> str:
+    """The -march target: ``native``, or ``$RTSERVE_NATIVE_ARCH`` (tests build the AVX2 and scalar
+    code on an AVX-512 machine with ``haswell`` and ``x86-64``)."""
+    return os.environ.get("RTSERVE_NATIVE_ARCH") or "native"
+
+
+def library_path() -> Path:
+    """Where this source, PyTorch and CPU's build lives (built or not)."""
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode()
+                         + _arch().encode()).hexdigest()[:16]
+    root = Path(os.environ.get("RTSERVE_NATIVE_CACHE") or Path.home() / ".cache" / "rtserve" / "native")
+    return root / key / "rtserve_native.so"
+
+
+def build() -> Path:
+    """Compile the library unless this exact build exists; returns its path (raises on failure)."""
+    lib = library_path()
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    with open(lib.parent / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building it: wait, then reuse
+        if not lib.exists():
+            tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+            done = subprocess.run(_command(tmp), capture_output=True, text=True)
+            if done.returncode != 0:
+                tmp.unlink(missing_ok=True)
+                raise RuntimeError(f"compiling {SOURCE.name} failed:\n{done.stderr[-2000:]}")
+            os.replace(tmp, lib)
+    return lib
+
+
+def ops():
+    """``torch.ops.rtserve`` with the kernels loaded, or None when they are unavailable here."""
+    with _LOCK:
+        if "ops" not in _STATE:
+            _STATE["ops"] = None
+            if os.environ.get("RTSERVE_NATIVE", "1") == "0":
+                _STATE["why"] = "RTSERVE_NATIVE=0"
+            else:
+                try:
+                    torch.ops.load_library(str(build()))
+                    _STATE["ops"] = torch.ops.rtserve
+                except (RuntimeError, OSError) as e:
+                    _STATE["why"] = str(e)
+                    log.warning("native CPU kernels unavailable, using PyTorch operators instead: %s", e)
+        return _STATE["ops"]
+
+
+def unavailable_reason() -> str | None:
+    return None if ops() is not None else str(_STATE.get("why"))

@@ -1,0 +1,440 @@
+// rtserve's CPU kernels for decoding a few sequences at a time (see native/__init__.py for how this
+// file is built and loaded, and docs/architecture.md for when the engine uses it).
+//
+// - rtserve::linear: y = x @ W.T (+ b) for a few rows x, W float32 or float16 (N, K), or int8 (N, K)
+//   with a float32 scale per output row or per group along K. Each weight row is read once for all rows of x, straight from the
+//   layout a checkpoint stores (no packing); int8 scales per output row or in groups along K, so the memory traffic of a step is the weights' bytes:
+//   the whole cost of decoding one sequence. Activations stay float32 (int8 weights are widened in
+//   registers), so an int8 layer differs from its dequantized float32 reference by rounding only.
+// - rtserve::decode_layer: one Llama-family decoder layer for a decode-only step (one new token per
+//   sequence), in one call: RMSNorm, the fused qkv product, optional q/k norms, rotary embedding,
+//   the K/V write into the paged cache, attention that reads the cache in place through each
+//   sequence's block table (no gather), the output product and residual, RMSNorm, the gate/up
+//   product, SiLU x up, the down product and residual. About 150 PyTorch operations a layer become
+//   one call, which is what decoding one sequence on a CPU spends most of its non-matmul time on.
+//
+// Vector code is chosen at compile time (the library is built on the machine that runs it, with
+// -march=native): AVX-512, AVX2 + FMA, or portable scalar code. Work is split across PyTorch's own
+// intra-op threads (at::parallel_for).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// A vector of W floats: the few operations the kernels need, for each instruction set.
+#if defined(__AVX512F__)
+constexpr int W = 16;
+using vec = __m512;
+inline vec vzero() { return _mm512_setzero_ps(); }
+inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline vec vload(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline vec vload(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
+inline vec vset(float f) { return _mm512_set1_ps(f); }
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+constexpr int W = 8;
+using vec = __m256;
+inline vec vzero() { return _mm256_setzero_ps(); }
+inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline vec vload(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline vec vload(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+inline vec vset(float f) { return _mm256_set1_ps(f); }
+inline float vsum(vec v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#else
+constexpr int W = 1;
+using vec = float;
+inline vec vzero() { return 0.f; }
+inline vec vload(const float* p) { return *p; }
+inline vec vload(const int8_t* p) { return static_cast<float>(*p); }
+inline vec vload(const c10::Half* p) { return static_cast<float>(*p); }
+inline vec vfma(vec a, vec b, vec c) { return a * b + c; }
+inline vec vadd(vec a, vec b) { return a + b; }
+inline vec vset(float f) { return f; }
+inline float vsum(vec v) { return v; }
+#endif
+
+const char* isa() {
+#if defined(__AVX512F__)
+  return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dot products of one weight row with rows of x.
+
+template <typename T>
+inline float dot1(const T* w, const float* x, int64_t k) {
+  vec a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
+  int64_t i = 0;
+  for (; i + 4 * W <= k; i += 4 * W) {
+    a0 = vfma(vload(w + i), vload(x + i), a0);
+    a1 = vfma(vload(w + i + W), vload(x + i + W), a1);
+    a2 = vfma(vload(w + i + 2 * W), vload(x + i + 2 * W), a2);
+    a3 = vfma(vload(w + i + 3 * W), vload(x + i + 3 * W), a3);
+  }
+  for (; i + W <= k; i += W) a0 = vfma(vload(w + i), vload(x + i), a0);
+  float s = vsum(vadd(vadd(a0, a1), vadd(a2, a3)));
+  for (; i < k; ++i) s += static_cast<float>(w[i]) * x[i];
+  return s;
+}
+
+// up to 4 rows of x against one weight row, the weight loaded once
+template <typename T, int R>
+inline void dotR(const T* w, const float* x, int64_t ldx, int64_t k, float* out) {
+  vec a[R][2];
+  for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = vzero();
+  int64_t i = 0;
+  for (; i + 2 * W <= k; i += 2 * W) {
+    vec w0 = vload(w + i), w1 = vload(w + i + W);
+    for (int r = 0; r < R; ++r) {
+      a[r][0] = vfma(w0, vload(x + r * ldx + i), a[r][0]);
+      a[r][1] = vfma(w1, vload(x + r * ldx + i + W), a[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float s = vsum(vadd(a[r][0], a[r][1]));
+    for (int64_t j = i; j < k; ++j) s += static_cast<float>(w[j]) * x[r * ldx + j];
+    out[r] = s;
+  }
+}
+
+// one int8 weight row in groups of g (a multiple of W), each with its own scale, against one row of x
+inline float dot_groups(const int8_t* w, const float* s, const float* x, int64_t k, int64_t g) {
+  vec a0 = vzero(), a1 = vzero();
+  int64_t i = 0, gi = 0;
+  for (; i + 2 * g <= k; i += 2 * g, gi += 2) {
+    vec t0 = vzero(), t1 = vzero();
+    for (int64_t j = 0; j < g; j += W) {
+      t0 = vfma(vload(w + i + j), vload(x + i + j), t0);
+      t1 = vfma(vload(w + i + g + j), vload(x + i + g + j), t1);
+    }
+    a0 = vfma(t0, vset(s[gi]), a0);
+    a1 = vfma(t1, vset(s[gi + 1]), a1);
+  }
+  for (; i < k; i += g, ++gi) {
+    vec t = vzero();
+    for (int64_t j = 0; j < g; j += W) t = vfma(vload(w + i + j), vload(x + i + j), t);
+    a0 = vfma(t, vset(s[gi]), a0);
+  }
+  return vsum(vadd(a0, a1));
+}
+
+void gemm_groups(const float* x, int64_t m, const int8_t* w, const float* scale, int64_t group, const float* bias,
+                 float* y, int64_t n, int64_t k) {
+  const int64_t grain = std::max<int64_t>(4, 8192 / std::max<int64_t>(k, 1));
+  const int64_t ng = k / group;
+  at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t j = n0; j < n1; ++j)
+      for (int64_t r = 0; r < m; ++r)  // the row stays in L1 between rows of x
+        y[r * n + j] = dot_groups(w + j * k, scale + j * ng, x + r * k, k, group) + (bias ? bias[j] : 0.f);
+  });
+}
+
+// y (M, N) = x (M, K) @ w (N, K).T, times scale[n] when given, plus bias[n] when given
+template <typename T>
+void gemm_rows(const float* x, int64_t m, const T* w, const float* scale, const float* bias, float* y,
+               int64_t n, int64_t k) {
+  // at least ~32 KB of weight per task: smaller ones cost more in scheduling than they stream
+  const int64_t grain = std::max<int64_t>(4, 8192 / std::max<int64_t>(k, 1));
+  at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
+    float acc[4];
+    for (int64_t j = n0; j < n1; ++j) {
+      const T* wj = w + j * k;
+      const float s = scale ? scale[j] : 1.f, b = bias ? bias[j] : 0.f;
+      if (m == 1) {
+        y[j] = dot1(wj, x, k) * s + b;
+        continue;
+      }
+      int64_t r = 0;
+      for (; r + 4 <= m; r += 4) {
+        dotR<T, 4>(wj, x + r * k, k, k, acc);
+        for (int t = 0; t < 4; ++t) y[(r + t) * n + j] = acc[t] * s + b;
+      }
+      switch (m - r) {
+        case 3: dotR<T, 3>(wj, x + r * k, k, k, acc); break;
+        case 2: dotR<T, 2>(wj, x + r * k, k, k, acc); break;
+        case 1: acc[0] = dot1(wj, x + r * k, k); break;
+        default: break;
+      }
+      for (int64_t t = 0; t < m - r; ++t) y[(r + t) * n + j] = acc[t] * s + b;
+    }
+  });
+}
+
+void check_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
+                  const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "rtserve::linear: CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "rtserve::linear: x must be contiguous float32 (M, K)");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1), "rtserve::linear: w must be contiguous (N, K)");
+  if (w.scalar_type() == at::kChar) {
+    TORCH_CHECK(scale && scale->scalar_type() == at::kFloat && scale->is_contiguous() && scale->size(0) == w.size(0) &&
+                    (scale->dim() == 1 || (scale->dim() == 2 && w.size(1) % scale->size(1) == 0 &&
+                                           (w.size(1) / scale->size(1)) % W == 0)),
+                "rtserve::linear: an int8 weight needs float32 scales, (N,) one per output row or (N, K / g) in "
+                "groups of g along K (g a multiple of ", W, ")");
+  } else {
+    TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kHalf,
+                "rtserve::linear: w must be float32, float16 or int8");
+  }
+  if (bias) TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == w.size(0) && bias->is_contiguous(),
+                        "rtserve::linear: bias must be contiguous float32 (N,)");
+}
+
+void linear_into(const float* x, int64_t m, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
+                 const c10::optional<at::Tensor>& bias, float* y) {
+  const int64_t n = w.size(0), k = w.size(1);
+  const float* b = bias ? bias->data_ptr<float>() : nullptr;
+  if (w.scalar_type() == at::kChar && scale->dim() == 2)
+    gemm_groups(x, m, w.data_ptr<int8_t>(), scale->data_ptr<float>(), k / scale->size(1), b, y, n, k);
+  else if (w.scalar_type() == at::kChar)
+    gemm_rows<int8_t>(x, m, w.data_ptr<int8_t>(), scale->data_ptr<float>(), b, y, n, k);
+  else if (w.scalar_type() == at::kHalf)
+    gemm_rows<c10::Half>(x, m, w.data_ptr<c10::Half>(), nullptr, b, y, n, k);
+  else
+    gemm_rows<float>(x, m, w.data_ptr<float>(), nullptr, b, y, n, k);
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
+                  const c10::optional<at::Tensor>& bias) {
+  check_linear(x, w, scale, bias);
+  at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
+  linear_into(x.data_ptr<float>(), x.size(0), w, scale, bias, y.data_ptr<float>());
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The pieces of a decoder layer, on (M, H) rows.
+
+void rms_norm_rows(const float* x, const float* w, float* y, int64_t m, int64_t h, double eps) {
+  for (int64_t r = 0; r < m; ++r) {
+    const float* xr = x + r * h;
+    float ss = 0.f;
+    for (int64_t i = 0; i < h; ++i) ss += xr[i] * xr[i];
+    const float inv = 1.f / std::sqrt(ss / static_cast<float>(h) + static_cast<float>(eps));
+    for (int64_t i = 0; i < h; ++i) y[r * h + i] = xr[i] * inv * w[i];
+  }
+}
+
+// rotary embedding on one head in place, halves not interleaved: x * cos + (x2, x1) * signed_sin
+inline void rotate(float* x, const float* cos, const float* ssin, int64_t d) {
+  const int64_t half = d / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = x[i], b = x[i + half];
+    x[i] = a * cos[i] + b * ssin[i];
+    x[i + half] = b * cos[i + half] + a * ssin[i + half];
+  }
+}
+
+// attention of one query head of one sequence over its cached context, read through the block table
+void attend(const float* q, const float* kc, const float* vc, const int64_t* blocks, int64_t ctx, int64_t kvh,
+            int64_t hkv, int64_t bs, int64_t d, float scale, float* out, std::vector<float>& p) {
+  p.resize(ctx);
+  float mx = -INFINITY;
+  for (int64_t t = 0; t < ctx; ++t) {
+    const int64_t row = (blocks[t / bs] * hkv + kvh) * bs + t % bs;
+    p[t] = dot1(kc + row * d, q, d) * scale;
+    mx = std::max(mx, p[t]);
+  }
+  float sum = 0.f;
+  for (int64_t t = 0; t < ctx; ++t) sum += (p[t] = std::exp(p[t] - mx));
+  const float inv = 1.f / sum;
+  for (int64_t i = 0; i < d; ++i) out[i] = 0.f;
+  for (int64_t t = 0; t < ctx; ++t) {
+    const int64_t row = (blocks[t / bs] * hkv + kvh) * bs + t % bs;
+    const float* v = vc + row * d;
+    const float pt = p[t] * inv;
+    for (int64_t i = 0; i < d; ++i) out[i] += pt * v[i];
+  }
+}
+
+struct Lin {  // a linear layer's tensors as the op receives them
+  const at::Tensor& w;
+  const c10::optional<at::Tensor>& scale;
+  const c10::optional<at::Tensor>& bias;
+};
+
+void check_lin(const char* name, const Lin& l, int64_t n, int64_t k) {
+  TORCH_CHECK(l.w.dim() == 2 && l.w.size(0) == n && l.w.size(1) == k && l.w.is_contiguous(),
+              "rtserve::decode_layer: ", name, " must be a contiguous (", n, ", ", k, ") weight");
+  at::Tensor x = at::empty({1, k}, at::kFloat);
+  check_linear(x, l.w, l.scale, l.bias);
+}
+
+}  // namespace
+
+// x: (M, H) hidden rows, one new token of each of M sequences; returns the layer's output rows.
+// rope: (M, 2, D) cos and signed sin of each row's position. kv_cache: (2, blocks, Hkv, block_size, D).
+// blocks: (M, B) int64 cache blocks of each context in order; context_lens: (M,) int64, the new
+// token included; slots: (M,) int64 cache slot (block * block_size + offset) of the new token.
+at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& ln1, const at::Tensor& qkv_w,
+                        const c10::optional<at::Tensor>& qkv_s, const c10::optional<at::Tensor>& qkv_b,
+                        const c10::optional<at::Tensor>& q_norm, const c10::optional<at::Tensor>& k_norm,
+                        const at::Tensor& o_w, const c10::optional<at::Tensor>& o_s, const at::Tensor& ln2,
+                        const at::Tensor& gu_w, const c10::optional<at::Tensor>& gu_s, const at::Tensor& down_w,
+                        const c10::optional<at::Tensor>& down_s, const at::Tensor& rope, at::Tensor kv_cache,
+                        const at::Tensor& blocks, const at::Tensor& context_lens, const at::Tensor& slots,
+                        int64_t nh, int64_t nkv, double eps, double scale) {
+  const c10::optional<at::Tensor> none;
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "rtserve::decode_layer: x must be contiguous float32 (M, H)");
+  TORCH_CHECK(kv_cache.scalar_type() == at::kFloat && kv_cache.dim() == 5 && kv_cache.is_contiguous() && kv_cache.size(0) == 2,
+              "rtserve::decode_layer: kv_cache must be contiguous float32 (2, blocks, Hkv, block_size, D)");
+  const int64_t m = x.size(0), h = x.size(1), nb = kv_cache.size(1), bs = kv_cache.size(3), d = kv_cache.size(4);
+  TORCH_CHECK(kv_cache.size(2) == nkv && nkv > 0 && nh % nkv == 0, "rtserve::decode_layer: head counts do not match the cache");
+  TORCH_CHECK(rope.scalar_type() == at::kFloat && rope.is_contiguous() && rope.numel() == m * 2 * d, "rtserve::decode_layer: rope must be (M, 2, D)");
+  TORCH_CHECK(blocks.scalar_type() == at::kLong && blocks.dim() == 2 && blocks.size(0) == m && blocks.is_contiguous(),
+              "rtserve::decode_layer: blocks must be contiguous int64 (M, B)");
+  TORCH_CHECK(context_lens.scalar_type() == at::kLong && context_lens.numel() == m && slots.scalar_type() == at::kLong && slots.numel() == m,
+              "rtserve::decode_layer: context_lens and slots must be int64 (M,)");
+  TORCH_CHECK(ln1.numel() == h && ln2.numel() == h && ln1.scalar_type() == at::kFloat && ln2.scalar_type() == at::kFloat,
+              "rtserve::decode_layer: norm weights must be float32 (H,)");
+  const int64_t nq = nh * d, nk = nkv * d, inter = down_w.size(1);
+  const Lin qkv{qkv_w, qkv_s, qkv_b}, o{o_w, o_s, none}, gu{gu_w, gu_s, none}, down{down_w, down_s, none};
+  check_lin("qkv", qkv, nq + 2 * nk, h);
+  check_lin("o", o, h, nq);
+  check_lin("gate_up", gu, 2 * inter, h);
+  check_lin("down", down, h, inter);
+  const int64_t nblk = blocks.size(1);
+  const int64_t* bt = blocks.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  for (int64_t r = 0; r < m; ++r) {
+    TORCH_CHECK(lens[r] >= 1 && lens[r] <= nblk * bs && sl[r] >= 0 && sl[r] < nb * bs,
+                "rtserve::decode_layer: context length or slot out of range");
+    for (int64_t b = 0; b < (lens[r] + bs - 1) / bs; ++b)
+      TORCH_CHECK(bt[r * nblk + b] >= 0 && bt[r * nblk + b] < nb, "rtserve::decode_layer: block out of range");
+  }
+  const float* qn = q_norm ? q_norm->data_ptr<float>() : nullptr;
+  const float* kn = k_norm ? k_norm->data_ptr<float>() : nullptr;
+
+  at::Tensor out = x.clone();
+  std::vector<float> hbuf(m * h), qkvb(m * (nq + 2 * nk)), att(m * nq), gub(m * 2 * inter), act(m * inter), proj(m * h);
+  float* y = out.data_ptr<float>();
+  float* kc = kv_cache.data_ptr<float>();
+  float* vc = kc + nb * nkv * bs * d;
+  const float* rp = rope.data_ptr<float>();
+
+  rms_norm_rows(y, ln1.data_ptr<float>(), hbuf.data(), m, h, eps);
+  linear_into(hbuf.data(), m, qkv.w, qkv.scale, qkv.bias, qkvb.data());
+  for (int64_t r = 0; r < m; ++r) {
+    float* row = qkvb.data() + r * (nq + 2 * nk);
+    const float *cs = rp + r * 2 * d, *sn = cs + d;
+    for (int64_t hd = 0; hd < nh + nkv; ++hd) {
+      float* v = row + hd * d;
+      const float* nw = hd < nh ? qn : kn;
+      if (nw) rms_norm_rows(v, nw, v, 1, d, eps);
+      rotate(v, cs, sn, d);
+    }
+    const int64_t blk = sl[r] / bs, off = sl[r] % bs;
+    for (int64_t g = 0; g < nkv; ++g) {
+      const int64_t dst = ((blk * nkv + g) * bs + off) * d;
+      std::copy(row + nq + g * d, row + nq + (g + 1) * d, kc + dst);
+      std::copy(row + nq + nk + g * d, row + nq + nk + (g + 1) * d, vc + dst);
+    }
+  }
+  const int64_t group = nh / nkv;
+  at::parallel_for(0, m * nh, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = i / nh, hd = i % nh;
+      attend(qkvb.data() + r * (nq + 2 * nk) + hd * d, kc, vc, bt + r * nblk, lens[r], hd / group, nkv, bs, d,
+             static_cast<float>(scale), att.data() + r * nq + hd * d, p);
+    }
+  });
+  linear_into(att.data(), m, o.w, o.scale, o.bias, proj.data());
+  for (int64_t i = 0; i < m * h; ++i) y[i] += proj[i];
+  rms_norm_rows(y, ln2.data_ptr<float>(), hbuf.data(), m, h, eps);
+  linear_into(hbuf.data(), m, gu.w, gu.scale, gu.bias, gub.data());
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t i = 0; i < inter; ++i) {
+      const float g = gub[r * 2 * inter + i];
+      act[r * inter + i] = g / (1.f + std::exp(-g)) * gub[r * 2 * inter + inter + i];
+    }
+  linear_into(act.data(), m, down.w, down.scale, down.bias, proj.data());
+  for (int64_t i = 0; i < m * h; ++i) y[i] += proj[i];
+  return out;
+}
+
+// Decode attention on the PyTorch path: q (S, Hq, D), one query per sequence, over each context in
+// the paged cache (2, blocks, Hkv, block_size, D), read in place through blocks (S, B) int64 up to
+// context_lens (S,) int64. Returns (S, Hq, D).
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& blocks,
+                            const at::Tensor& context_lens, double scale) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && q.dim() == 3 && q.is_contiguous(), "rtserve::decode_attention: q must be contiguous float32 (S, Hq, D)");
+  TORCH_CHECK(kv_cache.scalar_type() == at::kFloat && kv_cache.dim() == 5 && kv_cache.is_contiguous() && kv_cache.size(0) == 2 &&
+                  kv_cache.size(4) == q.size(2) && q.size(1) % kv_cache.size(2) == 0,
+              "rtserve::decode_attention: kv_cache must be contiguous float32 (2, blocks, Hkv, block_size, D) matching q");
+  const int64_t s = q.size(0), nh = q.size(1), d = q.size(2), nb = kv_cache.size(1), nkv = kv_cache.size(2), bs = kv_cache.size(3);
+  TORCH_CHECK(blocks.scalar_type() == at::kLong && blocks.dim() == 2 && blocks.size(0) == s && blocks.is_contiguous() &&
+                  context_lens.scalar_type() == at::kLong && context_lens.numel() == s && context_lens.is_contiguous(),
+              "rtserve::decode_attention: blocks (S, B) and context_lens (S,) must be contiguous int64");
+  const int64_t nblk = blocks.size(1);
+  const int64_t* bt = blocks.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  for (int64_t r = 0; r < s; ++r) {
+    TORCH_CHECK(lens[r] >= 1 && lens[r] <= nblk * bs, "rtserve::decode_attention: context length out of range");
+    for (int64_t b = 0; b < (lens[r] + bs - 1) / bs; ++b)
+      TORCH_CHECK(bt[r * nblk + b] >= 0 && bt[r * nblk + b] < nb, "rtserve::decode_attention: block out of range");
+  }
+  at::Tensor out = at::empty_like(q);
+  const float* kc = kv_cache.data_ptr<float>();
+  const float* vc = kc + nb * nkv * bs * d;
+  const float* qp = q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t group = nh / nkv;
+  at::parallel_for(0, s * nh, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = i / nh, hd = i % nh;
+      attend(qp + i * d, kc, vc, bt + r * nblk, lens[r], hd / group, nkv, bs, d, static_cast<float>(scale), op + i * d, p);
+    }
+  });
+  return out;
+}
+
+std::string native_isa() { return isa(); }
+
+TORCH_LIBRARY(rtserve, m) {
+  m.def("linear(Tensor x, Tensor w, Tensor? scale, Tensor? bias) -> Tensor");
+  m.def("decode_layer(Tensor x, Tensor ln1, Tensor qkv_w, Tensor? qkv_s, Tensor? qkv_b, Tensor? q_norm, "
+        "Tensor? k_norm, Tensor o_w, Tensor? o_s, Tensor ln2, Tensor gu_w, Tensor? gu_s, Tensor down_w, "
+        "Tensor? down_s, Tensor rope, Tensor(a!) kv_cache, Tensor blocks, Tensor context_lens, Tensor slots, "
+        "int nh, int nkv, float eps, float scale) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor kv_cache, Tensor blocks, Tensor context_lens, float scale) -> Tensor");
+  m.def("isa() -> str", &native_isa);
+}
+
+TORCH_LIBRARY_IMPL(rtserve, CPU, m) {
+  m.impl("linear", linear);
+  m.impl("decode_layer", decode_layer);
+  m.impl("decode_attention", decode_attention);
+}

@@ -1,0 +1,139 @@
+"""Decode steps of a few sequences on CPU through the native kernels: each decoder layer in one call
+(``torch.ops.rtserve.decode_layer``, ``native/kernels.cpp``) instead of ~150 PyTorch operations.
+
+Decoding one sequence on a CPU streams every weight once per token; what is left beyond that is
+per-operation overhead (dispatch, allocation, Python), about 40% of the step for the 34M Llama of
+``benchmarks/llm_cpu.py``. The fused layer reads each weight as the checkpoint stores it (float32,
+or int8 with per-row scales) and attends over the paged cache in place through the block table (no
+gather, no mask, no padding).
+
+Used for a step when: the device is the CPU; every scheduled sequence decodes one token (no prefill
+chunk, no speculative verification, no prompt scoring); at most ``max_rows`` sequences; and every
+matmul of the layers chose the native kernel for one row at load (``FrozenLinear.native_weight``,
+``QuantLinear.native_weights``). Otherwise the PyTorch path runs, unchanged. ``max_rows`` is the
+largest batch for which the native matmuls measured at load were no slower than the layouts the
+layers use for several rows (each weight row is read once for all rows, but the products are not
+blocked for cache as oneDNN's are, so from some batch size on oneDNN wins).
+``RTSERVE_NATIVE_DECODE=0`` turns the path off; ``RTSERVE_NATIVE_DECODE_ROWS=N`` sets ``max_rows``.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .native import ops as native_ops
+
+ROW_CANDIDATES = (2, 4, 8)  # batch sizes tried above 1 (1 always qualifies)
+
+
+@dataclass
+class NativeLayer:
+    """One decoder layer's tensors as ``rtserve::decode_layer`` takes them."""
+    ln1: torch.Tensor
+    qkv: tuple                      # (weight, scales or None, bias or None)
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    o: tuple                        # (weight, scales or None)
+    ln2: torch.Tensor
+    gate_up: tuple
+    down: tuple
+
+
+def _weights(linear) -> tuple | None:
+    """(weight, scales or None) the native kernels can read for one row, or None."""
+    w = getattr(linear, "native_weight", None)
+    if w is not None:
+        return w, None
+    nw = getattr(linear, "native_weights", None)
+    return nw() if callable(nw) else None
+
+
+def _norm(module) -> torch.Tensor | None:
+    return None if module is None else module.weight.detach().float().contiguous()
+
+
+class NativeDecoder:
+    """The layers of a Llama-family model in native form (``build``), and the step's forward."""
+
+    def __init__(self, model, layers: list[NativeLayer]) -> None:
+        self.model, self.layers = model, layers
+        c = model.config
+        self.nh, self.nkv, self.eps = c.num_heads, c.num_kv_heads, c.rms_norm_eps
+        self.scale = c.head_dim ** -0.5
+        self.max_rows = 1
+
+    def forward(self, ids, positions, kv_caches, blocks, context_lens, slots, logits_index) -> torch.Tensor:
+        """Logits of the rows ``logits_index`` for a decode-only step. blocks: (M, B) int64;
+        context_lens, slots: (M,) int64."""
+        m = self.model
+        x = m.model.embed_tokens(ids)
+        rot = m.rotary
+        rope = torch.stack([rot.cos[positions], rot.signed_sin[positions]], 1)  # (M, 2, D)
+        op = native_ops().decode_layer
+        for layer, cache in zip(self.layers, kv_caches):
+            x = op(x, layer.ln1, *layer.qkv, layer.q_norm, layer.k_norm, *layer.o, layer.ln2, *layer.gate_up,
+                   *layer.down, rope, cache, blocks, context_lens, slots, self.nh, self.nkv, self.eps, self.scale)
+        x = m.model.norm(x[logits_index])
+        head = getattr(m, "_head", None)
+        return (head(x) if head is not None else m.lm_head(x)).float()
+
+    def measure_rows(self) -> int:
+        """``native_rows`` for the first layer's gate/up product against the layout it uses for
+        several rows; ``RTSERVE_NATIVE_DECODE_ROWS`` overrides."""
+        forced = os.environ.get("RTSERVE_NATIVE_DECODE_ROWS")
+        if forced:
+            return max(1, int(forced))
+        w, s = self.layers[0].gate_up
+        return native_rows(lambda x: native_ops().linear(x, w, s, None), self.model.model.layers[0].mlp.gate_up,
+                           w.shape[1])
+
+
+def native_rows(native, other, in_features: int) -> int:
+    """The largest batch in ``ROW_CANDIDATES`` (else 1) at which ``native(x)`` takes no longer than
+    ``other(x)``, timed interleaved, best of 5 (each weight row is read once for all rows, but the
+    products are not blocked for cache as oneDNN's are: from some batch size on oneDNN wins)."""
+    best = 1
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for rows in ROW_CANDIDATES:
+            x = torch.randn(rows, in_features, generator=g)
+            t = [float("inf"), float("inf")]
+            for f in (native, other):
+                f(x)
+            for _ in range(5):
+                for i, f in enumerate((native, other)):
+                    t0 = time.perf_counter()
+                    f(x)
+                    t[i] = min(t[i], time.perf_counter() - t0)
+            if t[0] > t[1]:
+                break
+            best = rows
+    return best
+
+
+def build(model) -> NativeDecoder | None:
+    """The native decoder for a prepared (fused) Llama-family model on CPU, or None when the kernels
+    are unavailable, turned off, or some layer's matmul does not run natively for one row."""
+    if os.environ.get("RTSERVE_NATIVE_DECODE", "1") == "0" or native_ops() is None:
+        return None
+    if model.lm_head.weight.device.type != "cpu" or model.lm_head.weight.dtype != torch.float32:
+        return None
+    layers = []
+    for layer in model.model.layers:
+        a, mlp = layer.self_attn, layer.mlp
+        if getattr(a, "q_proj", 0) is not None or getattr(mlp, "gate_proj", 0) is not None:
+            return None  # not fused
+        qkv, o, gu, down = (_weights(lin) for lin in (a.qkv, a.o, mlp.gate_up, mlp.down))
+        if qkv is None or o is None or gu is None or down is None:
+            return None
+        bias = getattr(a.qkv, "bias", None)
+        layers.append(NativeLayer(
+            ln1=_norm(layer.input_layernorm), qkv=(*qkv, bias), q_norm=_norm(getattr(a, "q_norm", None)),
+            k_norm=_norm(getattr(a, "k_norm", None)), o=o, ln2=_norm(layer.post_attention_layernorm),
+            gate_up=gu, down=down))
+    dec = NativeDecoder(model, layers)
+    dec.max_rows = dec.measure_rows()
+    return dec

@@ -1,0 +1,176 @@
+"""rtserve's native CPU kernels (llm/native/kernels.cpp): the products against PyTorch in every
+weight format, the checks that turn bad arguments into errors, and the build's fallback."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from rtserve.llm import native
+
+
+@pytest.fixture(scope="module")
+def ops():
+    nat = native.ops()
+    if nat is None:
+        if shutil.which("g++") or shutil.which("c++"):  # a compiler is here: the build must work
+            pytest.fail(f"the native kernels did not build: {native.unavailable_reason()}")
+        pytest.skip("no C++ compiler here")
+    return nat
+
+
+def _rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("n,k", [(96, 256), (37, 70), (5, 1)])  # 70, 1: tails past the vector width
+def test_float32_and_float16_products_match_torch(ops, rows, n, k):
+    x, w, b = _rand(rows, k), _rand(n, k, seed=1), _rand(n, seed=2)
+    want = x @ w.t() + b
+    got = ops.linear(x, w, None, b)
+    assert got.shape == (rows, n)
+    assert torch.allclose(got, want, atol=1e-5 * k, rtol=1e-5)
+    h = w.half()
+    assert torch.allclose(ops.linear(x, h, None, None), x @ h.float().t(), atol=1e-5 * k, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 6])
+def test_int8_products_with_row_and_group_scales(ops, rows):
+    n, k = 50, 128
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=torch.Generator().manual_seed(3))
+    x = _rand(rows, k)
+    s_row = torch.rand(n, generator=torch.Generator().manual_seed(4)) + 0.1
+    want = x @ (q.float() * s_row[:, None]).t()
+    assert torch.allclose(ops.linear(x, q, s_row, None), want, rtol=1e-5, atol=1e-3)
+    s_grp = torch.rand(n, k // 32, generator=torch.Generator().manual_seed(5)) + 0.1
+    want = x @ (q.float() * s_grp.repeat_interleave(32, 1)).t()
+    assert torch.allclose(ops.linear(x, q, s_grp, None), want, rtol=1e-5, atol=1e-3)
+
+
+def test_bad_arguments_are_errors_not_crashes(ops):
+    x, w = _rand(2, 16), _rand(8, 16)
+    with pytest.raises(RuntimeError, match="x must be contiguous float32"):
+        ops.linear(x.double(), w, None, None)
+    with pytest.raises(RuntimeError, match="w must be contiguous"):
+        ops.linear(x, _rand(16, 8).t(), None, None)  # a transposed view
+    with pytest.raises(RuntimeError, match="w must be contiguous"):
+        ops.linear(x, _rand(8, 15), None, None)  # K does not match
+    with pytest.raises(RuntimeError, match="int8 weight needs float32 scales"):
+        ops.linear(x, torch.zeros(8, 16, dtype=torch.int8), None, None)
+    with pytest.raises(RuntimeError, match="int8 weight needs float32 scales"):
+        ops.linear(x, torch.zeros(8, 16, dtype=torch.int8), torch.ones(8, 3), None)  # groups do not divide K
+    with pytest.raises(RuntimeError, match="bias must be"):
+        ops.linear(x, w, None, torch.ones(7))
+
+
+def _layer_args(m=2, h=64, nh=4, nkv=2, d=16, inter=96, blocks=8, bs=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.2  # noqa: E731
+    cache = torch.zeros(2, blocks, nkv, bs, d)
+    rope = torch.stack([torch.ones(m, d), torch.zeros(m, d)], 1)  # position 0: the identity rotation
+    return dict(x=r(m, h), ln1=torch.ones(h), qkv_w=r((nh + 2 * nkv) * d, h), o_w=r(h, nh * d), ln2=torch.ones(h),
+                gu_w=r(2 * inter, h), down_w=r(h, inter), rope=rope, kv_cache=cache,
+                blocks=torch.arange(m, dtype=torch.long).view(m, 1), context_lens=torch.ones(m, dtype=torch.long),
+                slots=torch.arange(m, dtype=torch.long) * bs, nh=nh, nkv=nkv)
+
+
+def _call(ops, a):
+    return ops.decode_layer(a["x"], a["ln1"], a["qkv_w"], None, None, None, None, a["o_w"], None, a["ln2"], a["gu_w"],
+                            None, a["down_w"], None, a["rope"], a["kv_cache"], a["blocks"], a["context_lens"],
+                            a["slots"], a["nh"], a["nkv"], 1e-6, 0.25)
+
+
+def test_decode_layer_of_first_tokens_matches_a_plain_layer(ops):
+    """Each sequence's first token attends only to itself: attention output = its V (per KV head)."""
+    a = _layer_args()
+    got = _call(ops, a)
+    x, h, d, nh, nkv = a["x"], 64, 16, 4, 2
+    rms = lambda t, w: t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6) * w  # noqa: E731
+    qkv = rms(x, a["ln1"]) @ a["qkv_w"].t()
+    v = qkv[:, (nh + nkv) * d:].view(2, nkv, d)
+    att = v.repeat_interleave(nh // nkv, 1).reshape(2, nh * d)
+    y = x + att @ a["o_w"].t()
+    gu = rms(y, a["ln2"]) @ a["gu_w"].t()
+    want = y + (torch.nn.functional.silu(gu[:, :96]) * gu[:, 96:]) @ a["down_w"].t()
+    assert torch.allclose(got, want, atol=1e-5)
+    k = qkv[:, nh * d:(nh + nkv) * d].view(2, nkv, d)  # written where the slots say: block i, offset 0
+    assert torch.allclose(a["kv_cache"][0, :2, :, 0], k) and torch.allclose(a["kv_cache"][1, :2, :, 0], v)
+
+
+def test_decode_layer_refuses_what_would_read_outside_the_cache(ops):
+    a = _layer_args()
+    a["context_lens"] = torch.tensor([1, 5])  # 5 tokens need 2 blocks; the table has 1
+    with pytest.raises(RuntimeError, match="out of range"):
+        _call(ops, a)
+    a = _layer_args()
+    a["blocks"] = torch.tensor([[0], [8]])  # the cache has blocks 0-7
+    with pytest.raises(RuntimeError, match="block out of range"):
+        _call(ops, a)
+    a = _layer_args()
+    a["slots"] = torch.tensor([0, 32])
+    with pytest.raises(RuntimeError, match="out of range"):
+        _call(ops, a)
+    a = _layer_args()
+    a["qkv_w"] = a["qkv_w"][:-1]
+    with pytest.raises(RuntimeError, match="qkv must be"):
+        _call(ops, a)
+
+
+def test_without_the_kernels_ops_is_none_and_says_why(monkeypatch):
+    monkeypatch.setattr(native, "_STATE", {})
+    monkeypatch.setenv("RTSERVE_NATIVE", "0")
+    assert native.ops() is None
+    assert native.unavailable_reason() == "RTSERVE_NATIVE=0"
+
+
+def test_a_failed_build_warns_and_falls_back(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(native, "_STATE", {})
+    monkeypatch.setenv("RTSERVE_NATIVE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(native, "library_path", lambda: tmp_path / "x" / "rtserve_native.so")
+    assert native.ops() is None
+    assert "no-such-compiler" in native.unavailable_reason() or "No such file" in native.unavailable_reason()
+    assert "native CPU kernels unavailable" in caplog.text
+
+
+CHECK_ISA = r"""
+import sys, torch
+from rtserve.llm import native
+ops = native.ops()
+assert ops is not None, native.unavailable_reason()
+assert ops.isa() == sys.argv[1], ops.isa()
+g = torch.Generator().manual_seed(0)
+for rows in (1, 3, 5):
+    for n, k in ((40, 96), (7, 37)):
+        x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g)
+        assert torch.allclose(ops.linear(x, w, None, None), x @ w.t(), atol=1e-4 * k)
+        h = w.half()
+        assert torch.allclose(ops.linear(x, h, None, None), x @ h.float().t(), atol=1e-4 * k)
+        q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+        s = torch.rand(n, generator=g)
+        assert torch.allclose(ops.linear(x, q, s, None), x @ (q.float() * s[:, None]).t(), rtol=1e-5, atol=1e-3)
+    q = torch.randint(-127, 128, (9, 64), dtype=torch.int8, generator=g)
+    s = torch.rand(9, 2, generator=g)
+    x = torch.randn(rows, 64, generator=g)
+    assert torch.allclose(ops.linear(x, q, s, None), x @ (q.float() * s.repeat_interleave(32, 1)).t(), rtol=1e-5, atol=1e-3)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,isa", [("haswell", "avx2"), ("x86-64", "scalar")])
+def test_the_avx2_and_scalar_builds_compute_the_same(ops, arch, isa, tmp_path):
+    """The vector code for machines without AVX-512 (and the portable code), built here with another
+    -march and run in a fresh process (one kernel library per process)."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 targets")
+    env = dict(os.environ, RTSERVE_NATIVE_ARCH=arch, RTSERVE_NATIVE_CACHE=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", CHECK_ISA, isa], env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
