@@ -167,3 +167,25 @@ def test_max_model_len_and_budget_bound_the_proposals(ckpts):
     got = run(spec, ps, params)
     assert [g[:2] for g in got] == [r[:2] for r in ref]
     assert all(len(p) + len(g[0]) == 40 for p, g in zip(ps, got))
+
+
+@pytest.mark.parametrize("kind", ["ngram", "draft-same"])
+def test_native_verification_steps_match_the_pytorch_path(ckpts, kind, monkeypatch):
+    """One sequence verifying its proposals: on CPU with the native kernels the step's rows (the
+    token and its proposals, each with its own context length) run through the fused decode layers;
+    the tokens are those of the PyTorch path."""
+    from rtserve.llm.native import ops
+
+    if ops() is None:
+        pytest.skip("the native kernels did not build here")
+    ps = prompts()[4:5]
+    params = [SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)]
+    monkeypatch.setenv("RTSERVE_NATIVE_DECODE", "0")
+    ref = run(LLM(ckpts, num_blocks=128, block_size=4, speculative=spec_config(kind)), ps, params)
+    monkeypatch.setenv("RTSERVE_NATIVE_DECODE", "1")
+    monkeypatch.setenv("RTSERVE_NATIVE_DECODE_ROWS", "8")
+    spec = LLM(ckpts, num_blocks=128, block_size=4, speculative=spec_config(kind))
+    rows, forward = [], spec.runner.model._native.forward
+    monkeypatch.setattr(spec.runner.model._native, "forward", lambda ids, *a: rows.append(len(ids)) or forward(ids, *a))
+    assert [g[:2] for g in run(spec, ps, params)] == [r[:2] for r in ref]
+    assert max(rows) > 1 and spec.speculator.stats.num_accepted_tokens > 0  # verification steps ran natively

@@ -184,7 +184,7 @@ class ModelRunner:
             logits_index = [i for i, s in enumerate(out.scheduled) if s.completes] + span_rows(prompt_spans(out))
             return ForwardInput(d.ids, d.positions, meta, torch.tensor(logits_index, dtype=torch.long, device=dev))
         native = getattr(getattr(self, "model", None), "_native", None)  # (a pipeline's stages: none)
-        if native is not None and len(out.scheduled) <= native.max_rows and all(s.num_tokens == 1 for s in out.scheduled):
+        if native is not None and sum(s.num_tokens for s in out.scheduled) <= native.max_rows:
             return self._prepare_native(out)
         ids, pos, slots, tables, logits_index = [], [], [], [], []
         decode, prefill = [], []  # (sequence i, first step row, queries, context)
@@ -214,20 +214,29 @@ class ModelRunner:
                             torch.tensor(logits_index, dtype=torch.long, device=dev))
 
     def _prepare_native(self, out: SchedulerOutput) -> ForwardInput:
-        """A step of one new token per sequence for ``native_decode``: block tables as they are,
-        context lengths, no gather groups."""
-        bs, n = self.block_size, len(out.scheduled)
-        pos = [s.seq.num_computed_tokens for s in out.scheduled]
+        """A step of a few tokens for ``native_decode``: a row per token, each with its sequence's
+        block table and its own context length (its position + 1: causal within the step, as a
+        speculative verification or a short prefill chunk needs); no gather groups."""
+        bs = self.block_size
         width = max(len(s.seq.block_table) for s in out.scheduled)
-        blocks = np.zeros((n, width), np.int64)
-        for i, s in enumerate(out.scheduled):
-            blocks[i, :len(s.seq.block_table)] = s.seq.block_table
-        ids = [s.seq.token_ids[p] for s, p in zip(out.scheduled, pos)]
-        slots = [int(blocks[i, p // bs]) * bs + p % bs for i, p in enumerate(pos)]
-        logits_index = [i for i, s in enumerate(out.scheduled) if s.completes] + span_rows(prompt_spans(out))
-        lens = torch.tensor([p + 1 for p in pos], dtype=torch.long)
-        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long), native=(torch.from_numpy(blocks), lens))
-        return ForwardInput(torch.tensor(ids, dtype=torch.long), torch.tensor(pos, dtype=torch.long), meta,
+        ids, pos, slots, rows, logits_index = [], [], [], [], []
+        for k, s in enumerate(out.scheduled):
+            seq, start, n = s.seq, s.seq.num_computed_tokens, s.num_tokens
+            table = seq.block_table
+            ids.extend(seq.token_ids[start:start + n])
+            pos.extend(range(start, start + n))
+            slots.extend(table[j // bs] * bs + j % bs for j in range(start, start + n))
+            rows.extend([k] * n)
+            if s.completes:  # and a row per speculative token verified (the step's last num_spec)
+                logits_index.extend(range(len(ids) - 1 - s.num_spec, len(ids)))
+        logits_index += span_rows(prompt_spans(out))
+        tables = np.zeros((len(out.scheduled), width), np.int64)
+        for k, s in enumerate(out.scheduled):
+            tables[k, :len(s.seq.block_table)] = s.seq.block_table
+        blocks = torch.from_numpy(tables[rows] if len(rows) > len(out.scheduled) else tables)
+        positions = torch.tensor(pos, dtype=torch.long)
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long), native=(blocks, positions + 1))
+        return ForwardInput(torch.tensor(ids, dtype=torch.long), positions, meta,
                             torch.tensor(logits_index, dtype=torch.long))
 
     def _kv_blocks(self, members, tables) -> tuple[np.ndarray, np.ndarray]:

@@ -1,5 +1,5 @@
-"""Decode steps of a few sequences on CPU through the native kernels: each decoder layer in one call
-(``torch.ops.rtserve.decode_layer``, ``native/kernels.cpp``) instead of ~150 PyTorch operations.
+"""Decode steps of a few sequences on CPU through the native kernels: all decoder layers in one call
+(``torch.ops.rtserve.decode_layers``, ``native/kernels.cpp``) instead of ~150 PyTorch operations each.
 
 Decoding one sequence on a CPU streams every weight once per token; what is left beyond that is
 per-operation overhead (dispatch, allocation, Python), about 40% of the step for the 34M Llama of
@@ -7,13 +7,16 @@ per-operation overhead (dispatch, allocation, Python), about 40% of the step for
 or int8 with per-row scales) and attends over the paged cache in place through the block table (no
 gather, no mask, no padding).
 
-Used for a step when: the device is the CPU; every scheduled sequence decodes one token (no prefill
-chunk, no speculative verification, no prompt scoring); at most ``max_rows`` sequences; and every
-matmul of the layers chose the native kernel for one row at load (``FrozenLinear.native_weight``,
-``QuantLinear.native_weights``). Otherwise the PyTorch path runs, unchanged. ``max_rows`` is the
-largest batch for which the native matmuls measured at load were no slower than the layouts the
-layers use for several rows (each weight row is read once for all rows, but the products are not
-blocked for cache as oneDNN's are, so from some batch size on oneDNN wins).
+Used for a step when: the device is the CPU; the step has at most ``max_rows`` tokens in all (each
+token is a row with its sequence's block table and its own context length, its position + 1, so
+decode steps, speculative verification of a few proposals and short prefill chunks all qualify:
+the rows' keys and values are written before any row attends, and each attends causally); and
+every layer's matmuls keep a weight the kernels read (``FrozenLinear.native_weight``: float32, kept
+beside oneDNN's packed copy, memory for speed; ``QuantLinear.native_weights``: the int8 weight the
+other kernels share). Otherwise the PyTorch path runs, unchanged. ``max_rows`` is the largest batch
+for which the native matmul measured at load was no slower than the layout the layers use for
+several rows (each weight row is read once for all rows, but the products are not blocked for cache
+as oneDNN's are, so from some batch size on oneDNN wins).
 ``RTSERVE_NATIVE_DECODE=0`` turns the path off; ``RTSERVE_NATIVE_DECODE_ROWS=N`` sets ``max_rows``.
 """
 from __future__ import annotations
@@ -64,21 +67,27 @@ class NativeDecoder:
         self.nh, self.nkv, self.eps = c.num_heads, c.num_kv_heads, c.rms_norm_eps
         self.scale = c.head_dim ** -0.5
         self.max_rows = 1
+        body = model.model
+        self.embedding = body.embed_tokens.weight.detach()
+        rot = model.rotary  # cos and signed sin side by side: one lookup a step
+        self.rope = torch.stack([rot.cos, rot.signed_sin], 1).contiguous()  # (positions, 2, D)
+        self.norm = body.norm.weight.detach()
+        head = getattr(model, "_head", None)
+        self.head = head if head is not None else model.lm_head
+        # decode_layers' argument: 13 entries a layer, flattened once (one call per step for all layers)
+        self.flat = [t for la in layers for t in (la.ln1, *la.qkv, la.q_norm, la.k_norm, *la.o, la.ln2, *la.gate_up,
+                                                  *la.down)]
 
     def forward(self, ids, positions, kv_caches, blocks, context_lens, slots, logits_index) -> torch.Tensor:
         """Logits of the rows ``logits_index`` for a decode-only step. blocks: (M, B) int64;
         context_lens, slots: (M,) int64."""
-        m = self.model
-        x = m.model.embed_tokens(ids)
-        rot = m.rotary
-        rope = torch.stack([rot.cos[positions], rot.signed_sin[positions]], 1)  # (M, 2, D)
-        op = native_ops().decode_layer
-        for layer, cache in zip(self.layers, kv_caches):
-            x = op(x, layer.ln1, *layer.qkv, layer.q_norm, layer.k_norm, *layer.o, layer.ln2, *layer.gate_up,
-                   *layer.down, rope, cache, blocks, context_lens, slots, self.nh, self.nkv, self.eps, self.scale)
-        x = m.model.norm(x[logits_index])
-        head = getattr(m, "_head", None)
-        return (head(x) if head is not None else m.lm_head(x)).float()
+        x = self.embedding.index_select(0, ids)
+        rope = self.rope.index_select(0, positions)  # (M, 2, D)
+        x = native_ops().decode_layers(x, self.flat, kv_caches, rope, blocks, context_lens, slots, self.nh, self.nkv,
+                                       self.eps, self.scale)
+        x = x.index_select(0, logits_index)  # in logits_index's order (sampled rows, then prompt spans)
+        x = torch.rms_norm(x, self.norm.shape, self.norm, self.eps)
+        return self.head(x).float()
 
     def measure_rows(self) -> int:
         """``native_rows`` for the first layer's gate/up product against the layout it uses for

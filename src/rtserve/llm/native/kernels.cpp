@@ -384,6 +384,29 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& ln1, const at::Te
   return out;
 }
 
+// Every layer of a decode step in one call: ``layers`` holds 13 entries a layer, in decode_layer's
+// order (ln1, qkv_w, qkv_s, qkv_b, q_norm, k_norm, o_w, o_s, ln2, gu_w, gu_s, down_w, down_s; None
+// where a layer has no such tensor), ``caches`` one KV cache a layer.
+at::Tensor decode_layers(const at::Tensor& x, const c10::List<c10::optional<at::Tensor>>& layers,
+                         const std::vector<at::Tensor>& caches, const at::Tensor& rope, const at::Tensor& blocks,
+                         const at::Tensor& context_lens, const at::Tensor& slots, int64_t nh, int64_t nkv, double eps,
+                         double scale) {
+  constexpr int64_t per = 13;
+  TORCH_CHECK(static_cast<int64_t>(layers.size()) == per * static_cast<int64_t>(caches.size()),
+              "rtserve::decode_layers: 13 tensors a layer and one cache a layer");
+  std::vector<c10::optional<at::Tensor>> t(layers.begin(), layers.end());
+  for (int64_t i = 0; i < static_cast<int64_t>(caches.size()); ++i)
+    for (int64_t j : {0, 1, 6, 8, 9, 11})
+      TORCH_CHECK(t[i * per + j].has_value(), "rtserve::decode_layers: layer ", i, " lacks a required tensor");
+  at::Tensor y = x;
+  for (int64_t i = 0; i < static_cast<int64_t>(caches.size()); ++i) {
+    const auto* l = t.data() + i * per;
+    y = decode_layer(y, *l[0], *l[1], l[2], l[3], l[4], l[5], *l[6], l[7], *l[8], *l[9], l[10], *l[11], l[12], rope,
+                     caches[i], blocks, context_lens, slots, nh, nkv, eps, scale);
+  }
+  return y;
+}
+
 // Decode attention on the PyTorch path: q (S, Hq, D), one query per sequence, over each context in
 // the paged cache (2, blocks, Hkv, block_size, D), read in place through blocks (S, B) int64 up to
 // context_lens (S,) int64. Returns (S, Hq, D).
@@ -429,6 +452,8 @@ TORCH_LIBRARY(rtserve, m) {
         "Tensor? k_norm, Tensor o_w, Tensor? o_s, Tensor ln2, Tensor gu_w, Tensor? gu_s, Tensor down_w, "
         "Tensor? down_s, Tensor rope, Tensor(a!) kv_cache, Tensor blocks, Tensor context_lens, Tensor slots, "
         "int nh, int nkv, float eps, float scale) -> Tensor");
+  m.def("decode_layers(Tensor x, Tensor?[] layers, Tensor(a!)[] caches, Tensor rope, Tensor blocks, "
+        "Tensor context_lens, Tensor slots, int nh, int nkv, float eps, float scale) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor kv_cache, Tensor blocks, Tensor context_lens, float scale) -> Tensor");
   m.def("isa() -> str", &native_isa);
 }
@@ -437,4 +462,5 @@ TORCH_LIBRARY_IMPL(rtserve, CPU, m) {
   m.impl("linear", linear);
   m.impl("decode_layer", decode_layer);
   m.impl("decode_attention", decode_attention);
+  m.impl("decode_layers", decode_layers);
 }
