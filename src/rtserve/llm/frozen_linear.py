@@ -90,7 +90,9 @@ class FrozenLinear:
     """A frozen linear layer for inference, on any device (on CPU in float32, in the layout measured
     fastest here). ``weight``: (out, in) as ``nn.Linear`` stores it."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, plain: bool = False) -> None:
+        """``plain``: keep the (out, in) weight as well, contiguous, for the native decode layers
+        (``native_weight``) whatever the layouts chosen (memory for speed)."""
         weight = weight.detach()
         self.bias = bias.detach().contiguous() if bias is not None else None
         self.packed = self.weight_t = self.weight = None
@@ -119,8 +121,7 @@ class FrozenLinear:
         self.layout, self.layout_one = layout[1], layout[0]
         self.packed = packed if "onednn" in layout else None
         self.weight_t = weight.t().contiguous() if "mm" in layout else None
-        # the fused native decode layer reads the plain weight whatever the layouts (memory for speed)
-        keep = "native" in layout or (native_ops() is not None and os.environ.get("RTSERVE_NATIVE_DECODE", "1") != "0")
+        keep = "native" in layout or (plain and native_ops() is not None)
         self.weight = weight.contiguous() if keep else weight if "linear" in layout else None
 
     def _mm(self, x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:

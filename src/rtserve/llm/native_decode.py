@@ -123,10 +123,15 @@ def native_rows(native, other, in_features: int) -> int:
     return best
 
 
+def wanted() -> bool:
+    """The native decode path is on (``RTSERVE_NATIVE_DECODE`` is not 0) and the kernels are here."""
+    return os.environ.get("RTSERVE_NATIVE_DECODE", "1") != "0" and native_ops() is not None
+
+
 def build(model) -> NativeDecoder | None:
     """The native decoder for a prepared (fused) Llama-family model on CPU, or None when the kernels
     are unavailable, turned off, or some layer's matmul does not run natively for one row."""
-    if os.environ.get("RTSERVE_NATIVE_DECODE", "1") == "0" or native_ops() is None:
+    if not wanted():
         return None
     if model.lm_head.weight.device.type != "cpu" or model.lm_head.weight.dtype != torch.float32:
         return None

@@ -43,10 +43,11 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.scale = c.head_dim ** -0.5
 
-    def fuse(self, quant: tuple[int, dict] | None = None) -> None:
+    def fuse(self, quant: tuple[int, dict] | None = None, plain: bool = False) -> None:
         """One (hidden, (Hq + 2 Hkv) D) matmul instead of three, as a ``FrozenLinear`` (oneDNN-packed
         on CPU), or a ``QuantLinear`` when ``quant`` = (bits, {"q"|"k"|"v"|"o": (q, scales)}) gives
-        the weight-only quantized tensors; the unfused modules are dropped so memory does not double."""
+        the weight-only quantized tensors; the unfused modules are dropped so memory does not double.
+        ``plain``: the float weights kept for the native decode layers too (``FrozenLinear``)."""
         b = (torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
              if self.q_proj.bias is not None else None)
         if quant is not None:
@@ -57,8 +58,8 @@ class Attention(nn.Module):
             self.o = QuantLinear(*t["o"], bits, dtype=dtype)
         else:
             w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-            self.qkv = FrozenLinear(w, b)
-            self.o = FrozenLinear(self.o_proj.weight)
+            self.qkv = FrozenLinear(w, b, plain=plain)
+            self.o = FrozenLinear(self.o_proj.weight, plain=plain)
         self.q_proj = self.k_proj = self.v_proj = self.o_proj = None
 
     def forward(self, x, rope, kv_cache, meta: AttentionMetadata):
@@ -93,7 +94,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
 
-    def fuse(self, quant: tuple[int, dict] | None = None) -> None:
+    def fuse(self, quant: tuple[int, dict] | None = None, plain: bool = False) -> None:
         """Gate and up in one matmul; ``FrozenLinear``s, or ``QuantLinear``s from ``quant`` (see Attention)."""
         self.inter = self.gate_proj.weight.shape[0]
         if quant is not None:
@@ -103,8 +104,8 @@ class MLP(nn.Module):
                                        bits, dtype=dtype)
             self.down = QuantLinear(*t["down"], bits, dtype=dtype)
         else:
-            self.gate_up = FrozenLinear(torch.cat([self.gate_proj.weight, self.up_proj.weight]))
-            self.down = FrozenLinear(self.down_proj.weight)
+            self.gate_up = FrozenLinear(torch.cat([self.gate_proj.weight, self.up_proj.weight]), plain=plain)
+            self.down = FrozenLinear(self.down_proj.weight, plain=plain)
         self.gate_proj = self.up_proj = self.down_proj = None
 
     def forward(self, x):
@@ -164,6 +165,8 @@ class LlamaForCausalLM(nn.Module):
             self._head = HalfHead(w)
         else:
             self._head = FrozenLinear(w) if w.device.type == "cpu" else None
+        from ..native_decode import wanted as native_wanted
+        plain = w.device.type == "cpu" and native_wanted()
         for i, layer in enumerate(self.model.layers):  # everywhere: fewer, larger matmuls and launches
             qa = qm = None
             if quantized is not None:
@@ -171,8 +174,8 @@ class LlamaForCausalLM(nn.Module):
                 p = f"model.layers.{i}."
                 qa = (bits, {k: t[f"{p}self_attn.{k}_proj.weight"] for k in "qkvo"})
                 qm = (bits, {k: t[f"{p}mlp.{k}_proj.weight"] for k in ("gate", "up", "down")})
-            layer.self_attn.fuse(qa)
-            layer.mlp.fuse(qm)
+            layer.self_attn.fuse(qa, plain=plain)
+            layer.mlp.fuse(qm, plain=plain)
         self._native = None
         if w.device.type == "cpu":  # decode steps of a few sequences in one native call a layer
             from ..native_decode import build as build_native
