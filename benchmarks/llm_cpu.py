@@ -11,8 +11,8 @@ ignored; output tokens/s = all generated tokens / wall time (prefill included). 
     python benchmarks/llm_cpu.py [--concurrency 1 16 64] [--new-tokens 128] [--llamacpp] [--repeats 3 --stat median]
 
 ``--quant int8 int4`` adds rtserve on weight-only quantized copies of the checkpoint (``rtserve compress
---quantize int8-weight|int4-weight``), run in turns with rtserve float32 at each concurrency: tok/s
-side by side and the ratio to float32 (``quant_rows``).
+--quantize int8-weight|int4-weight``), run in the same interleaved rounds as rtserve float32 (and
+llama.cpp): tok/s, the ratio to float32 and to llama.cpp's q8_0 (``quant_columns``).
 """
 from __future__ import annotations
 
@@ -73,30 +73,47 @@ def run_rtserve(llm: LLM, ps, new_tokens) -> float:
 QUANT_METHODS = {"int8": "int8-weight", "int4": "int4-weight"}
 
 
-def quant_rows(path: Path, llm: LLM, quants: list[str], args) -> list[dict]:
-    """rtserve float32 and each quantized copy of ``path`` in turns, best of ``args.repeats`` each."""
+def quant_engines(path: Path, llm: LLM, quants: list[str]) -> dict[str, LLM]:
+    """name -> an engine on a weight-only quantized copy of ``path`` (``rtserve compress``'s recipe)."""
     from rtserve.compress.llm_quant import quantize_checkpoint
 
-    engines = {"f32": llm}
+    engines = {}
     for name in quants:
         quantize_checkpoint(path, path / f"q-{name}", QUANT_METHODS[name])
         engines[name] = LLM(path / f"q-{name}", llm.engine_config)
-    kernels = {n: e.runner.model.model.layers[0].mlp.gate_up.kernel for n, e in engines.items() if n != "f32"}
+    kernels = {n: e.runner.model.model.layers[0].mlp.gate_up.kernel for n, e in engines.items()}
     print(f"quantized kernels (gate_up): {kernels}", flush=True)
-    rows = []
-    for c in args.concurrency:
-        ps = prompts(c, args.prompt_tokens)
-        best = dict.fromkeys(engines, 0.0)
-        for e in engines.values():
-            run_rtserve(e, ps[:1], 4)  # warm up
-        for _ in range(args.repeats):
-            for name, e in engines.items():
-                best[name] = max(best[name], run_rtserve(e, ps, args.new_tokens))
-        row = {"concurrency": c} | {f"{n}_tok_s": v for n, v in best.items()}
-        row |= {f"{n}_vs_f32": best[n] / best["f32"] for n in quants}
-        rows.append(row)
-        print(format_table([row], list(row)), flush=True)
-    return rows
+    return engines
+
+
+def quant_columns(samples: dict, reduce, ours: float) -> dict:
+    """Each quantized engine's tok/s, against rtserve float32 and llama.cpp's q8_0 (same rounds)."""
+    cols = {}
+    for name in QUANT_METHODS:
+        if name in samples:
+            cols[f"{name}_tok_s"] = reduce(samples[name])
+            cols[f"{name}_vs_f32"] = cols[f"{name}_tok_s"] / ours
+            if "llamacpp_q8_0" in samples:
+                cols[f"{name}_vs_llamacpp_q8_0"] = cols[f"{name}_tok_s"] / reduce(samples["llamacpp_q8_0"])
+    return cols
+
+
+def cpu_name() -> str:
+    """The CPU's model name and its vector flags, for the results file."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        import platform
+        return platform.processor()
+    name = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), "?")
+    flags = next((ln.split(":", 1)[1].split() for ln in info if ln.startswith("flags")), [])
+    vec = [f for f in flags if f.startswith(("avx", "amx", "fma", "f16c"))]
+    return f"{name}, {os_cpus()} CPUs, {' '.join(sorted(vec))}"
+
+
+def os_cpus() -> int:
+    import os
+    return os.cpu_count() or 1
 
 
 def llamacpp_sides(args, checkpoint: Path, vocab_size: int, workdir: Path) -> dict:
@@ -140,8 +157,8 @@ def main() -> int:
                     "(else $RTSERVE_LLAMACPP_CONVERTER, the cache, or the installed version's sdist from PyPI)")
     ap.add_argument("--out", default=str(HERE / "results" / "llm_cpu.json"))
     ap.add_argument("--quant", nargs="*", default=[], choices=list(QUANT_METHODS),
-                    help="also rtserve on weight-only quantized copies, in turns with float32 (quant_rows)")
-    ap.add_argument("--only-quant", action="store_true", help="with --quant: skip the transformers comparison")
+                    help="also rtserve on weight-only quantized copies, in the same rounds")
+    ap.add_argument("--only-quant", action="store_true", help="skip the transformers side")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
@@ -151,32 +168,38 @@ def main() -> int:
         sides = llamacpp_sides(args, Path(tmp), model.config.vocab_size, Path(gguf_dir))
         llm = LLM(tmp, num_blocks=(max(args.concurrency) * (args.prompt_tokens + args.new_tokens)) // 16 + 64,
                   block_size=16, max_num_seqs=max(args.concurrency), max_num_batched_tokens=4096)
-        for c in [] if args.only_quant else args.concurrency:
+        quant = quant_engines(Path(tmp), llm, args.quant)
+        for c in args.concurrency:
             ps = prompts(c, args.prompt_tokens)
-            run_rtserve(llm, ps[:1], 4)  # warm up
+            for e in (llm, *quant.values()):
+                run_rtserve(e, ps[:1], 4)  # warm up
             for m in sides.values():
                 m.generate(ps, 2)  # warm up, and make the context for c sequences outside the timing
             samples: dict[str, list[float]] = {"rtserve": [], "transformers": []}
             for _ in range(args.repeats):  # interleaved: the machine is shared and noisy
                 samples["rtserve"].append(run_rtserve(llm, ps, args.new_tokens))
-                samples["transformers"].append(run_transformers(model, ps, args.new_tokens))
+                for name, e in quant.items():
+                    samples.setdefault(name, []).append(run_rtserve(e, ps, args.new_tokens))
+                if not args.only_quant:
+                    samples["transformers"].append(run_transformers(model, ps, args.new_tokens))
                 llamacpp_round(sides, ps, args.new_tokens, samples)
-            ours, theirs = reduce(samples["rtserve"]), reduce(samples["transformers"])
-            rows.append({"concurrency": c, "rtserve_tok_s": ours, "transformers_tok_s": theirs,
-                         "ratio": ours / theirs})
+            ours = reduce(samples["rtserve"])
+            rows.append({"concurrency": c, "rtserve_tok_s": ours})
+            if samples["transformers"]:
+                theirs = reduce(samples["transformers"])
+                rows[-1] |= {"transformers_tok_s": theirs, "ratio": ours / theirs}
             rows[-1].update(llamacpp_columns(samples, reduce, ours))
+            rows[-1].update(quant_columns(samples, reduce, ours))
             print(format_table([rows[-1]], list(rows[-1])), flush=True)
-        qrows = quant_rows(Path(tmp), llm, args.quant, args) if args.quant else []
     print(f"\nLlama {n_params / 1e6:.1f}M params, float32, {args.threads} threads, "
           f"{args.prompt_tokens}-token prompts, {args.new_tokens} new tokens")
-    for table in (rows, qrows):
-        if table:
-            print(format_table(table, list(table[0])))
+    if rows:
+        print(format_table(rows, list(rows[0])))
     for m in sides.values():
         m.close()
     write_json(args.out, {"date": time.strftime("%Y-%m-%d"), "params": n_params, "threads": args.threads,
                           "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-                          "repeats": args.repeats, "stat": args.stat, "rows": rows, "quant_rows": qrows})
+                          "repeats": args.repeats, "stat": args.stat, "cpu": cpu_name(), "rows": rows})
     return 0
 
 

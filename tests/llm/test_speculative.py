@@ -189,3 +189,26 @@ def test_native_verification_steps_match_the_pytorch_path(ckpts, kind, monkeypat
     monkeypatch.setattr(spec.runner.model._native, "forward", lambda ids, *a: rows.append(len(ids)) or forward(ids, *a))
     assert [g[:2] for g in run(spec, ps, params)] == [r[:2] for r in ref]
     assert max(rows) > 1 and spec.speculator.stats.num_accepted_tokens > 0  # verification steps ran natively
+
+
+def test_verification_rows_attend_in_place_on_the_pytorch_path(ckpts, monkeypatch):
+    """Without the fused decode layers, a verifying sequence's queries attend as one-query rows
+    through the native decode attention (no gather): tokens as with the gather and mask."""
+    from rtserve.llm import model_runner
+    from rtserve.llm.native import ops
+
+    if ops() is None:
+        pytest.skip("the native kernels did not build here")
+    ps, params = prompts(), [SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)] * 6
+    monkeypatch.setenv("RTSERVE_NATIVE_DECODE", "0")
+    monkeypatch.setenv("RTSERVE_NATIVE_ATTENTION", "0")
+    ref = run(LLM(ckpts, num_blocks=128, block_size=4, speculative=NGRAM), ps, params)
+    monkeypatch.setenv("RTSERVE_NATIVE_ATTENTION", "1")
+    split = []
+    real = model_runner.decode_buckets
+    monkeypatch.setattr(model_runner, "decode_buckets",
+                        lambda m, bs: split.append(len({x[0] for x in m}) < len(m)) or real(m, bs))
+    spec = LLM(ckpts, num_blocks=128, block_size=4, speculative=NGRAM)
+    assert spec.runner.native_attention
+    assert [g[:2] for g in run(spec, ps, params)] == [r[:2] for r in ref]
+    assert any(split)  # some step had a sequence attending as several rows

@@ -83,6 +83,10 @@ def native_attention_here(device: torch.device, dtype: torch.dtype) -> bool:
             and ops() is not None)
 
 
+#: with the native decode attention, a sequence with at most this many queries in a step (a
+#: speculative verification, a short prefill chunk) attends as that many one-query rows, each with
+#: its own context length (causal), reading the cache in place instead of a padded gather and mask
+NATIVE_QUERY_ROWS = 8
 MAX_DECODE_GROUPS = 4
 SPLIT_MIN_SAVED_BLOCKS = 32  # a group costs two gathers and an SDPA a layer: ~10-20 blocks' worth on CPU
 
@@ -197,7 +201,12 @@ class ModelRunner:
             pos.extend(p)
             slots.extend([table[j // bs] * bs + j % bs for j in p])
             tables.append(table)
-            (decode if n == 1 else prefill).append((i, offset, n, start + n))
+            if n == 1:
+                decode.append((i, offset, 1, start + 1))
+            elif self.native_attention and n <= NATIVE_QUERY_ROWS:  # each query a row of its own, causal
+                decode.extend((i, offset + j, 1, start + j + 1) for j in range(n))
+            else:
+                prefill.append((i, offset, n, start + n))
             offset += n
             if s.completes:  # and a row per speculative token verified (the step's last num_spec)
                 logits_index.extend(range(offset - 1 - s.num_spec, offset))
