@@ -29,7 +29,7 @@ import torch
 
 from .native import ops as native_ops
 
-ROW_CANDIDATES = (2, 4, 8)  # batch sizes tried above 1 (1 always qualifies)
+ROW_CANDIDATES = (2, 3, 4, 5, 6, 8)  # batch sizes tried above 1, in order, up to the first slower one
 
 
 @dataclass
@@ -90,20 +90,33 @@ class NativeDecoder:
         return self.head(x).float()
 
     def measure_rows(self) -> int:
-        """``native_rows`` for the first layer's gate/up product against the layout it uses for
-        several rows; ``RTSERVE_NATIVE_DECODE_ROWS`` overrides."""
+        """``native_rows`` over every layer's matmuls in turn (the weights of a whole model are larger
+        than the caches, as in a real step: timing one cache-resident weight favours oneDNN's blocked
+        products), native against the layouts the layers use; ``RTSERVE_NATIVE_DECODE_ROWS`` overrides."""
         forced = os.environ.get("RTSERVE_NATIVE_DECODE_ROWS")
         if forced:
             return max(1, int(forced))
-        w, s = self.layers[0].gate_up
-        return native_rows(lambda x: native_ops().linear(x, w, s, None), self.model.model.layers[0].mlp.gate_up,
-                           w.shape[1])
+        pairs = []  # (native weights, the layer's own callable)
+        for la, layer in zip(self.layers, self.model.model.layers):
+            a, mlp = layer.self_attn, layer.mlp
+            pairs += [(la.qkv[:2], a.qkv), (la.o, a.o), (la.gate_up, mlp.gate_up), (la.down, mlp.down)]
+        nat = native_ops()
+
+        def native(x):
+            for (w, s), _ in pairs:
+                nat.linear(x[:, :w.shape[1]].contiguous(), w, s, None)
+
+        def theirs(x):
+            for (w, _), own in pairs:
+                own(x[:, :w.shape[1]].contiguous())
+        width = max(w.shape[1] for (w, _), _ in pairs)
+        return native_rows(native, theirs, width)
 
 
-def native_rows(native, other, in_features: int) -> int:
+def native_rows(native, other, in_features: int, rounds: int = 5) -> int:
     """The largest batch in ``ROW_CANDIDATES`` (else 1) at which ``native(x)`` takes no longer than
-    ``other(x)``, timed interleaved, best of 5 (each weight row is read once for all rows, but the
-    products are not blocked for cache as oneDNN's are: from some batch size on oneDNN wins)."""
+    ``other(x)``, timed interleaved, best of ``rounds`` (each weight row is read once for all rows,
+    but the products are not blocked for cache as oneDNN's are: from some batch size on oneDNN wins)."""
     best = 1
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
@@ -112,7 +125,7 @@ def native_rows(native, other, in_features: int) -> int:
             t = [float("inf"), float("inf")]
             for f in (native, other):
                 f(x)
-            for _ in range(5):
+            for _ in range(rounds):
                 for i, f in enumerate((native, other)):
                     t0 = time.perf_counter()
                     f(x)
