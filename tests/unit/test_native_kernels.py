@@ -174,3 +174,22 @@ def test_the_avx2_and_scalar_builds_compute_the_same(ops, arch, isa, tmp_path):
     env = dict(os.environ, RTSERVE_NATIVE_ARCH=arch, RTSERVE_NATIVE_CACHE=str(tmp_path))
     done = subprocess.run([sys.executable, "-c", CHECK_ISA, isa], env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("head_dtype", [torch.float32, torch.float16])
+def test_decode_logits_is_the_layers_then_norm_and_head(ops, head_dtype):
+    """decode_logits (a whole decode step in one call) = decode_layers, RMSNorm and the LM head on
+    the rows asked for, in their order."""
+    a, b = _layer_args(m=3), _layer_args(m=3)  # the same tensors, two caches (each call writes its own)
+    flat = [a["ln1"], a["qkv_w"], None, None, None, None, a["o_w"], None, a["ln2"], a["gu_w"], None, a["down_w"], None]
+    head = (_rand(40, 64, seed=9) * 0.3).to(head_dtype)
+    norm = torch.rand(64, generator=torch.Generator().manual_seed(8)) + 0.5
+    idx = torch.tensor([2, 0])
+    args = (a["rope"], a["blocks"], a["context_lens"], a["slots"], 4, 2, 1e-6, 0.25)
+    got = ops.decode_logits(a["x"], flat * 2, [a["kv_cache"], torch.zeros_like(a["kv_cache"])], *args[:4], *args[4:],
+                            idx, norm, head)
+    y = ops.decode_layers(b["x"], flat * 2, [b["kv_cache"], torch.zeros_like(b["kv_cache"])], *args)
+    want = torch.rms_norm(y[idx], (64,), norm, 1e-6) @ head.float().t()
+    assert got.shape == (2, 40) and torch.allclose(got, want, atol=1e-4)
+    with pytest.raises(RuntimeError, match="logits_index out of range"):
+        ops.decode_logits(a["x"], flat * 2, [a["kv_cache"], a["kv_cache"].clone()], *args, torch.tensor([3]), norm, head)

@@ -32,3 +32,15 @@ def test_the_result_is_writable():  # the sampler writes drawn tokens into the g
     t = argmax_rows(torch.randn(3, 10))
     t[torch.tensor([1])] = torch.tensor([7])
     assert t[1] == 7
+
+
+def test_finite_rows_finds_nan_and_inf_and_never_overflows():
+    from rtserve.llm.reductions import finite_rows
+
+    x = torch.full((4, 1000), 3.0e38)  # finite; their float32 sum would overflow
+    x[1, 7] = float("nan")
+    x[2, 999] = float("-inf")
+    x[3] = -3.0e38
+    assert finite_rows(x) == [True, False, False, True]
+    assert finite_rows(x.double()) == [True, False, False, True]
+    assert finite_rows(x[:, :0]) == [True] * 4

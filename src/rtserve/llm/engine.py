@@ -19,6 +19,7 @@ from .config import DecoderConfig
 from .engine_config import EngineConfig
 from .model_runner import ModelRunner
 from .prompt_logprobs import accepts, fill_from_cache, prompt_spans, record
+from .reductions import finite_rows
 from .sampler import SampleRow, sample
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
@@ -271,9 +272,7 @@ class LLM:
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> dict[int, int]:
         """seq_id -> sampled token. A row with NaN/inf logits, or whose sampling raises, fails
         its own sequence; the other rows are sampled as usual."""
-        # one reduction pass: a row's sum is finite exactly when the row is (logits are far below
-        # float32's range, so a sum of finite values does not overflow)
-        finite = torch.isfinite(logits.sum(dim=-1)).tolist() if len(seqs) else []
+        finite = finite_rows(logits) if len(seqs) else []  # one reduction pass
         keep = [i for i, ok in enumerate(finite) if ok]
         for i, ok in enumerate(finite):
             if not ok:

@@ -30,3 +30,11 @@ def max_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.from_numpy(np.take_along_axis(a, idx[:, None], axis=1)[:, 0]), torch.from_numpy(idx)
     best = x.max(dim=1)
     return best.values, best.indices
+
+
+def finite_rows(x: torch.Tensor) -> list[bool]:
+    """(N, V) -> whether each row is all finite: one reduction, the row's sum (in float64 on CPU, so
+    finite float32 values cannot overflow it; NaN or inf anywhere makes it non-finite)."""
+    if _numpy_ok(x):
+        return np.isfinite(x.detach().numpy().sum(axis=1, dtype=np.float64)).tolist()
+    return torch.isfinite(x.sum(dim=-1)).tolist()

@@ -407,6 +407,30 @@ at::Tensor decode_layers(const at::Tensor& x, const c10::List<c10::optional<at::
   return y;
 }
 
+// decode_layers, then the final RMSNorm and the LM head for the rows ``logits_index``: a decode
+// step's forward from embeddings to logits in one call. head_w: (V, H) float32 or float16.
+at::Tensor decode_logits(const at::Tensor& x, const c10::List<c10::optional<at::Tensor>>& layers,
+                         const std::vector<at::Tensor>& caches, const at::Tensor& rope, const at::Tensor& blocks,
+                         const at::Tensor& context_lens, const at::Tensor& slots, int64_t nh, int64_t nkv, double eps,
+                         double scale, const at::Tensor& logits_index, const at::Tensor& norm, const at::Tensor& head_w) {
+  at::Tensor y = decode_layers(x, layers, caches, rope, blocks, context_lens, slots, nh, nkv, eps, scale);
+  const int64_t h = y.size(1);
+  TORCH_CHECK(logits_index.scalar_type() == at::kLong && logits_index.dim() == 1, "rtserve::decode_logits: logits_index must be int64 (R,)");
+  TORCH_CHECK(norm.scalar_type() == at::kFloat && norm.numel() == h, "rtserve::decode_logits: norm must be float32 (H,)");
+  const int64_t r = logits_index.numel();
+  const int64_t* li = logits_index.data_ptr<int64_t>();
+  std::vector<float> rows(r * h);
+  for (int64_t i = 0; i < r; ++i) {
+    TORCH_CHECK(li[i] >= 0 && li[i] < y.size(0), "rtserve::decode_logits: logits_index out of range");
+    rms_norm_rows(y.data_ptr<float>() + li[i] * h, norm.data_ptr<float>(), rows.data() + i * h, 1, h, eps);
+  }
+  at::Tensor xr = at::empty({0, h}, y.options());
+  check_linear(xr, head_w, c10::nullopt, c10::nullopt);
+  at::Tensor out = at::empty({r, head_w.size(0)}, y.options());
+  linear_into(rows.data(), r, head_w, c10::nullopt, c10::nullopt, out.data_ptr<float>());
+  return out;
+}
+
 // Decode attention on the PyTorch path: q (S, Hq, D), one query per sequence, over each context in
 // the paged cache (2, blocks, Hkv, block_size, D), read in place through blocks (S, B) int64 up to
 // context_lens (S,) int64. Returns (S, Hq, D).
@@ -454,6 +478,9 @@ TORCH_LIBRARY(rtserve, m) {
         "int nh, int nkv, float eps, float scale) -> Tensor");
   m.def("decode_layers(Tensor x, Tensor?[] layers, Tensor(a!)[] caches, Tensor rope, Tensor blocks, "
         "Tensor context_lens, Tensor slots, int nh, int nkv, float eps, float scale) -> Tensor");
+  m.def("decode_logits(Tensor x, Tensor?[] layers, Tensor(a!)[] caches, Tensor rope, Tensor blocks, "
+        "Tensor context_lens, Tensor slots, int nh, int nkv, float eps, float scale, Tensor logits_index, "
+        "Tensor norm, Tensor head_w) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor kv_cache, Tensor blocks, Tensor context_lens, float scale) -> Tensor");
   m.def("isa() -> str", &native_isa);
 }
@@ -463,4 +490,5 @@ TORCH_LIBRARY_IMPL(rtserve, CPU, m) {
   m.impl("decode_layer", decode_layer);
   m.impl("decode_attention", decode_attention);
   m.impl("decode_layers", decode_layers);
+  m.impl("decode_logits", decode_logits);
 }
