@@ -1,8 +1,9 @@
 """Weight-only int8 / int4 quantization of the demo LM (the trained 3.5M-parameter Llama in
 ``src/rtserve/demo/data/demo-lm``), through ``rtserve compress --quantize``: weight bytes, top-1 agreement
 and mean KL of next-token distributions against the unquantized model at every position of 16
-passages of Python's help topics, batch-1 decode time per token on this CPU (where the quantized
-layers dequantize per call, so they are slower: the speed targets are for CUDA, benchmarks/llm_gpu.py).
+passages of Python's help topics, and batch-1 decode time per token on this CPU (the demo LM is
+small: its steps are mostly engine overhead, so the 34M model of ``llm_cpu.py --quant int8`` is
+where int8's speed is measured).
 
     python benchmarks/llm_quant_cpu.py [--out benchmarks/results/llm_quant_cpu.json]
 """
