@@ -121,3 +121,23 @@ def test_cpu_kernels_agree_with_the_dequantizing_matmul(llama, tmp_path, monkeyp
     for p in prompts[:3]:
         a, b = _last_logits(fast, p), _last_logits(slow, p)
         assert float((a - b).abs().max()) <= 2 ** -7 * float(b.abs().max())
+
+
+def test_int8_checkpoints_ask_for_a_float16_head_and_bad_head_recipes_are_refused(llama, tmp_path):
+    from rtserve.llm.quant_linear import HalfHead
+
+    quantize_checkpoint(llama, tmp_path / "q", "int8-weight")
+    side_path = tmp_path / "q" / "quantization.json"
+    side = json.loads(side_path.read_text())
+    assert side["lm_head"] == {"dtype": "float16"}
+    head = LLM(tmp_path / "q", num_blocks=64, block_size=4).runner.model._head
+    assert isinstance(head, HalfHead) and head.half.dtype == torch.float16
+    x = torch.randn(3, head.half.shape[1])
+    assert torch.allclose(head(x), x @ head.half.float().t(), atol=1e-4)  # the float16 values, either kernel
+    assert torch.allclose(head(x[:1]), x[:1] @ head.half.float().t(), atol=1e-4)
+    side["lm_head"] = {"dtype": "int3"}
+    side_path.write_text(json.dumps(side))
+    with pytest.raises(ValueError, match="'lm_head' must be"):
+        LLM(tmp_path / "q", num_blocks=64, block_size=4)
+    quantize_checkpoint(llama, tmp_path / "q4", "int4-weight", group_size=16)
+    assert "lm_head" not in json.loads((tmp_path / "q4" / "quantization.json").read_text())

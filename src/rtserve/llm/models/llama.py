@@ -161,7 +161,7 @@ class LlamaForCausalLM(nn.Module):
         here, the packed one at ~45), at the cost of one more vocab x hidden matrix of memory.
         ``half_head``: the head in float16 (``HalfHead``; a quantized checkpoint's recipe asks for it)."""
         w = self.lm_head.weight
-        if half_head:
+        if half_head and w.device.type == "cpu":  # (elsewhere the head stays in the model's dtype)
             self._head = HalfHead(w)
         else:
             self._head = FrozenLinear(w) if w.device.type == "cpu" else None
