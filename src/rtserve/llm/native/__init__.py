@@ -86,18 +86,21 @@ def build() -> Path:
 
 def ops():
     """``torch.ops.rtserve`` with the kernels loaded, or None when they are unavailable here."""
+    if "ops" in _STATE:  # settled: no lock on the hot path (the layers call this per product)
+        return _STATE["ops"]
     with _LOCK:
-        if "ops" not in _STATE:
-            _STATE["ops"] = None
+        if "ops" not in _STATE:  # settled once, at the end (the fast path above reads it unlocked)
+            result = None
             if os.environ.get("RTSERVE_NATIVE", "1") == "0":
                 _STATE["why"] = "RTSERVE_NATIVE=0"
             else:
                 try:
                     torch.ops.load_library(str(build()))
-                    _STATE["ops"] = torch.ops.rtserve
+                    result = torch.ops.rtserve
                 except (RuntimeError, OSError) as e:
                     _STATE["why"] = str(e)
                     log.warning("native CPU kernels unavailable, using PyTorch operators instead: %s", e)
+            _STATE["ops"] = result
         return _STATE["ops"]
 
 

@@ -277,6 +277,32 @@ void attend(const float* q, const float* kc, const float* vc, const int64_t* blo
   }
 }
 
+// every sequence's context: 1 <= length <= its table's capacity, and each block it reads in the cache
+void check_contexts(const char* op, const int64_t* bt, int64_t nblk, const int64_t* lens, int64_t m, int64_t bs,
+                    int64_t nb) {
+  for (int64_t r = 0; r < m; ++r) {
+    TORCH_CHECK(lens[r] >= 1 && lens[r] <= nblk * bs, op, ": context length out of range");
+    for (int64_t b = 0; b < (lens[r] + bs - 1) / bs; ++b)
+      TORCH_CHECK(bt[r * nblk + b] >= 0 && bt[r * nblk + b] < nb, op, ": block out of range");
+  }
+}
+
+// attention of each of m rows' nh query heads (row r's at q + r * q_stride), in parallel, into out
+// (row r's at out + r * o_stride)
+void attend_rows(const float* q, int64_t q_stride, const float* kc, const float* vc, const int64_t* bt, int64_t nblk,
+                 const int64_t* lens, int64_t m, int64_t nh, int64_t nkv, int64_t bs, int64_t d, float scale, float* out,
+                 int64_t o_stride) {
+  const int64_t group = nh / nkv;
+  at::parallel_for(0, m * nh, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = i / nh, hd = i % nh;
+      attend(q + r * q_stride + hd * d, kc, vc, bt + r * nblk, lens[r], hd / group, nkv, bs, d, scale,
+             out + r * o_stride + hd * d, p);
+    }
+  });
+}
+
 struct Lin {  // a linear layer's tensors as the op receives them
   const at::Tensor& w;
   const c10::optional<at::Tensor>& scale;
@@ -327,12 +353,9 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& ln1, const at::Te
   const int64_t* bt = blocks.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   const int64_t* sl = slots.data_ptr<int64_t>();
-  for (int64_t r = 0; r < m; ++r) {
-    TORCH_CHECK(lens[r] >= 1 && lens[r] <= nblk * bs && sl[r] >= 0 && sl[r] < nb * bs,
-                "rtserve::decode_layer: context length or slot out of range");
-    for (int64_t b = 0; b < (lens[r] + bs - 1) / bs; ++b)
-      TORCH_CHECK(bt[r * nblk + b] >= 0 && bt[r * nblk + b] < nb, "rtserve::decode_layer: block out of range");
-  }
+  check_contexts("rtserve::decode_layer", bt, nblk, lens, m, bs, nb);
+  for (int64_t r = 0; r < m; ++r)
+    TORCH_CHECK(sl[r] >= 0 && sl[r] < nb * bs, "rtserve::decode_layer: slot out of range");
   const float* qn = q_norm ? q_norm->data_ptr<float>() : nullptr;
   const float* kn = k_norm ? k_norm->data_ptr<float>() : nullptr;
 
@@ -361,15 +384,8 @@ at::Tensor decode_layer(const at::Tensor& x, const at::Tensor& ln1, const at::Te
       std::copy(row + nq + nk + g * d, row + nq + nk + (g + 1) * d, vc + dst);
     }
   }
-  const int64_t group = nh / nkv;
-  at::parallel_for(0, m * nh, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p;
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t r = i / nh, hd = i % nh;
-      attend(qkvb.data() + r * (nq + 2 * nk) + hd * d, kc, vc, bt + r * nblk, lens[r], hd / group, nkv, bs, d,
-             static_cast<float>(scale), att.data() + r * nq + hd * d, p);
-    }
-  });
+  attend_rows(qkvb.data(), nq + 2 * nk, kc, vc, bt, nblk, lens, m, nh, nkv, bs, d, static_cast<float>(scale),
+              att.data(), nq);
   linear_into(att.data(), m, o.w, o.scale, o.bias, proj.data());
   for (int64_t i = 0; i < m * h; ++i) y[i] += proj[i];
   rms_norm_rows(y, ln2.data_ptr<float>(), hbuf.data(), m, h, eps);
@@ -447,24 +463,11 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv_cache, con
   const int64_t nblk = blocks.size(1);
   const int64_t* bt = blocks.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
-  for (int64_t r = 0; r < s; ++r) {
-    TORCH_CHECK(lens[r] >= 1 && lens[r] <= nblk * bs, "rtserve::decode_attention: context length out of range");
-    for (int64_t b = 0; b < (lens[r] + bs - 1) / bs; ++b)
-      TORCH_CHECK(bt[r * nblk + b] >= 0 && bt[r * nblk + b] < nb, "rtserve::decode_attention: block out of range");
-  }
+  check_contexts("rtserve::decode_attention", bt, nblk, lens, s, bs, nb);
   at::Tensor out = at::empty_like(q);
   const float* kc = kv_cache.data_ptr<float>();
-  const float* vc = kc + nb * nkv * bs * d;
-  const float* qp = q.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const int64_t group = nh / nkv;
-  at::parallel_for(0, s * nh, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p;
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t r = i / nh, hd = i % nh;
-      attend(qp + i * d, kc, vc, bt + r * nblk, lens[r], hd / group, nkv, bs, d, static_cast<float>(scale), op + i * d, p);
-    }
-  });
+  attend_rows(q.data_ptr<float>(), nh * d, kc, kc + nb * nkv * bs * d, bt, nblk, lens, s, nh, nkv, bs, d,
+              static_cast<float>(scale), out.data_ptr<float>(), nh * d);
   return out;
 }
 
