@@ -99,7 +99,7 @@ def test_choice_per_bucket_and_the_forced_kernel(monkeypatch):
     choice = cpu_quant.choose(q, s, 8, 128)
     assert set(choice.names) == set(cpu_quant.BUCKETS)
     assert set(choice.names.values()) <= {"int8pack-bf16x2", "intmm-x2", "native-int8"}
-    assert choice.names[16] == choice.names[64] == cpu_quant.EXACT  # batches: the exact kernel, untimed
+    assert {choice.names[16], choice.names[64]} <= set(cpu_quant.EXACT)  # batches: an exact kernel (timed)
     # a call uses the bucket nearest in log scale
     used = []
     spy = cpu_quant.Choice({b: (lambda x, b=b: used.append(b) or x) for b in cpu_quant.BUCKETS}, choice.names)

@@ -12,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 from models import write_random_llama  # noqa: E402
 from rtserve.compress.llm_quant import quantize_checkpoint  # noqa: E402
 from rtserve.llm.engine import LLM  # noqa: E402
+from rtserve.llm.sampling_params import SamplingParams  # noqa: E402
 from rtserve.llm.quant_linear import QuantLinear, dequantize, pack_int4, quantize, unpack_int4  # noqa: E402
 
 
@@ -123,21 +124,57 @@ def test_cpu_kernels_agree_with_the_dequantizing_matmul(llama, tmp_path, monkeyp
         assert float((a - b).abs().max()) <= 2 ** -7 * float(b.abs().max())
 
 
-def test_int8_checkpoints_ask_for_a_float16_head_and_bad_head_recipes_are_refused(llama, tmp_path):
-    from rtserve.llm.quant_linear import HalfHead
+def test_int8_checkpoints_ask_for_an_int8_head_whose_top_logits_are_exact(llama, tmp_path):
+    from rtserve.llm.quant_linear import HalfHead, Int8Head
 
     quantize_checkpoint(llama, tmp_path / "q", "int8-weight")
     side_path = tmp_path / "q" / "quantization.json"
     side = json.loads(side_path.read_text())
-    assert side["lm_head"] == {"dtype": "float16"}
+    assert side["lm_head"] == {"dtype": "int8", "exact_top_k": 8}
     head = LLM(tmp_path / "q", num_blocks=64, block_size=4).runner.model._head
-    assert isinstance(head, HalfHead) and head.half.dtype == torch.float16
+    assert isinstance(head, Int8Head) and head.weight.dtype == torch.int8 and head.exact_top_k == 8
+    w, q, s = head.half.float(), head.weight, head.scale
+    assert float((q.float() * s[:, None] - w).abs().max()) <= float(s.max()) / 2 + 1e-3  # int8 of the same weight
+    for rows in (1, 3, 40):  # the native kernel for few rows, the float32 copy for many
+        x = torch.randn(rows, w.shape[1], generator=torch.Generator().manual_seed(rows))
+        got, approx, exact = head(x), x @ (q.float() * s[:, None]).t(), x @ w.t()
+        top = approx.topk(8, dim=-1).indices  # the 8 the int8 weights rank highest ...
+        assert torch.allclose(got.gather(1, top), exact.gather(1, top), atol=1e-4)  # ... recomputed with float16 weights
+        rest = torch.ones_like(got, dtype=torch.bool).scatter_(1, top, False)
+        assert torch.allclose(got[rest], approx[rest], atol=1e-4)  # the others: the int8 weights
+    # older checkpoints' float16 head still loads
+    side["lm_head"] = {"dtype": "float16"}
+    side_path.write_text(json.dumps(side))
+    head = LLM(tmp_path / "q", num_blocks=64, block_size=4).runner.model._head
+    assert type(head) is HalfHead and head.half.dtype == torch.float16
     x = torch.randn(3, head.half.shape[1])
     assert torch.allclose(head(x), x @ head.half.float().t(), atol=1e-4)  # the float16 values, either kernel
     assert torch.allclose(head(x[:1]), x[:1] @ head.half.float().t(), atol=1e-4)
-    side["lm_head"] = {"dtype": "int3"}
-    side_path.write_text(json.dumps(side))
-    with pytest.raises(ValueError, match="'lm_head' must be"):
-        LLM(tmp_path / "q", num_blocks=64, block_size=4)
+    for bad in ({"dtype": "int3"}, {"dtype": "int8", "exact_top_k": 0}, {"dtype": "int8", "exact_top_k": True},
+                {"dtype": "int8", "rescore": 4}, "int8"):
+        side["lm_head"] = bad
+        side_path.write_text(json.dumps(side))
+        with pytest.raises(ValueError, match="'lm_head' must be"):
+            LLM(tmp_path / "q", num_blocks=64, block_size=4)
     quantize_checkpoint(llama, tmp_path / "q4", "int4-weight", group_size=16)
     assert "lm_head" not in json.loads((tmp_path / "q4" / "quantization.json").read_text())
+
+
+def test_int8_head_greedy_decoding_is_the_same_natively_and_on_pytorch(llama, tmp_path, monkeypatch):
+    """The native decode step rescoring the top logits in C++ (decode_logits' head_exact) picks the
+    tokens the PyTorch path picks."""
+    from rtserve.llm.native import ops
+
+    if ops() is None:
+        pytest.skip("native kernels not built here")
+    quantize_checkpoint(llama, tmp_path / "q", "int8-weight")
+    g = torch.Generator().manual_seed(3)
+    prompts = torch.randint(1, 97, (4, 9), generator=g).tolist()
+    p = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    fast = LLM(tmp_path / "q", num_blocks=64, block_size=4)
+    assert fast.runner.model._native is not None and fast.runner.model._native.head_args[1] is not None
+    native = [o.outputs[0].token_ids for o in fast.generate(prompts[:1], p)]
+    monkeypatch.setenv("RTSERVE_NATIVE_DECODE", "0")
+    plain = LLM(tmp_path / "q", num_blocks=64, block_size=4)
+    assert plain.runner.model._native is None
+    assert native == [o.outputs[0].token_ids for o in plain.generate(prompts[:1], p)]

@@ -193,3 +193,31 @@ def test_decode_logits_is_the_layers_then_norm_and_head(ops, head_dtype):
     assert got.shape == (2, 40) and torch.allclose(got, want, atol=1e-4)
     with pytest.raises(RuntimeError, match="logits_index out of range"):
         ops.decode_logits(a["x"], flat * 2, [a["kv_cache"], a["kv_cache"].clone()], *args, torch.tensor([3]), norm, head)
+
+
+def test_decode_logits_with_an_int8_head_rescores_its_top_k_exactly(ops):
+    """An int8 head (head_s) with head_exact: the k logits the int8 weights rank highest are the
+    exact weights' values, the others the int8 weights'; bad k or shapes are errors."""
+    a = _layer_args(m=2)
+    flat = [a["ln1"], a["qkv_w"], None, None, None, None, a["o_w"], None, a["ln2"], a["gu_w"], None, a["down_w"], None]
+    exact = (_rand(100, 64, seed=9) * 0.3).to(torch.float16)
+    s = exact.float().abs().amax(1) / 127
+    q = (exact.float() / s[:, None]).round().to(torch.int8)
+    norm = torch.rand(64, generator=torch.Generator().manual_seed(8)) + 0.5
+    idx = torch.tensor([1, 0])
+    args = (a["rope"], a["blocks"], a["context_lens"], a["slots"], 4, 2, 1e-6, 0.25)
+    cache = a["kv_cache"]
+    y = ops.decode_layers(a["x"], flat, [cache.clone()], *args)
+    x = torch.rms_norm(y[idx], (64,), norm, 1e-6)
+    approx, want = x @ (q.float() * s[:, None]).t(), x @ exact.float().t()
+    got = ops.decode_logits(a["x"], flat, [cache.clone()], *args, idx, norm, q, s, exact, 5)
+    top = approx.topk(5, dim=-1).indices
+    assert torch.allclose(got.gather(1, top), want.gather(1, top), atol=1e-4)
+    rest = torch.ones_like(got, dtype=torch.bool).scatter_(1, top, False)
+    assert torch.allclose(got[rest], approx[rest], atol=1e-4)
+    assert not torch.allclose(approx.gather(1, top), want.gather(1, top), atol=1e-4)  # (the rescoring changed them)
+    for k in (0, 65):
+        with pytest.raises(RuntimeError, match="exact_top_k"):
+            ops.decode_logits(a["x"], flat, [cache.clone()], *args, idx, norm, q, s, exact, k)
+    with pytest.raises(RuntimeError, match="head_exact"):
+        ops.decode_logits(a["x"], flat, [cache.clone()], *args, idx, norm, q, s, exact[:50], 5)

@@ -65,6 +65,6 @@ def quantize_checkpoint(src: Path | str, dst: Path | str, method: str, group_siz
               "symmetric": True, "scales_dtype": "float32", "modules": modules,
               "bytes_before": before, "bytes_after": after}
     if bits == 8:
-        recipe["lm_head"] = {"dtype": "float16"}  # converted by the engine at load (quant_linear.HalfHead)
+        recipe["lm_head"] = {"dtype": "int8", "exact_top_k": 8}  # made by the engine at load (quant_linear.Int8Head)
     (dst / SIDECAR).write_text(json.dumps(recipe, indent=2) + "\n")
     return recipe

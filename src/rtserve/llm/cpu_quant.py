@@ -16,8 +16,8 @@ float32 at every batch size but drops the demo LM's top-1 agreement from 98.9% t
   Batch-1 decode streams 1 byte a weight instead of 4: fastest for small batches.
 - ``intmm-x2`` (int8): ``torch._int_mm`` (int8 x int8 -> int32, oneDNN). Each row becomes two int8
   rows, its per-row quantization and the quantized residual (~15 bits together); the int32 products
-  are exact and scaled in float32. Faster than float32 from about 16 rows up (VNNI where present);
-  int8 layers use it for every call of more than one row (``EXACT``), timing decides batch 1.
+  are exact and scaled in float32. Faster than float32 from about 16 rows up where VNNI is present;
+  without it 10-20x slower. Above one row, timing chooses between it and ``native-int8`` (``EXACT``).
 - ``int4pack-bf16x2`` (int4): ``aten._weight_int4pack_mm_for_cpu`` (the tinygemm int4 layout for
   CPU), rows split as above; group scales in bfloat16, the kernel's own format.
 - ``native-int8`` (int8): rtserve's own kernel (``native/kernels.cpp``): each int8 weight row widened
@@ -43,11 +43,13 @@ import torch
 
 Kernel = Callable[[torch.Tensor], torch.Tensor]
 BUCKETS = (1, 16, 64)  # rows timed at load; a call uses the choice of the nearest (in log scale)
-#: above one row, int8 layers use this kernel without timing: its products equal the dequantizing
-#: matmul's up to a ~15-bit split of the activations, so prompt scoring and prefill keep today's
-#: fidelity exactly (timed choices mixed it with int8pack per shape: demo LM 98.66-98.84% top-1
-#: against 98.9%); it is also the faster one from ~16 rows up where the machine is quiet
-EXACT = "intmm-x2"
+#: above one row, int8 layers choose by timing among these kernels only: their products equal the
+#: dequantizing matmul's up to float32 rounding (native-int8) or a ~15-bit split of the activations
+#: (intmm-x2), so prompt scoring and prefill keep the dequantizing matmul's fidelity (timed choices
+#: that mixed in int8pack per shape: demo LM 98.66-98.84% top-1 against 98.9%). intmm-x2 is the
+#: faster from ~16 rows up with VNNI; without it (AVX2) PyTorch's int8 matmul is 10-20x slower than
+#: float32 (2-core EPYC, AVX2: 44 ms against native-int8's ~2 ms for 64 rows of a 2816 x 512 weight)
+EXACT = ("native-int8", "intmm-x2")
 _CHOICES: dict[tuple, dict[int, str]] = {}  # (bits, out, in, group) -> {bucket rows: kernel name}
 _LOCK = threading.Lock()
 
@@ -235,10 +237,9 @@ def choose(q: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) ->
         picks = {}
         for rows in BUCKETS:
             x = torch.randn(rows, q.shape[1])
-            if rows > 1 and EXACT in fast:  # prefill and batches: the dequantizing matmul's numerics
-                picks[rows] = EXACT
-            else:
-                picks[rows] = _fastest({n: built[n] for n in fast}, x) if len(fast) > 1 else fast[0]
+            exact = [n for n in fast if n in EXACT]
+            pool = exact if rows > 1 and exact else fast  # prefill and batches: the dequantizing matmul's numerics
+            picks[rows] = _fastest({n: built[n] for n in pool}, x) if len(pool) > 1 else pool[0]
         with _LOCK:
             _CHOICES[key] = picks
     nat = built.get("native-int8")

@@ -10,7 +10,7 @@ import torch
 
 from . import triton_attention
 from .attention import AttentionGroup, AttentionMetadata, GatherSpace, cache_shape
-from .quant_linear import read_quantized
+from .quant_linear import check_head_spec, read_quantized
 from .cache_size import plan_cache
 from .config import DecoderConfig
 from .dtypes import resolve_dtype
@@ -64,11 +64,14 @@ def load_decoder(path: Path, dtype: torch.dtype, device: torch.device) -> torch.
     load_weights(model, path, dtype, device, tied, rename=rename, extra=extra)
     model.tie_weights()
     head = (recipe or {}).get("lm_head")
-    if head is not None and head != {"dtype": "float16"}:
-        raise ValueError(f"{path}/quantization.json: 'lm_head' must be {{\"dtype\": \"float16\"}}, got {head!r}")
+    if head is not None:
+        try:
+            check_head_spec(head)
+        except ValueError as e:
+            raise ValueError(f"{path}/quantization.json: {e}") from None
     if head is not None and config.family == "gpt2":
-        raise ValueError(f"{path}: a float16 LM head is not supported for GPT-2")
-    kw = {"half_head": True} if head is not None else {}
+        raise ValueError(f"{path}: a quantized or float16 LM head is not supported for GPT-2")
+    kw = {"head": head} if head is not None else {}
     model.prepare_for_inference(quantized=(recipe["bits"], qtensors) if recipe is not None else None, **kw)
     return model.eval()
 

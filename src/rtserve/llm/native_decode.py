@@ -80,11 +80,12 @@ class NativeDecoder:
         self.head = head if head is not None else model.lm_head
         # the head's weight when one row of it runs on the native kernel (then decode_logits runs the
         # whole step): a FrozenLinear whose one-row layout is "native", or a HalfHead's float16 copy
-        self.head_weight = None
+        self.head_weight, self.head_args = None, ()
         if getattr(head, "layout_one", None) == "native":
             self.head_weight = head.native_weight
-        elif getattr(head, "native_rows", 0) >= 1:
-            self.head_weight = head.half
+        elif getattr(head, "native_rows", 0) >= 1:  # HalfHead / Int8Head (scales, rows to rescore)
+            self.head_weight = head.weight
+            self.head_args = (head.scale, head.half if head.exact_top_k else None, head.exact_top_k or 1)
         # decode_layers' argument: 13 entries a layer, flattened once (one call per step for all layers)
         self.flat = [t for la in layers for t in (la.ln1, *la.qkv, la.q_norm, la.k_norm, *la.o, la.ln2, *la.gate_up,
                                                   *la.down)]
@@ -96,7 +97,8 @@ class NativeDecoder:
         rope = self.rope.index_select(0, positions)  # (M, 2, D)
         if self.head_weight is not None and logits_index.shape[0] == 1:  # one call, embeddings to logits
             return native_ops().decode_logits(x, self.flat, kv_caches, rope, blocks, context_lens, slots, self.nh,
-                                              self.nkv, self.eps, self.scale, logits_index, self.norm, self.head_weight)
+                                              self.nkv, self.eps, self.scale, logits_index, self.norm, self.head_weight,
+                                              *self.head_args)
         x = native_ops().decode_layers(x, self.flat, kv_caches, rope, blocks, context_lens, slots, self.nh, self.nkv,
                                        self.eps, self.scale)
         x = x.index_select(0, logits_index)  # in logits_index's order (sampled rows, then prompt spans)

@@ -8,7 +8,7 @@ from torch import nn
 from ..attention import AttentionMetadata, paged_attention
 from ..config import DecoderConfig
 from ..frozen_linear import FrozenLinear
-from ..quant_linear import HalfHead, QuantLinear
+from ..quant_linear import QuantLinear, head_from_recipe
 from ..rope import Rotary
 from . import register_architecture
 
@@ -155,14 +155,15 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def prepare_for_inference(self, quantized: tuple[int, dict] | None = None,
-                              half_head: bool = False) -> None:
+                              head: dict | None = None) -> None:
         """Freeze the matmuls for inference (see ``frozen_linear``). On CPU the LM head becomes a
         oneDNN-packed copy too (``F.linear`` on the (vocab, hidden) layout streams at ~14 GB/s
         here, the packed one at ~45), at the cost of one more vocab x hidden matrix of memory.
-        ``half_head``: the head in float16 (``HalfHead``; a quantized checkpoint's recipe asks for it)."""
+        ``head``: the LM head a quantized checkpoint's recipe asks for (``quant_linear.head_from_recipe``:
+        int8 with its top logits recomputed, or float16)."""
         w = self.lm_head.weight
-        if half_head and w.device.type == "cpu":  # (elsewhere the head stays in the model's dtype)
-            self._head = HalfHead(w)
+        if head is not None and w.device.type == "cpu":  # (elsewhere the head stays in the model's dtype)
+            self._head = head_from_recipe(w, head)
         else:
             self._head = FrozenLinear(w) if w.device.type == "cpu" else None
         from ..native_decode import wanted as native_wanted

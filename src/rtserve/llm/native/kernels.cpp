@@ -423,12 +423,38 @@ at::Tensor decode_layers(const at::Tensor& x, const c10::List<c10::optional<at::
   return y;
 }
 
+// The k largest logits of each row recomputed with ``exact`` (V, H) float32 or float16: a quantized
+// head's approximate logits rank the vocabulary, the exact weights settle the top of it.
+void rescore_top(const float* x, int64_t r, int64_t h, const at::Tensor& exact, int64_t k, at::Tensor& logits) {
+  const int64_t v = logits.size(1);
+  TORCH_CHECK(exact.dim() == 2 && exact.size(0) == v && exact.size(1) == h && exact.is_contiguous() &&
+                  (exact.scalar_type() == at::kFloat || exact.scalar_type() == at::kHalf),
+              "rtserve::decode_logits: head_exact must be contiguous float32 or float16 (V, H)");
+  TORCH_CHECK(k >= 1 && k <= std::min<int64_t>(v, 64), "rtserve::decode_logits: exact_top_k must be in [1, min(V, 64)]");
+  std::vector<int64_t> top(k);
+  for (int64_t i = 0; i < r; ++i) {
+    float* l = logits.data_ptr<float>() + i * v;
+    int64_t n = 0;  // top[0..n) sorted by descending logit
+    for (int64_t j = 0; j < v; ++j) {
+      if (n == k && !(l[j] > l[top[k - 1]])) continue;
+      int64_t p = n < k ? n++ : k - 1;
+      while (p > 0 && l[j] > l[top[p - 1]]) { top[p] = top[p - 1]; --p; }
+      top[p] = j;
+    }
+    for (int64_t t = 0; t < n; ++t)
+      l[top[t]] = exact.scalar_type() == at::kHalf ? dot1(exact.data_ptr<c10::Half>() + top[t] * h, x + i * h, h)
+                                                   : dot1(exact.data_ptr<float>() + top[t] * h, x + i * h, h);
+  }
+}
+
 // decode_layers, then the final RMSNorm and the LM head for the rows ``logits_index``: a decode
 // step's forward from embeddings to logits in one call. head_w: (V, H) float32 or float16.
 at::Tensor decode_logits(const at::Tensor& x, const c10::List<c10::optional<at::Tensor>>& layers,
                          const std::vector<at::Tensor>& caches, const at::Tensor& rope, const at::Tensor& blocks,
                          const at::Tensor& context_lens, const at::Tensor& slots, int64_t nh, int64_t nkv, double eps,
-                         double scale, const at::Tensor& logits_index, const at::Tensor& norm, const at::Tensor& head_w) {
+                         double scale, const at::Tensor& logits_index, const at::Tensor& norm, const at::Tensor& head_w,
+                         const c10::optional<at::Tensor>& head_s, const c10::optional<at::Tensor>& head_exact,
+                         int64_t exact_top_k) {
   at::Tensor y = decode_layers(x, layers, caches, rope, blocks, context_lens, slots, nh, nkv, eps, scale);
   const int64_t h = y.size(1);
   TORCH_CHECK(logits_index.scalar_type() == at::kLong && logits_index.dim() == 1, "rtserve::decode_logits: logits_index must be int64 (R,)");
@@ -441,9 +467,10 @@ at::Tensor decode_logits(const at::Tensor& x, const c10::List<c10::optional<at::
     rms_norm_rows(y.data_ptr<float>() + li[i] * h, norm.data_ptr<float>(), rows.data() + i * h, 1, h, eps);
   }
   at::Tensor xr = at::empty({0, h}, y.options());
-  check_linear(xr, head_w, c10::nullopt, c10::nullopt);
+  check_linear(xr, head_w, head_s, c10::nullopt);
   at::Tensor out = at::empty({r, head_w.size(0)}, y.options());
-  linear_into(rows.data(), r, head_w, c10::nullopt, c10::nullopt, out.data_ptr<float>());
+  linear_into(rows.data(), r, head_w, head_s, c10::nullopt, out.data_ptr<float>());
+  if (head_exact) rescore_top(rows.data(), r, h, *head_exact, exact_top_k, out);
   return out;
 }
 
@@ -483,7 +510,7 @@ TORCH_LIBRARY(rtserve, m) {
         "Tensor context_lens, Tensor slots, int nh, int nkv, float eps, float scale) -> Tensor");
   m.def("decode_logits(Tensor x, Tensor?[] layers, Tensor(a!)[] caches, Tensor rope, Tensor blocks, "
         "Tensor context_lens, Tensor slots, int nh, int nkv, float eps, float scale, Tensor logits_index, "
-        "Tensor norm, Tensor head_w) -> Tensor");
+        "Tensor norm, Tensor head_w, Tensor? head_s=None, Tensor? head_exact=None, int exact_top_k=8) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor kv_cache, Tensor blocks, Tensor context_lens, float scale) -> Tensor");
   m.def("isa() -> str", &native_isa);
 }
