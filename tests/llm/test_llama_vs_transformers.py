@@ -76,7 +76,8 @@ def test_logits_match_for_prefill_and_each_decode_step(checkpoint, native, monke
             theirs = ref(torch.tensor([seq.token_ids])).logits[0, -1]
         assert torch.allclose(ours, theirs, atol=2e-4, rtol=1e-4), (step, (ours - theirs).abs().max())
         sched.update(out, {seq.seq_id: int(theirs.argmax())})
-    assert calls is None or calls == [1, 1, 1]  # every decode step after the prefill ran natively
+    # every decode step after the prefill ran natively, and the 9-token prefill too where it fits
+    assert calls is None or calls == [1] * (3 + (runner.model._native.max_rows >= len(prompt)))
 
 
 def count_native_calls(native, monkeypatch) -> list:

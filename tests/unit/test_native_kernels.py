@@ -49,6 +49,34 @@ def test_int8_products_with_row_and_group_scales(ops, rows):
     assert torch.allclose(ops.linear(x, q, s_grp, None), want, rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 8, 13, 64])  # every tile height and its tails
+@pytest.mark.parametrize("n,k", [(64, 70), (48, 256), (16, 1)])  # 48: panels not a multiple of 4 or 2
+def test_products_with_weights_in_panels_match_torch(ops, rows, n, k):
+    """Weights in panels of 16 outputs (native.pack_panels): float32 with a bias, float16, and int8
+    with scales per row give the products of the (N, K) weight."""
+    x, w, b = _rand(rows, k), _rand(n, k, seed=1), _rand(n, seed=2)
+    p = native.pack_panels(w)
+    assert p.shape == (n // 16, k, 16) and torch.equal(p[-1, :, 3], w[n - 13])
+    assert torch.allclose(ops.linear(x, p, None, b), x @ w.t() + b, atol=1e-5 * k, rtol=1e-5)
+    h = w.half()
+    assert torch.allclose(ops.linear(x, native.pack_panels(h), None, None), x @ h.float().t(), atol=1e-5 * k, rtol=1e-5)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=torch.Generator().manual_seed(3))
+    s = torch.rand(n, generator=torch.Generator().manual_seed(4)) + 0.1
+    want = x @ (q.float() * s[:, None]).t()
+    assert torch.allclose(ops.linear(x, native.pack_panels(q), s, None), want, rtol=1e-5, atol=1e-3 * k)
+
+
+def test_panels_need_whole_panels_and_row_scales(ops):
+    assert native.pack_panels(_rand(40, 8)) is None  # 40 outputs: not whole panels of 16
+    x, p = _rand(2, 8), native.pack_panels(_rand(32, 8))
+    with pytest.raises(RuntimeError, match="w must be contiguous"):
+        ops.linear(x, _rand(2, 8, 8), None, None)  # panels of 8
+    with pytest.raises(RuntimeError, match="panels takes float32 scales"):
+        ops.linear(x, native.pack_panels(torch.zeros(32, 8, dtype=torch.int8)), torch.ones(32, 1), None)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        ops.linear(x, p, None, torch.ones(16))
+
+
 def test_bad_arguments_are_errors_not_crashes(ops):
     x, w = _rand(2, 16), _rand(8, 16)
     with pytest.raises(RuntimeError, match="x must be contiguous float32"):
@@ -151,6 +179,13 @@ for rows in (1, 3, 5):
         q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
         s = torch.rand(n, generator=g)
         assert torch.allclose(ops.linear(x, q, s, None), x @ (q.float() * s[:, None]).t(), rtol=1e-5, atol=1e-3)
+    for n, k in ((64, 37), (48, 16)):  # weights in panels: every tile height of each build, and tails
+        for m in (rows, rows + 6, 17):
+            x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+            assert torch.allclose(ops.linear(x, native.pack_panels(w), None, None), x @ w.t(), atol=1e-4 * k)
+            q, s = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g), torch.rand(n, generator=g)
+            want = x @ (q.float() * s[:, None]).t()
+            assert torch.allclose(ops.linear(x, native.pack_panels(q), s, None), want, rtol=1e-5, atol=1e-3 * k)
     q = torch.randint(-127, 128, (9, 64), dtype=torch.int8, generator=g)
     s = torch.rand(9, 2, generator=g)
     x = torch.randn(rows, 64, generator=g)

@@ -122,8 +122,8 @@ class QuantLinear:
         return fn
 
     def native_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(int8 weight (out, in), float32 scales (out,)) for the native decode layer, where the native
-        int8 kernel built for this layer (it shares the weight with the other kernels)."""
+        """(int8 weight, in panels or (out, in), float32 scales (out,)) for the native decode layer, where
+        the native int8 kernel built for this layer."""
         return getattr(self._fast, "native", None)
 
     @property
@@ -142,6 +142,13 @@ class QuantLinear:
         return y + self.bias if self.bias is not None else y
 
 
+def _panels(w: torch.Tensor) -> torch.Tensor:
+    from .native import pack_panels
+
+    p = pack_panels(w)
+    return w.contiguous() if p is None else p
+
+
 class HalfHead:
     """The LM head in float16, converted when the model loads (older int8 checkpoints' recipes ask for
     it: ``"lm_head": {"dtype": "float16"}``). In small models the head is the tied input embedding,
@@ -156,7 +163,7 @@ class HalfHead:
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.half = weight.detach().to(torch.float16).contiguous()
-        self.weight, self.scale = self.half, None  # what the native kernel reads
+        self.weight, self.scale = _panels(self.half), None  # what the native kernel reads
         self._setup(self.half.float())
 
     def _setup(self, many: torch.Tensor) -> None:
@@ -169,7 +176,7 @@ class HalfHead:
         if nat is not None and self.weight.device.type == "cpu":
             from .native_decode import native_rows
             self.native_rows = native_rows(lambda x: nat.linear(x, self.weight, self.scale, None), self.many,
-                                           self.weight.shape[1])
+                                           self.half.shape[1])
 
     def approximate(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= self.native_rows:
@@ -200,7 +207,7 @@ class Int8Head(HalfHead):
         self.exact_top_k = exact_top_k
         self.half = weight.detach().to(torch.float16).contiguous()
         q, s = quantize(weight, 8)
-        self.weight, self.scale = q.contiguous(), s.contiguous()
+        self.weight, self.scale = _panels(q), s.contiguous()
         self._setup(q.float() * s[:, None])
 
     def rescore(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -106,3 +106,15 @@ def ops():
 
 def unavailable_reason() -> str | None:
     return None if ops() is not None else str(_STATE.get("why"))
+
+
+PANEL = 16  # outputs a panel (kernels.cpp)
+
+
+def pack_panels(w: torch.Tensor) -> torch.Tensor | None:
+    """(N, K) -> (N / 16, K, 16), the layout of the kernels' panel products (each panel the weights of
+    16 outputs side by side for every k); None when N is not a multiple of 16."""
+    n, k = w.shape
+    if n % PANEL:
+        return None
+    return w.reshape(n // PANEL, PANEL, k).transpose(1, 2).contiguous()

@@ -48,6 +48,7 @@ inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
 inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
 inline vec vset(float f) { return _mm512_set1_ps(f); }
+inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 constexpr int W = 8;
 using vec = __m256;
@@ -60,6 +61,7 @@ inline vec vload(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(re
 inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
 inline vec vset(float f) { return _mm256_set1_ps(f); }
+inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
 inline float vsum(vec v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -77,6 +79,7 @@ inline vec vfma(vec a, vec b, vec c) { return a * b + c; }
 inline vec vadd(vec a, vec b) { return a + b; }
 inline vec vset(float f) { return f; }
 inline float vsum(vec v) { return v; }
+inline void vstore(float* p, vec v) { *p = v; }
 #endif
 
 const char* isa() {
@@ -191,13 +194,113 @@ void gemm_rows(const float* x, int64_t m, const T* w, const float* scale, const 
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// Products with a weight in panels: (N / 16, K, 16), each panel the 16 outputs' weights side by side
+// for every k (``pack_panels`` in native/__init__.py makes it from (N, K)). A tile of MR rows of x
+// times PP panels keeps MR x PP x 16 sums in registers; each step along K loads PP x 16 weights and
+// broadcasts MR values of x, so a batch is limited by the multiply-adds, not by loads (the plain
+// layout's dot products load a vector of x per multiply-add).
+
+constexpr int64_t PANEL = 16;
+constexpr int NV = PANEL / W;  // vectors a panel row
+#if defined(__AVX512F__)
+constexpr int MR = 8, PP = 2;
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+constexpr int MR = 6, PP = 1;
+#else
+constexpr int MR = 1, PP = 1;
+#endif
+
+template <typename T, int R, int P>
+inline void panel_tile(const float* x, int64_t k, const T* w, int64_t pstride, const float* scale, const float* bias,
+                       float* y, int64_t n) {
+  vec acc[R][P][NV];
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < P; ++p)
+      for (int v = 0; v < NV; ++v) acc[r][p][v] = vzero();
+  for (int64_t kk = 0; kk < k; ++kk) {
+    vec b[P][NV];
+    for (int p = 0; p < P; ++p)
+      for (int v = 0; v < NV; ++v) b[p][v] = vload(w + p * pstride + kk * PANEL + v * W);
+    for (int r = 0; r < R; ++r) {
+      const vec a = vset(x[r * k + kk]);
+      for (int p = 0; p < P; ++p)
+        for (int v = 0; v < NV; ++v) acc[r][p][v] = vfma(a, b[p][v], acc[r][p][v]);
+    }
+  }
+  for (int p = 0; p < P; ++p)
+    for (int v = 0; v < NV; ++v) {
+      const int64_t c = p * PANEL + v * W;
+      const vec s = scale ? vload(scale + c) : vset(1.f), bb = bias ? vload(bias + c) : vzero();
+      for (int r = 0; r < R; ++r) vstore(y + r * n + c, vfma(acc[r][p][v], s, bb));
+    }
+}
+
+template <typename T, int P>
+inline void panel_rows(const float* x, int64_t m, int64_t k, const T* w, int64_t pstride, const float* scale,
+                       const float* bias, float* y, int64_t n) {
+  int64_t r = 0;
+  for (; r + MR <= m; r += MR) panel_tile<T, MR, P>(x + r * k, k, w, pstride, scale, bias, y + r * n, n);
+  switch (m - r) {  // the rest of the rows, fewer than MR
+#define RTSERVE_TAIL(R) \
+  case R: if constexpr (R < MR) panel_tile<T, R, P>(x + r * k, k, w, pstride, scale, bias, y + r * n, n); break;
+    RTSERVE_TAIL(1) RTSERVE_TAIL(2) RTSERVE_TAIL(3) RTSERVE_TAIL(4) RTSERVE_TAIL(5) RTSERVE_TAIL(6) RTSERVE_TAIL(7)
+#undef RTSERVE_TAIL
+    default: break;
+  }
+}
+
+// y (M, N) = x (M, K) @ W.T with W in panels (N / 16, K, 16), times scale[n], plus bias[n] when given
+template <typename T>
+void gemm_panels(const float* x, int64_t m, const T* w, const float* scale, const float* bias, float* y, int64_t n,
+                 int64_t k) {
+  const int64_t panels = n / PANEL, pstride = k * PANEL;
+  if (m <= 2 && panels % 4 == 0) {  // few rows: 4 panels at a time, for enough independent sums
+    at::parallel_for(0, panels / 4, std::max<int64_t>(1, 2048 / std::max<int64_t>(k, 1)), [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t c0 = g * 4 * PANEL;
+        const float* s = scale ? scale + c0 : nullptr;
+        const float* b = bias ? bias + c0 : nullptr;
+        if (m == 1) panel_tile<T, 1, 4>(x, k, w + g * 4 * pstride, pstride, s, b, y + c0, n);
+        else panel_tile<T, 2, 4>(x, k, w + g * 4 * pstride, pstride, s, b, y + c0, n);
+      }
+    });
+    return;
+  }
+  const int64_t groups = (panels + PP - 1) / PP;
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(k * PP, 1));
+  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t p0 = g * PP, c0 = p0 * PANEL;
+      const float* s = scale ? scale + c0 : nullptr;
+      const float* b = bias ? bias + c0 : nullptr;
+      if (p0 + PP <= panels)
+        panel_rows<T, PP>(x, m, k, w + p0 * pstride, pstride, s, b, y + c0, n);
+      else
+        for (int64_t p = p0; p < panels; ++p)
+          panel_rows<T, 1>(x, m, k, w + p * pstride, pstride, scale ? scale + p * PANEL : nullptr,
+                           bias ? bias + p * PANEL : nullptr, y + p * PANEL, n);
+    }
+  });
+}
+
+// a weight's (out, in) features: (N, K) plain or (N / 16, K, 16) in panels
+inline int64_t out_features(const at::Tensor& w) { return w.dim() == 3 ? w.size(0) * PANEL : w.size(0); }
+inline int64_t in_features(const at::Tensor& w) { return w.size(1); }
+
 void check_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
                   const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "rtserve::linear: CPU tensors only");
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "rtserve::linear: x must be contiguous float32 (M, K)");
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1), "rtserve::linear: w must be contiguous (N, K)");
+  TORCH_CHECK((w.dim() == 2 || (w.dim() == 3 && w.size(2) == PANEL)) && w.is_contiguous() && w.size(1) == x.size(1),
+              "rtserve::linear: w must be contiguous (N, K), or (N / 16, K, 16) in panels");
+  const int64_t n = out_features(w);
+  if (w.dim() == 3)
+    TORCH_CHECK(!scale || (scale->dim() == 1 && scale->scalar_type() == at::kFloat && scale->is_contiguous() &&
+                           scale->size(0) == n),
+                "rtserve::linear: a weight in panels takes float32 scales (N,), one per output row");
   if (w.scalar_type() == at::kChar) {
-    TORCH_CHECK(scale && scale->scalar_type() == at::kFloat && scale->is_contiguous() && scale->size(0) == w.size(0) &&
+    TORCH_CHECK(scale && scale->scalar_type() == at::kFloat && scale->is_contiguous() && scale->size(0) == n &&
                     (scale->dim() == 1 || (scale->dim() == 2 && w.size(1) % scale->size(1) == 0 &&
                                            (w.size(1) / scale->size(1)) % W == 0)),
                 "rtserve::linear: an int8 weight needs float32 scales, (N,) one per output row or (N, K / g) in "
@@ -206,15 +309,23 @@ void check_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<
     TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kHalf,
                 "rtserve::linear: w must be float32, float16 or int8");
   }
-  if (bias) TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == w.size(0) && bias->is_contiguous(),
+  if (bias) TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == n && bias->is_contiguous(),
                         "rtserve::linear: bias must be contiguous float32 (N,)");
 }
 
 void linear_into(const float* x, int64_t m, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
                  const c10::optional<at::Tensor>& bias, float* y) {
-  const int64_t n = w.size(0), k = w.size(1);
+  const int64_t n = out_features(w), k = in_features(w);
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
-  if (w.scalar_type() == at::kChar && scale->dim() == 2)
+  if (w.dim() == 3) {
+    const float* s = scale ? scale->data_ptr<float>() : nullptr;
+    if (w.scalar_type() == at::kChar)
+      gemm_panels<int8_t>(x, m, w.data_ptr<int8_t>(), s, b, y, n, k);
+    else if (w.scalar_type() == at::kHalf)
+      gemm_panels<c10::Half>(x, m, w.data_ptr<c10::Half>(), s, b, y, n, k);
+    else
+      gemm_panels<float>(x, m, w.data_ptr<float>(), s, b, y, n, k);
+  } else if (w.scalar_type() == at::kChar && scale->dim() == 2)
     gemm_groups(x, m, w.data_ptr<int8_t>(), scale->data_ptr<float>(), k / scale->size(1), b, y, n, k);
   else if (w.scalar_type() == at::kChar)
     gemm_rows<int8_t>(x, m, w.data_ptr<int8_t>(), scale->data_ptr<float>(), b, y, n, k);
@@ -227,7 +338,7 @@ void linear_into(const float* x, int64_t m, const at::Tensor& w, const c10::opti
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
                   const c10::optional<at::Tensor>& bias) {
   check_linear(x, w, scale, bias);
-  at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options());
+  at::Tensor y = at::empty({x.size(0), out_features(w)}, x.options());
   linear_into(x.data_ptr<float>(), x.size(0), w, scale, bias, y.data_ptr<float>());
   return y;
 }
@@ -310,7 +421,7 @@ struct Lin {  // a linear layer's tensors as the op receives them
 };
 
 void check_lin(const char* name, const Lin& l, int64_t n, int64_t k) {
-  TORCH_CHECK(l.w.dim() == 2 && l.w.size(0) == n && l.w.size(1) == k && l.w.is_contiguous(),
+  TORCH_CHECK((l.w.dim() == 2 || l.w.dim() == 3) && out_features(l.w) == n && in_features(l.w) == k && l.w.is_contiguous(),
               "rtserve::decode_layer: ", name, " must be a contiguous (", n, ", ", k, ") weight");
   at::Tensor x = at::empty({1, k}, at::kFloat);
   check_linear(x, l.w, l.scale, l.bias);
@@ -468,7 +579,7 @@ at::Tensor decode_logits(const at::Tensor& x, const c10::List<c10::optional<at::
   }
   at::Tensor xr = at::empty({0, h}, y.options());
   check_linear(xr, head_w, head_s, c10::nullopt);
-  at::Tensor out = at::empty({r, head_w.size(0)}, y.options());
+  at::Tensor out = at::empty({r, out_features(head_w)}, y.options());
   linear_into(rows.data(), r, head_w, head_s, c10::nullopt, out.data_ptr<float>());
   if (head_exact) rescore_top(rows.data(), r, h, *head_exact, exact_top_k, out);
   return out;
