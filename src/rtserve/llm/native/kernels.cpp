@@ -269,17 +269,23 @@ void gemm_panels(const float* x, int64_t m, const T* w, const float* scale, cons
   }
   const int64_t groups = (panels + PP - 1) / PP;
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(k * PP, 1));
+  constexpr int64_t RB = 10 * MR;  // rows of x a pass over the panels (a prompt's rows stay in L2)
   at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      const int64_t p0 = g * PP, c0 = p0 * PANEL;
-      const float* s = scale ? scale + c0 : nullptr;
-      const float* b = bias ? bias + c0 : nullptr;
-      if (p0 + PP <= panels)
-        panel_rows<T, PP>(x, m, k, w + p0 * pstride, pstride, s, b, y + c0, n);
-      else
-        for (int64_t p = p0; p < panels; ++p)
-          panel_rows<T, 1>(x, m, k, w + p * pstride, pstride, scale ? scale + p * PANEL : nullptr,
-                           bias ? bias + p * PANEL : nullptr, y + p * PANEL, n);
+    for (int64_t r0 = 0; r0 < m; r0 += RB) {
+      const int64_t mb = std::min(RB, m - r0);
+      const float* xb = x + r0 * k;
+      float* yb = y + r0 * n;
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t p0 = g * PP, c0 = p0 * PANEL;
+        const float* s = scale ? scale + c0 : nullptr;
+        const float* b = bias ? bias + c0 : nullptr;
+        if (p0 + PP <= panels)
+          panel_rows<T, PP>(xb, mb, k, w + p0 * pstride, pstride, s, b, yb + c0, n);
+        else
+          for (int64_t p = p0; p < panels; ++p)
+            panel_rows<T, 1>(xb, mb, k, w + p * pstride, pstride, scale ? scale + p * PANEL : nullptr,
+                             bias ? bias + p * PANEL : nullptr, yb + p * PANEL, n);
+      }
     }
   });
 }
