@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rtserve.llm import cpu_quant
+from rtserve.llm import cpu_quant, native
 from rtserve.llm.quant_linear import QuantLinear, dequantize, quantize
 
 
@@ -42,7 +42,10 @@ def test_kernel_matches_the_dequantized_reference(name, bits, rows):
     got = fn(x)
     assert got.dtype == torch.float32 and got.shape == want.shape
     err = float((got - want).abs().max()) / float(want.abs().max())
-    assert err <= TOLERANCE[name], err
+    tol = TOLERANCE[name]
+    if name == "native-int8" and native.pack_int8(q).shape[-1] == 32:
+        tol = 1e-4  # AVX2 builds: int16 activations (15 bits), as intmm-x2's split
+    assert err <= tol, err
     if name == "intmm-x2":  # the two int8 rows carry 3+ bits more than bfloat16, even with row 0's outliers
         rounded = x.bfloat16().float() @ dequantize(q, s).t()
         assert float((got - want).abs().mean()) < 0.125 * float((rounded - want).abs().mean())

@@ -49,8 +49,9 @@ def test_int8_products_with_row_and_group_scales(ops, rows):
     assert torch.allclose(ops.linear(x, q, s_grp, None), want, rtol=1e-5, atol=1e-3)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 8, 13, 64])  # every tile height and its tails
-@pytest.mark.parametrize("n,k", [(64, 70), (48, 256), (16, 1)])  # 48: panels not a multiple of 4 or 2
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 8, 13, 64, 130])  # every tile height, tails, row blocks
+@pytest.mark.parametrize("n,k", [(64, 70), (48, 1100), (16, 1)])  # 48: panels not a multiple of 4 or 2; 1100: k
+# pairs past one int32 chunk
 def test_products_with_weights_in_panels_match_torch(ops, rows, n, k):
     """Weights in panels of 16 outputs (native.pack_panels): float32 with a bias, float16, and int8
     with scales per row give the products of the (N, K) weight."""
@@ -64,6 +65,15 @@ def test_products_with_weights_in_panels_match_torch(ops, rows, n, k):
     s = torch.rand(n, generator=torch.Generator().manual_seed(4)) + 0.1
     want = x @ (q.float() * s[:, None]).t()
     assert torch.allclose(ops.linear(x, native.pack_panels(q), s, None), want, rtol=1e-5, atol=1e-3 * k)
+    pairs = native.pack_int8_pairs(q) if k % 2 == 0 else None
+    if pairs is not None:  # int8 panels of k pairs, int16 activations (AVX2 builds): ~3e-5 of the largest
+        assert pairs.shape == (n // 16, k // 2, 32) and pairs[-1, 1, 7] == q[n - 13, 3]
+        if ops.int8_pairs():
+            got = ops.linear(x, pairs, s, b)
+            assert float((got - want - b).abs().max()) <= 1e-4 * float(want.abs().max()) + 1e-5
+        else:
+            with pytest.raises(RuntimeError, match="w must be contiguous"):
+                ops.linear(x, pairs, s, None)
 
 
 def test_panels_need_whole_panels_and_row_scales(ops):
@@ -179,13 +189,18 @@ for rows in (1, 3, 5):
         q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
         s = torch.rand(n, generator=g)
         assert torch.allclose(ops.linear(x, q, s, None), x @ (q.float() * s[:, None]).t(), rtol=1e-5, atol=1e-3)
-    for n, k in ((64, 37), (48, 16)):  # weights in panels: every tile height of each build, and tails
+    for n, k in ((64, 37), (48, 16), (32, 600)):  # weights in panels: every tile height of each build, and tails
         for m in (rows, rows + 6, 17):
             x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
             assert torch.allclose(ops.linear(x, native.pack_panels(w), None, None), x @ w.t(), atol=1e-4 * k)
             q, s = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g), torch.rand(n, generator=g)
             want = x @ (q.float() * s[:, None]).t()
             assert torch.allclose(ops.linear(x, native.pack_panels(q), s, None), want, rtol=1e-5, atol=1e-3 * k)
+            if ops.int8_pairs() != (sys.argv[1] == "avx2"):
+                raise AssertionError("int8 pairs: AVX2 builds only")
+            if k % 2 == 0 and ops.int8_pairs():
+                got = ops.linear(x, native.pack_int8_pairs(q), s, None)
+                assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
     q = torch.randint(-127, 128, (9, 64), dtype=torch.int8, generator=g)
     s = torch.rand(9, 2, generator=g)
     x = torch.randn(rows, 64, generator=g)

@@ -20,12 +20,12 @@ float32 at every batch size but drops the demo LM's top-1 agreement from 98.9% t
   without it 10-20x slower. Above one row, timing chooses between it and ``native-int8`` (``EXACT``).
 - ``int4pack-bf16x2`` (int4): ``aten._weight_int4pack_mm_for_cpu`` (the tinygemm int4 layout for
   CPU), rows split as above; group scales in bfloat16, the kernel's own format.
-- ``native-int8`` (int8): rtserve's own kernel (``native/kernels.cpp``): the int8 weight, in panels of
-  16 outputs (a copy of its own), widened to float32 in registers and multiplied with float32
-  activations, read once for all rows of x. Exact
-  up to float32 rounding (the closest of all to the dequantizing matmul), and a stream of 1 byte a
-  weight: the fastest for one row where it builds (timing decides); the fused native decode layer
-  (``native_decode``) reads the same weight.
+- ``native-int8`` (int8): rtserve's own kernel (``native/kernels.cpp``): the int8 weight in panels of
+  16 outputs (a copy of its own, ``native.pack_int8``), read once for all rows of x, widened to
+  float32 in registers against float32 activations (exact up to float32 rounding). (Opt-in on AVX2,
+  ``RTSERVE_INT8_PAIRS=1``: panels of k pairs against each row of x in int16, one vpmaddwd for 16
+  products; faster for 1-2 rows, slower for more, ~3e-5 of the row's largest value off.) A stream of 1 byte a weight: the fastest for one row where it builds (timing decides);
+  the fused native decode layer (``native_decode``) reads the same weight.
 - ``dequant``: expand the weight to float per call: the fallback when the others fail their check.
 
 ``RTSERVE_QUANT_KERNEL=<name>`` forces one kernel (benchmarks, tests).
@@ -126,11 +126,10 @@ def _native_int8(q: torch.Tensor, scales: torch.Tensor) -> Kernel | None:
     nat = ops()
     if nat is None:
         return None
-    from .native import pack_panels
+    from .native import pack_int8
 
     s = scales.float().contiguous()
-    w = pack_panels(q)  # in panels of 16 outputs where it can (faster at every batch size)
-    w = q if w is None else w
+    w = pack_int8(q)  # in panels (of k pairs on AVX2) where it can: faster at every batch size
 
     def run(x: torch.Tensor) -> torch.Tensor:
         return nat.linear(x.float().contiguous(), w, s, None).to(x.dtype)

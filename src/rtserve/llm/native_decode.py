@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .native import in_features
 from .native import ops as native_ops
 
 ROW_CANDIDATES = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # batch sizes tried above 1, in order, up to the first slower one
@@ -120,12 +121,12 @@ class NativeDecoder:
 
         def native(x):
             for (w, s), _ in pairs:
-                nat.linear(x[:, :w.shape[1]].contiguous(), w, s, None)
+                nat.linear(x[:, :in_features(w)].contiguous(), w, s, None)
 
         def theirs(x):
             for (w, _), own in pairs:
-                own(x[:, :w.shape[1]].contiguous())
-        width = max(w.shape[1] for (w, _), _ in pairs)
+                own(x[:, :in_features(w)].contiguous())
+        width = max(in_features(w) for (w, _), _ in pairs)
         return native_rows(native, theirs, width, slack=FUSED_SLACK)
 
 

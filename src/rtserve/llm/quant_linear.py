@@ -206,8 +206,10 @@ class Int8Head(HalfHead):
             raise ValueError(f"lm_head exact_top_k must be in [1, {min(64, weight.shape[0])}], got {exact_top_k}")
         self.exact_top_k = exact_top_k
         self.half = weight.detach().to(torch.float16).contiguous()
+        from .native import pack_int8
+
         q, s = quantize(weight, 8)
-        self.weight, self.scale = _panels(q), s.contiguous()
+        self.weight, self.scale = pack_int8(q), s.contiguous()
         self._setup(q.float() * s[:, None])
 
     def rescore(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
