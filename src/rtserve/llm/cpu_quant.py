@@ -24,7 +24,8 @@ float32 at every batch size but drops the demo LM's top-1 agreement from 98.9% t
   16 outputs (a copy of its own, ``native.pack_int8``), read once for all rows of x, widened to
   float32 in registers against float32 activations (exact up to float32 rounding). (Opt-in on AVX2,
   ``RTSERVE_INT8_PAIRS=1``: panels of k pairs against each row of x in int16, one vpmaddwd for 16
-  products; faster for 1-2 rows, slower for more, ~3e-5 of the row's largest value off.) A stream of 1 byte a weight: the fastest for one row where it builds (timing decides);
+  products; faster for 1-2 rows, slower for more, ~3e-5 of the row's largest value off.) A stream
+  of 1 byte a weight: the fastest for one row where it builds (timing decides);
   the fused native decode layer (``native_decode``) reads the same weight.
 - ``dequant``: expand the weight to float per call: the fallback when the others fail their check.
 

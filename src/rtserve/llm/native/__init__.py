@@ -127,7 +127,8 @@ def pack_int8_pairs(q: torch.Tensor) -> torch.Tensor | None:
     n, k = q.shape
     if n % PANEL or k % 2:
         return None
-    return q.reshape(n // PANEL, PANEL, k // 2, 2).permute(0, 2, 1, 3).reshape(n // PANEL, k // 2, 2 * PANEL).contiguous()
+    p = q.reshape(n // PANEL, PANEL, k // 2, 2).permute(0, 2, 1, 3)
+    return p.reshape(n // PANEL, k // 2, 2 * PANEL).contiguous()
 
 
 def pack_int8(q: torch.Tensor) -> torch.Tensor:
