@@ -73,8 +73,8 @@ def _best_time(fn, x: torch.Tensor, rounds: int) -> list[float]:
 
 def measure(candidates: dict, in_features: int, rounds: int = 7) -> tuple[str, str]:
     """(layout for one row, layout for several rows). Several: the least summed relative slowdown at
-    M = 16 and M = 64 (batches of up to ``native_decode``'s max_rows rows, 8 or fewer, run the fused
-    native step instead, so 8 rows would favour a layout that only wins where it is not used: on a
+    M = 16 and M = 64 (steps of up to ``native_decode``'s max_rows rows run the fused native step
+    instead, so 8 rows would favour a layout that only wins where it is not used: on a
     2-core AVX2 EPYC it picked the native product, 1.8x slower than oneDNN at 16 rows). One row
     (decode of one sequence): the fastest at M = 1 when it beats the several-rows layout there by 25%
     or more (then the layer keeps both: memory for speed), else the same."""

@@ -31,7 +31,7 @@ from .native import in_features
 from .native import ops as native_ops
 
 #: batch sizes tried above 1, in order, up to the first slower one
-ROW_CANDIDATES = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+ROW_CANDIDATES = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 80, 96, 128)
 #: the fused layers may use matmuls this much slower than the PyTorch path's: they save its other
 #: operations (34M Llama, 2-core EPYC: c=4 decoded 4-16% faster fused with matmuls about even, c=8
 #: 5-9% slower with them 17-24% slower)
