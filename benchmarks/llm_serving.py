@@ -10,13 +10,17 @@ starts ``rtserve serve`` on a free loopback port, and in turns (``--rounds`` tim
 - served: ``/v1/completions`` streamed by the OpenAI bench (rtserve.bench.openai_load), closed loop
   with ``c`` clients, ``c * --waves`` requests of the same shape (so the same batches form).
 
+With ``--engine-process``, a second server whose model says ``engine_core: process`` (the engine
+in a process of its own, ``rtserve.llm.engine_core``) joins the closed-loop rounds (``process_``
+columns): the thread and the process measured side by side.
+
 Then open-loop Poisson runs at ``--load-fractions`` of the served capacity just measured (the best
 closed-loop request rate), for TTFT p99 under load, and any ``--rate`` given. The load generator
 shares the machine's cores with the server: its CPU time (this process, ``time.process_time``) and
 the server's (psutil) are reported for every served run. With ``--profile DIR`` and py-spy on the
 PATH, each closed-loop run is sampled (``py-spy record --gil``: only the thread holding the GIL).
 
-    python benchmarks/llm_serving.py [--closed 16 64] [--rounds 2] [--load-fractions 0.5 0.9]
+    python benchmarks/llm_serving.py [--closed 16 64] [--rounds 2] [--load-fractions 0.5 0.9] [--engine-process]
 """
 from __future__ import annotations
 
@@ -57,6 +61,10 @@ def build_repository(root: Path) -> int:
     model.save_pretrained(root / "llama34m" / "1", safe_serialization=True)
     engine = "".join(f"  {k}: {v}\n" for k, v in ENGINE.items())
     (root / "llama34m" / "model.yaml").write_text(f"backend: llm\ndevice: cpu\nengine:\n{engine}")
+    # the same checkpoint with the engine in a process of its own (--engine-process)
+    shutil.copytree(root / "llama34m" / "1", root / "process" / "llama34m" / "1")
+    (root / "process" / "llama34m" / "model.yaml").write_text(
+        f"backend: llm\ndevice: cpu\nengine:\n{engine}  engine_core: process\n")
     return sum(p.numel() for p in model.parameters())
 
 
@@ -239,6 +247,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compare-src", help="also serve from this src/ folder (e.g. main's) in the closed-loop runs, "
                     "interleaved, reported with the prefix base_")
+    ap.add_argument("--engine-process", action="store_true",
+                    help="also serve with engine_core: process (the engine in a process of its own) in the "
+                    "closed-loop runs, interleaved, reported with the prefix process_")
     ap.add_argument("--profile", help="folder for py-spy GIL profiles of the server (closed-loop runs)")
     ap.add_argument("--out", default=str(HERE / "results" / "llm_serving.json"))
     ap.add_argument("--plot", help="PNG of the last Poisson run's CDFs and latency over time")
@@ -274,6 +285,8 @@ def main() -> int:
         procs = {"served": start_server(Path(tmp))}
         if args.compare_src:
             procs["base"] = start_server(Path(tmp), args.compare_src)
+        if args.engine_process:
+            procs["process"] = start_server(Path(tmp) / "process")
         servers = {name: (int(url.rsplit(":", 1)[1]), proc.pid) for name, (proc, url) in procs.items()}
         try:
             closed = closed_loop(args, servers, offline, slos) if args.closed else []

@@ -272,6 +272,19 @@ class LLMMetrics:
         self.prefix_queries.labels(name).set_function(lambda: bm.num_prefix_queries)
         self.prefix_hits.labels(name).set_function(lambda: bm.num_prefix_hits)
 
+    def bind_stats(self, name: str, engine, speculative: bool) -> None:
+        """The same gauges and counters for an engine in another process (``engine_core: process``):
+        read from ``engine.stats``, the ``EngineStats`` its last step sent."""
+        self.running.labels(name).set_function(lambda: engine.stats.running)
+        self.waiting.labels(name).set_function(lambda: engine.stats.waiting)
+        self.kv_usage.labels(name).set_function(lambda: engine.stats.kv_usage)
+        self.prefix_queries.labels(name).set_function(lambda: engine.stats.prefix_queries)
+        self.prefix_hits.labels(name).set_function(lambda: engine.stats.prefix_hits)
+        if speculative:
+            for i, family in enumerate((self.spec_drafts, self.spec_draft_tokens, self.spec_accepted_tokens,
+                                        self.spec_emitted_tokens)):
+                family.labels(name).set_function(lambda i=i: (engine.stats.spec or (0, 0, 0, 0))[i])
+
 
 class EmbeddingMetrics:
     """The embedding path's metric families, labelled by model; batch counters are read from the

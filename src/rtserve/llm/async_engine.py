@@ -76,12 +76,60 @@ class Stop:
 InboxMessage = AddSequences | AbortSequences | FailAll | Stop
 
 
-class _Stream:
-    def __init__(self, outbox: Outbox, box: Mailbox, index: int, hold: int) -> None:
-        self.outbox, self.box, self.index, self.hold = outbox, box, index, hold
+class StreamState:
+    """What a choice's stream has been sent so far (``delta_for`` advances it)."""
+
+    def __init__(self, index: int, hold: int) -> None:
+        self.index, self.hold = index, hold  # hold: characters kept back (a stop string may be forming)
         self.sent_tokens = 0
         self.sent_chars = 0
         self.sent_prompt = False
+
+
+class _Stream(StreamState):
+    def __init__(self, outbox: Outbox, box: Mailbox, index: int, hold: int) -> None:
+        super().__init__(index, hold)
+        self.outbox, self.box = outbox, box
+
+
+def run_step(llm: LLM) -> list[Sequence]:
+    """One engine step; a fault fails the sequences it touched, never the engine."""
+    try:
+        return llm.step()
+    except StepFailed as e:
+        log.error("the forward pass failed for %d sequences of model %s", len(e.seqs), llm.path,
+                  exc_info=e.error)
+        failed = e.seqs
+        message = f"the model's forward pass failed: {type(e.error).__name__}: {e.error}"
+    except Exception as e:  # noqa: BLE001 - a fault outside the forward (scheduler, sampler setup)
+        log.exception("an engine step failed for model %s", llm.path)
+        failed = list(llm.scheduler.running) + list(llm.scheduler.waiting)
+        message = f"the engine step failed: {type(e).__name__}: {e}"
+    for s in failed:
+        llm.fail(s, 500, message)
+    return failed
+
+
+def delta_for(llm: LLM, st: StreamState, seq: Sequence) -> StreamDelta:
+    """``seq``'s new output since ``st`` was last advanced (text held back by ``st.hold`` characters
+    until the sequence finishes); a finished sequence is forgotten by the engine."""
+    text = llm.text_of(seq)
+    done = seq.is_finished
+    upto = len(text) if done else max(st.sent_chars, len(text) - st.hold)
+    new_tokens = seq.generated_ids[st.sent_tokens:]
+    lps = seq.output_logprobs[st.sent_tokens:] if seq.params.logprobs is not None else None
+    reason = seq.finish_reason.value if done and seq.finish_reason else None
+    delta = StreamDelta(st.index, text[st.sent_chars:upto], new_tokens, lps, reason,
+                        seq.num_prompt_tokens, seq.num_generated,
+                        max(0.0, seq.first_scheduled - seq.arrival) if seq.first_scheduled else 0.0,
+                        seq.failure if done else None, num_cached_tokens=seq.num_cached_tokens)
+    if seq.prompt_logprobs is not None and not st.sent_prompt and not seq.needs_prompt_logits:
+        delta.prompt_logprobs, st.sent_prompt = [None, *seq.prompt_lps], True
+    st.sent_tokens = seq.num_generated
+    st.sent_chars = upto
+    if done:
+        llm.forget(seq)
+    return delta
 
 
 class AsyncLLM:
@@ -172,22 +220,7 @@ class AsyncLLM:
             self._deliver([d for d in (self._delta(s) for s in self._step()) if d is not None])
 
     def _step(self) -> list[Sequence]:
-        """One engine step; a fault fails the sequences it touched, never the engine."""
-        llm = self.llm
-        try:
-            return llm.step()
-        except StepFailed as e:
-            log.error("the forward pass failed for %d sequences of model %s", len(e.seqs), llm.path,
-                      exc_info=e.error)
-            failed = e.seqs
-            message = f"the model's forward pass failed: {type(e.error).__name__}: {e.error}"
-        except Exception as e:  # noqa: BLE001 - a fault outside the forward (scheduler, sampler setup)
-            log.exception("an engine step failed for model %s", llm.path)
-            failed = list(llm.scheduler.running) + list(llm.scheduler.waiting)
-            message = f"the engine step failed: {type(e).__name__}: {e}"
-        for s in failed:
-            llm.fail(s, 500, message)
-        return failed
+        return run_step(self.llm)
 
     def _handle(self, msg: InboxMessage) -> None:
         llm = self.llm
@@ -222,20 +255,4 @@ class AsyncLLM:
             if seq.is_finished:
                 self.llm.forget(seq)
             return None
-        text = self.llm.text_of(seq)
-        done = seq.is_finished
-        upto = len(text) if done else max(st.sent_chars, len(text) - st.hold)
-        new_tokens = seq.generated_ids[st.sent_tokens:]
-        lps = seq.output_logprobs[st.sent_tokens:] if seq.params.logprobs is not None else None
-        reason = seq.finish_reason.value if done and seq.finish_reason else None
-        delta = StreamDelta(st.index, text[st.sent_chars:upto], new_tokens, lps, reason,
-                            seq.num_prompt_tokens, seq.num_generated,
-                            max(0.0, seq.first_scheduled - seq.arrival) if seq.first_scheduled else 0.0,
-                            seq.failure if done else None, num_cached_tokens=seq.num_cached_tokens)
-        if seq.prompt_logprobs is not None and not st.sent_prompt and not seq.needs_prompt_logits:
-            delta.prompt_logprobs, st.sent_prompt = [None, *seq.prompt_lps], True
-        st.sent_tokens = seq.num_generated
-        st.sent_chars = upto
-        if done:
-            self.llm.forget(seq)
-        return st, delta
+        return st, delta_for(self.llm, st, seq)

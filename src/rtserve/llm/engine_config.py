@@ -12,6 +12,7 @@ from .speculative.config import SpeculativeConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: float32 on CPU, bfloat16 on CUDA (dtypes.py)
 DECODE_KERNELS = ("gather", "triton")
+ENGINE_CORES = ("thread", "process")  # where the served engine steps (async_engine.py, engine_core.py)
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,11 @@ class EngineConfig:
     the completions per second times the queueing time allowed (``benchmarks/llm_admission.py``).
 
     ``speculative`` (``{method: ngram | draft, num_tokens: K, draft: path, prompt_lookup_min/max}``):
-    speculative decoding (``llm/speculative/``); None: off."""
+    speculative decoding (``llm/speculative/``); None: off.
+
+    ``engine_core``: where a served model's engine steps: "thread" (``async_engine.AsyncLLM``, the
+    default) or "process" (``engine_core.ProcessAsyncLLM``: a process of its own; measured against
+    the thread in ``benchmarks/llm_serving.py --engine-core``); offline ``LLM`` ignores it."""
 
     num_blocks: int | None = None
     block_size: int = 16
@@ -53,6 +58,7 @@ class EngineConfig:
     max_waiting: int | None = None
     max_waiting_tokens: int | None = None
     speculative: SpeculativeConfig | None = None  # a mapping in model.yaml: speculative/config.py
+    engine_core: str = "thread"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "speculative", SpeculativeConfig.from_value(self.speculative))
@@ -66,6 +72,9 @@ class EngineConfig:
         _check_int("max_waiting", self.max_waiting, optional=True, minimum=0)
         _check_choice("dtype", self.dtype, DTYPES, optional=False)
         _check_choice("decode_kernel", self.decode_kernel, DECODE_KERNELS, optional=True)
+        _check_choice("engine_core", self.engine_core, ENGINE_CORES, optional=False)
+        if self.engine_core == "process" and self.pipeline_stages and self.pipeline_stages > 1:
+            raise ValueError("engine.engine_core: 'process' is not supported with pipeline_stages > 1")
         _check_bool("enable_prefix_caching", self.enable_prefix_caching, optional=False)
         _check_bool("cuda_graphs", self.cuda_graphs, optional=True)
         f = self.kv_cache_memory_fraction

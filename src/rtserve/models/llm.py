@@ -113,9 +113,16 @@ class LLMModel(ServedModel):
         self.config, self.name, self.version = config, config.name, version
         self.path = model_dir / str(version)
         self.device = torch_device(config.device)
+        self._core = None  # engine_core "process": the engine process, started here (off the event loop)
         try:
-            self.llm = LLM(self.path, engine_config, device=self.device)
-        except (ValueError, OSError) as e:
+            if engine_config.engine_core == "process":
+                from ..llm.engine_core import ProcessAsyncLLM
+
+                self._core = ProcessAsyncLLM(self.path, dict(config.engine), str(self.device))
+                self.llm = self._core.front  # tokenizer, limits, grammar compiler; the weights are over there
+            else:
+                self.llm = LLM(self.path, engine_config, device=self.device)
+        except (ValueError, OSError, RuntimeError) as e:
             raise ConfigError(f"{self.path}: {e}") from None
         self.metrics = metrics  # LLMMetrics, or None
         self.engine = None
@@ -124,6 +131,11 @@ class LLMModel(ServedModel):
     def start(self) -> None:
         from ..llm.async_engine import AsyncLLM
 
+        if self._core is not None:
+            self.engine = self._core
+            if self.metrics:
+                self.metrics.bind_stats(self.name, self._core, self._core.front.engine_config.speculative is not None)
+            return
         self.engine = AsyncLLM(self.llm)
         if self.metrics:
             spec = self.llm.speculator
@@ -141,6 +153,10 @@ class LLMModel(ServedModel):
 
     async def close(self, drain_timeout_s: float = 10.0) -> None:
         await self.drain(drain_timeout_s)
+
+    def release(self) -> None:
+        if self._core is not None and self.engine is None:  # loaded, never started: stop its engine process
+            self._core.shutdown()
 
     @property
     def max_model_len(self) -> int:

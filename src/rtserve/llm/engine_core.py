@@ -1,0 +1,446 @@
+"""The engine in a process of its own (model.yaml ``engine: {engine_core: process}``), measured against
+the engine thread (``async_engine.AsyncLLM``, the default) for issue 13.
+
+vLLM v1 runs its engine core in a separate process so that the API server's Python (HTTP parsing,
+SSE formatting, the event loop) never holds the GIL the engine steps under. This module does the
+same with the smallest moving parts: a child process (``spawn``) loads the model and runs the
+step loop; the server side (:class:`ProcessAsyncLLM`) keeps ``AsyncLLM``'s interface (``generate``,
+``close``, ``shutdown``), so ``LLMModel`` uses either.
+
+Messages are frozen dataclasses of plain values (token ids, the request's ``SamplingParams``, the
+``StreamDelta`` of each choice) over a ``multiprocessing`` pipe, never tensors. One ``Deltas``
+message per engine step carries every request's new output; the server's reader thread hands it to
+the event loops through the same ``Outbox`` / ``Mailbox`` as the thread engine (one loop callback
+per step at most, coalesced when the loop is behind). A sender thread writes the server's messages,
+so the event loop never blocks on the pipe.
+
+The server process holds no weights: ``EngineFront`` gives ``LLMModel`` the tokenizer (prompts are
+encoded and checked there), the checkpoint's config, the limits the engine reported when it loaded,
+and a grammar compiler (an invalid constraint is a 400 before anything is queued). Every step's
+message carries the engine's gauges (``EngineStats``), which ``/metrics`` reads.
+
+What differs from the thread engine: text is detokenized in the engine process (stop strings end
+sequences there), so each delta's text crosses the pipe with its token ids; a structured-output
+constraint is compiled again in the engine process when its request arrives (cached there too);
+``pipeline_stages`` > 1 is refused; each model costs a Python process (~4 s to start).
+
+Faults: a request the engine refuses (too large: 400; queue full: 429) raises from ``generate``'s
+first ``__anext__`` as with the thread engine. If the engine process dies, every open request gets a
+terminal 503 delta and new requests raise ``EngineClosed``.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import multiprocessing
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator
+
+from .admission import Overloaded
+from .async_engine import EngineClosed, StreamDelta, StreamState, delta_for, run_step
+from .sampling_params import SamplingParams
+from .scheduler import RequestTooLarge
+from .sequence import RequestFailure
+from .stream_delivery import Mailbox, Outbox, coalesce
+
+log = logging.getLogger("rtserve.llm")
+READY_TIMEOUT_S = 600.0
+
+
+# -- messages: server -> engine ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class AddRequest:
+    req_id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class AbortRequest:
+    req_id: int
+
+
+@dataclass(frozen=True)
+class FailAll:
+    failure: RequestFailure
+
+
+@dataclass(frozen=True)
+class Stop:
+    pass
+
+
+# -- messages: engine -> server ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Ready:
+    """The engine loaded: its process and the limits the server checks requests against."""
+    pid: int
+    max_model_len: int
+    num_blocks: int
+    block_size: int
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What ``/metrics`` reads from a scheduler (``LLMMetrics.bind``), sent with every step's output."""
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+    prefix_queries: int = 0
+    prefix_hits: int = 0
+    spec: tuple[int, int, int, int] | None = None  # drafts, draft tokens, accepted, emitted
+
+
+def engine_stats(llm) -> EngineStats:
+    sc, bm, sp = llm.scheduler, llm.scheduler.bm, llm.speculator
+    spec = None
+    if sp is not None:
+        st = sp.stats
+        spec = (st.num_drafts, st.num_draft_tokens, st.num_accepted_tokens, st.num_emitted_tokens)
+    return EngineStats(len(sc.running), len(sc.waiting), bm.usage, bm.num_prefix_queries, bm.num_prefix_hits, spec)
+
+
+@dataclass(frozen=True)
+class LoadFailed:
+    message: str
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The request was not queued: ``kind`` is "too_large" (400), "overloaded" (429) or "invalid" (400)."""
+    req_id: int
+    kind: str
+    message: str
+    retry_after_s: int = 1
+
+
+@dataclass(frozen=True)
+class Deltas:
+    """One engine step's output: (request id, the delta of one of its choices), and the engine's
+    gauges after the step."""
+    items: list[tuple[int, StreamDelta]]
+    stats: EngineStats
+
+
+# -- the engine process --------------------------------------------------------------------------------
+def core_main(path: str, engine: dict, device: str, conn) -> None:
+    """The child process: load the model, then run the step loop until ``Stop`` or the pipe closes."""
+    import torch
+
+    from .engine import LLM
+    from .engine_config import EngineConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s engine-core %(levelname)s %(message)s")
+    try:
+        llm = LLM(Path(path), EngineConfig.from_dict(engine), device=torch.device(device))
+    except Exception as e:  # noqa: BLE001 - told to the server, which refuses to load the model
+        conn.send(LoadFailed(f"{type(e).__name__}: {e}"))
+        conn.close()
+        return
+    import os
+
+    conn.send(Ready(os.getpid(), llm.scheduler.config.max_model_len, llm.scheduler.bm.num_blocks,
+                    llm.scheduler.bm.block_size))
+    try:
+        EngineCore(llm, conn).run()
+    except (EOFError, OSError, BrokenPipeError):
+        pass  # the server went away
+    finally:
+        conn.close()
+
+
+class EngineCore:
+    """The step loop of the engine process: reads the server's messages between steps (blocks on the
+    pipe only when idle) and sends one ``Deltas`` per step."""
+
+    def __init__(self, llm, conn) -> None:
+        self.llm, self.conn = llm, conn
+        self.requests: dict[int, list] = {}        # req_id -> its sequences
+        self.streams: dict[int, tuple[int, StreamState]] = {}  # seq_id -> (req_id, stream state)
+        self.running = True
+        self.last_stats = EngineStats()
+
+    def run(self) -> None:
+        llm, conn = self.llm, self.conn
+        while self.running:
+            while conn.poll(0 if llm.scheduler.has_work else None):
+                self.handle(conn.recv())
+                if not self.running:
+                    return
+            if llm.scheduler.has_work:
+                self.send([d for d in (self.delta(s) for s in run_step(llm)) if d is not None])
+
+    def send(self, items: list) -> None:
+        """A step's deltas with the gauges; an empty step's only when the gauges changed."""
+        stats = engine_stats(self.llm)
+        if items or stats != self.last_stats:
+            self.conn.send(Deltas(items, stats))
+            self.last_stats = stats
+
+    def delta(self, seq) -> tuple[int, StreamDelta] | None:
+        entry = self.streams.get(seq.seq_id)
+        if entry is None:
+            if seq.is_finished:
+                self.llm.forget(seq)
+            return None
+        req_id, st = entry
+        d = delta_for(self.llm, st, seq)
+        if seq.is_finished:
+            del self.streams[seq.seq_id]
+            seqs = self.requests.get(req_id, [])
+            if all(s.seq_id not in self.streams for s in seqs):
+                self.requests.pop(req_id, None)
+        return req_id, d
+
+    def handle(self, msg) -> None:
+        llm = self.llm
+        if isinstance(msg, AddRequest):
+            self.add(msg)
+        elif isinstance(msg, AbortRequest):
+            for s in self.requests.pop(msg.req_id, []):
+                self.streams.pop(s.seq_id, None)
+                llm.scheduler.abort(s)
+                llm.forget(s)
+            self.send([])
+        elif isinstance(msg, FailAll):
+            held = list(llm.scheduler.running) + list(llm.scheduler.waiting)
+            for s in held:
+                llm.fail(s, msg.failure.status, msg.failure.message)
+            self.send([d for d in (self.delta(s) for s in held) if d is not None])
+        elif isinstance(msg, Stop):
+            self.running = False
+        else:
+            raise TypeError(f"unknown engine-core message {type(msg).__name__}")
+
+    def add(self, msg: AddRequest) -> None:
+        llm, p = self.llm, msg.params
+        try:
+            if p.structured is not None:
+                llm.compile_structured(p.structured)
+            seqs = llm.make_sequences(msg.prompt_ids, p)
+            llm.admit(seqs)
+        except RequestTooLarge as e:
+            self.conn.send(Refused(msg.req_id, "too_large", str(e)))
+            return
+        except Overloaded as e:
+            self.conn.send(Refused(msg.req_id, "overloaded", str(e), e.retry_after_s))
+            return
+        except ValueError as e:
+            self.conn.send(Refused(msg.req_id, "invalid", str(e)))
+            return
+        hold = max((len(x) for x in p.stop), default=1) - 1
+        self.requests[msg.req_id] = seqs
+        for i, s in enumerate(seqs):
+            self.streams[s.seq_id] = (msg.req_id, StreamState(i, hold))
+            llm.scheduler.add(s)
+
+
+class EngineFront:
+    """The server side's view of a model whose engine runs in another process, in the attributes
+    ``LLMModel`` reads from an ``LLM``: the tokenizer (prompts are encoded and checked here), the
+    checkpoint's config, the limits the engine reported, and a grammar compiler (an invalid
+    constraint is a 400 before anything is queued). No weights."""
+
+    def __init__(self, path: str | Path, engine: dict, ready: Ready) -> None:
+        from types import SimpleNamespace
+
+        from .config import DecoderConfig
+        from .engine_config import EngineConfig
+        from .structured import GrammarCompiler
+        from .tokenizer import Tokenizer
+
+        self.path = Path(path)
+        self.engine_config = EngineConfig.from_dict(engine)
+        c = DecoderConfig.from_dir(path)
+        self.tokenizer = Tokenizer(path) if (self.path / "tokenizer.json").is_file() else None
+        eos = set(c.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.grammars = GrammarCompiler(self.path / "tokenizer.json" if self.tokenizer is not None else None,
+                                        c.vocab_size, frozenset(eos))
+        e = self.engine_config
+        self.runner = SimpleNamespace(config=c)
+        self.scheduler = SimpleNamespace(
+            config=SimpleNamespace(max_model_len=ready.max_model_len, max_num_seqs=e.max_num_seqs,
+                                   max_num_batched_tokens=e.max_num_batched_tokens, max_waiting=e.waiting_limit,
+                                   max_waiting_tokens=e.waiting_tokens_limit),
+            bm=SimpleNamespace(num_blocks=ready.num_blocks, block_size=ready.block_size))
+        self.speculator = None
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer.json: give prompts as token ids")
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def compile_structured(self, spec) -> None:
+        self.grammars.compile(spec)
+
+
+def refusal_error(r: Refused) -> Exception:
+    if r.kind == "too_large":
+        return RequestTooLarge(r.message)
+    if r.kind == "overloaded":
+        return Overloaded(r.message, r.retry_after_s)
+    return ValueError(r.message)
+
+
+# -- the server side -----------------------------------------------------------------------------------
+class ProcessAsyncLLM:
+    """``AsyncLLM``'s interface over an engine process. ``engine``: the model.yaml ``engine:``
+    mapping (``EngineConfig.from_dict``'s input)."""
+
+    def __init__(self, path: str | Path, engine: dict, device: str = "cpu") -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        engine = {k: v for k, v in engine.items() if k != "engine_core"}
+        self._proc = ctx.Process(target=core_main, args=(str(path), engine, device, child),
+                                 name="rtserve-engine-core", daemon=True)
+        self._proc.start()
+        child.close()
+        if not self._conn.poll(READY_TIMEOUT_S):
+            self._proc.kill()
+            raise RuntimeError(f"the engine process did not load {path} within {READY_TIMEOUT_S:.0f} s")
+        try:
+            first = self._conn.recv()
+        except EOFError:
+            self._proc.join(5)
+            raise RuntimeError(f"the engine process exited while loading {path} "
+                               f"(exit code {self._proc.exitcode})") from None
+        if isinstance(first, LoadFailed):
+            self._proc.join(5)
+            raise ValueError(f"the engine process could not load the model: {first.message}")
+        self.pid = first.pid
+        self.front = EngineFront(path, engine, first)
+        self.stats = EngineStats()  # the engine's gauges after its last step (``LLMMetrics.bind_stats``)
+        self._ids = itertools.count(1)
+        self._reqs: dict[int, tuple[Outbox, Mailbox, int]] = {}  # req_id -> (outbox, mailbox, choices)
+        self._outboxes: dict[asyncio.AbstractEventLoop, Outbox] = {}
+        self._lock = threading.Lock()
+        self._accepting, self._closed_message = True, "the engine process exited"
+        self._outq: queue.SimpleQueue = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send_loop, name="rtserve-core-send", daemon=True)
+        self._reader = threading.Thread(target=self._read_loop, name="rtserve-core-read", daemon=True)
+        self._sender.start()
+        self._reader.start()
+
+    # -- requests ------------------------------------------------------------------------------------
+    async def generate(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[StreamDelta]:
+        """Stream the request's deltas. Raises RequestTooLarge, Overloaded or ValueError (refused by
+        the engine) or EngineClosed at the first ``__anext__``."""
+        if isinstance(prompt, str):
+            raise TypeError("the engine process takes prompts as token ids (the server tokenizes)")
+        loop = asyncio.get_running_loop()
+        box = Mailbox()
+        with self._lock:
+            if not self._accepting:
+                raise EngineClosed("the model is not taking requests (it is unloading, or the server is shutting down)")
+            outbox = self._outboxes.get(loop)
+            if outbox is None:
+                for closed in [x for x in self._outboxes if x.is_closed()]:
+                    del self._outboxes[closed]
+                outbox = self._outboxes[loop] = Outbox(loop)
+            req_id = next(self._ids)
+            self._reqs[req_id] = (outbox, box, params.n)
+            self._outq.put(AddRequest(req_id, list(prompt), params))
+        done: set[int] = set()  # choices that had their last delta (a dead engine's 503 skips them)
+        refused = False
+        try:
+            while len(done) < params.n:
+                items = await box.take()
+                for it in items:
+                    if isinstance(it, Exception):
+                        refused = True
+                        raise it
+                for delta in coalesce(items):
+                    if delta.index in done:
+                        continue
+                    if delta.finish_reason is not None:
+                        done.add(delta.index)
+                    yield delta
+        finally:
+            with self._lock:
+                self._reqs.pop(req_id, None)
+            if len(done) < params.n and not refused:
+                self._outq.put(AbortRequest(req_id))
+
+    # -- closing -------------------------------------------------------------------------------------
+    def close(self, drain_timeout_s: float = 10.0, message: str = "the model stopped serving") -> int:
+        """As ``AsyncLLM.close``: refuse new requests, let running ones finish for up to
+        ``drain_timeout_s``, end the rest with a 503 ``message``, stop the engine process."""
+        with self._lock:
+            was_accepting, self._accepting = self._accepting, False
+        if not was_accepting:
+            self._proc.join(30)
+            return 0
+        deadline = time.monotonic() + drain_timeout_s
+        while self._reqs and self._proc.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        left = len(self._reqs)
+        self._closed_message = message
+        self._outq.put(FailAll(RequestFailure(503, message)))
+        self._outq.put(Stop())
+        self._outq.put(None)  # the sender closes its end after Stop
+        self._proc.join(30)
+        if self._proc.is_alive():
+            log.error("the engine process %s did not stop within 30 s: killed", self.pid)
+            self._proc.kill()
+            self._proc.join(5)
+        self._reader.join(30)
+        return left
+
+    def shutdown(self) -> None:
+        self.close(0.0, "the server is shutting down")
+
+    # -- threads ---------------------------------------------------------------------------------------
+    def _send_loop(self) -> None:
+        while True:
+            msg = self._outq.get()
+            if msg is None:
+                return
+            try:
+                self._conn.send(msg)
+            except (OSError, BrokenPipeError, ValueError):
+                return  # the engine process is gone: the reader fails the open requests
+
+    def _read_loop(self) -> None:
+        conn = self._conn
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                break
+            if isinstance(msg, Deltas):
+                self.stats = msg.stats
+                by_outbox: dict[Outbox, list] = {}
+                with self._lock:
+                    for req_id, delta in msg.items:
+                        entry = self._reqs.get(req_id)
+                        if entry is not None:
+                            by_outbox.setdefault(entry[0], []).append((entry[1], delta))
+                for outbox, items in by_outbox.items():
+                    outbox.push(items)
+            elif isinstance(msg, Refused):
+                with self._lock:
+                    entry = self._reqs.get(msg.req_id)
+                if entry is not None:
+                    entry[0].push([(entry[1], refusal_error(msg))])
+        self._end_all()
+
+    def _end_all(self) -> None:
+        """The engine process is gone: refuse new requests; every open one gets a terminal 503."""
+        with self._lock:
+            if self._accepting:
+                log.error("the engine process %s exited (exit code %s); its open requests fail", self.pid,
+                          self._proc.exitcode)
+            self._accepting = False
+            open_reqs = list(self._reqs.values())
+        failure = RequestFailure(503, self._closed_message)
+        for outbox, box, n in open_reqs:
+            outbox.push([(box, StreamDelta(i, "", [], None, "abort", 0, 0, failure=failure)) for i in range(n)])
