@@ -1,5 +1,6 @@
-"""``engine_core: process`` behind the real server: the OpenAI client gets the same greedy answers as
-from the same checkpoint on the engine thread; bad requests are still 4xx; an unload answers the
+"""The engine in a process of its own (``engine_core: auto``, the default) behind the real server:
+the OpenAI client gets the same greedy answers as from the same checkpoint on the engine thread
+(``engine_core: thread``); bad requests are still 4xx; an unload answers the
 running streams and stops the engine process; SIGTERM exits 0 with no engine process left."""
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import re
 import signal
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -15,7 +17,7 @@ pytest.importorskip("transformers")
 openai = pytest.importorskip("openai")
 
 from models import write_text_lm  # noqa: E402
-from servers import start_server, worker_pids  # noqa: E402
+from servers import start_server  # noqa: E402
 
 pytestmark = pytest.mark.timeout(240)
 ENGINE = "engine:\n  num_blocks: 1024\n  block_size: 8\n  max_model_len: 2048\n"
@@ -24,10 +26,28 @@ ENGINE = "engine:\n  num_blocks: 1024\n  block_size: 8\n  max_model_len: 2048\n"
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     root = tmp_path_factory.mktemp("core_server")
-    for name, extra in (("lm", ""), ("lmp", "  engine_core: process\n")):
+    for name, extra in (("lm", "  engine_core: thread\n"), ("lmp", "")):  # lmp: auto, a process
         write_text_lm(root / name / "1", max_position_embeddings=2048)
         (root / name / "model.yaml").write_text(f"backend: llm\ndevice: cpu\n{ENGINE}{extra}")
     return root
+
+
+def children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of ``pid``'s child processes."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append((int(entry.name), (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()))
+        except OSError:  # exited meanwhile
+            continue
+    return out
+
+
+def engine_pids(server: int) -> list[int]:
+    """Engine processes: forks of the server's fork server (``engine_core._context``)."""
+    servers = [p for p, cmd in children(server) if "forkserver" in cmd]
+    return [p for fs in servers for p, _ in children(fs)]
 
 
 def metric(text: str, family: str, model: str) -> float:
@@ -39,7 +59,7 @@ def metric(text: str, family: str, model: str) -> float:
 def test_process_engine_behind_the_server(repo, tmp_path):
     with start_server(repo, tmp_path, "--shutdown-timeout", "0.5", "--log-level", "info") as srv:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        assert len(worker_pids(srv.proc.pid)) == 1  # lmp's engine process
+        assert len(engine_pids(srv.proc.pid)) == 1  # lmp's engine process
         for kw in ({"prompt": "The quick brown", "max_tokens": 24, "temperature": 0},
                    {"prompt": "Hello there", "max_tokens": 16, "temperature": 0, "stop": [" the"]}):
             want = client.completions.create(model="lm", **kw).choices[0]
@@ -93,9 +113,9 @@ def test_process_engine_behind_the_server(repo, tmp_path):
         err = json.loads(events[-2])["error"]
         assert err["code"] == 503 and "stopped serving" in err["message"]
         deadline = time.monotonic() + 10
-        while worker_pids(srv.proc.pid) and time.monotonic() < deadline:
+        while engine_pids(srv.proc.pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert worker_pids(srv.proc.pid) == []
+        assert engine_pids(srv.proc.pid) == []
 
         assert httpx.post(srv.url + "/v2/repository/models/lmp/load", timeout=120).status_code == 200
         assert client.completions.create(model="lmp", prompt="The quick brown", max_tokens=4,

@@ -165,4 +165,7 @@ def test_load_failures_and_config(tmp_path, lm_dir):
         EngineConfig.from_dict({"engine_core": "fork"})
     with pytest.raises(ValueError, match="pipeline_stages"):
         EngineConfig.from_dict({"engine_core": "process", "pipeline_stages": 2})
-    assert EngineConfig.from_dict({"engine_core": "process"}).engine_core == "process"
+    assert EngineConfig.from_dict({"engine_core": "process"}).served_core == "process"
+    assert EngineConfig.from_dict({}).served_core == "process"  # auto
+    assert EngineConfig.from_dict({"pipeline_stages": 2}).served_core == "thread"
+    assert EngineConfig.from_dict({"engine_core": "thread"}).served_core == "thread"

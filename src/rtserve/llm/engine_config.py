@@ -12,7 +12,7 @@ from .speculative.config import SpeculativeConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: float32 on CPU, bfloat16 on CUDA (dtypes.py)
 DECODE_KERNELS = ("gather", "triton")
-ENGINE_CORES = ("thread", "process")  # where the served engine steps (async_engine.py, engine_core.py)
+ENGINE_CORES = ("auto", "process", "thread")  # where the served engine steps (engine_core.py, async_engine.py)
 
 
 @dataclass(frozen=True)
@@ -39,9 +39,12 @@ class EngineConfig:
     ``speculative`` (``{method: ngram | draft, num_tokens: K, draft: path, prompt_lookup_min/max}``):
     speculative decoding (``llm/speculative/``); None: off.
 
-    ``engine_core``: where a served model's engine steps: "thread" (``async_engine.AsyncLLM``, the
-    default) or "process" (``engine_core.ProcessAsyncLLM``: a process of its own; measured against
-    the thread in ``benchmarks/llm_serving.py --engine-core``); offline ``LLM`` ignores it."""
+    ``engine_core``: where a served model's engine steps: "process" (``engine_core.ProcessAsyncLLM``:
+    a process of its own), "thread" (``async_engine.AsyncLLM``: a thread of the server process), or
+    "auto" (the default): the process, except with ``pipeline_stages`` > 1 (whose stage workers are
+    processes of the server's). Measured side by side in ``benchmarks/llm_serving.py
+    --engine-process``: the process served 1.09-1.19x the thread's tokens/s. Offline ``LLM``
+    ignores it."""
 
     num_blocks: int | None = None
     block_size: int = 16
@@ -58,7 +61,7 @@ class EngineConfig:
     max_waiting: int | None = None
     max_waiting_tokens: int | None = None
     speculative: SpeculativeConfig | None = None  # a mapping in model.yaml: speculative/config.py
-    engine_core: str = "thread"
+    engine_core: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "speculative", SpeculativeConfig.from_value(self.speculative))
@@ -80,6 +83,13 @@ class EngineConfig:
         f = self.kv_cache_memory_fraction
         if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f <= 1.0):
             raise ValueError(f"engine.kv_cache_memory_fraction: must be a number in (0, 1] or unset, got {f!r}")
+
+    @property
+    def served_core(self) -> str:
+        """"process" or "thread": ``engine_core`` with "auto" resolved."""
+        if self.engine_core != "auto":
+            return self.engine_core
+        return "thread" if self.pipeline_stages and self.pipeline_stages > 1 else "process"
 
     @property
     def waiting_limit(self) -> int:

@@ -75,6 +75,12 @@ class Stop:
     pass
 
 
+@dataclass(frozen=True)
+class KeepSpecial:
+    """Decode these special tokens (``Tokenizer.keep_special``): a tool or reasoning parser's markers."""
+    texts: tuple[str, ...]
+
+
 # -- messages: engine -> server ----------------------------------------------------------------------
 @dataclass(frozen=True)
 class Ready:
@@ -214,6 +220,9 @@ class EngineCore:
             self.send([d for d in (self.delta(s) for s in held) if d is not None])
         elif isinstance(msg, Stop):
             self.running = False
+        elif isinstance(msg, KeepSpecial):
+            if llm.tokenizer is not None:
+                llm.tokenizer.keep_special(msg.texts)
         else:
             raise TypeError(f"unknown engine-core message {type(msg).__name__}")
 
@@ -283,6 +292,17 @@ class EngineFront:
         self.grammars.compile(spec)
 
 
+def _context():
+    """``forkserver``, its server preloading the engine's modules (torch and all): an engine process
+    is a fork of it, so a model loads ~0.5 s after the first instead of ~5 s (a fresh interpreter
+    importing torch, as ``spawn`` starts; ``torch._dynamo`` too: building a module on a device context
+    imports it, 2 s), and exits without an interpreter teardown. The fork
+    server itself runs no threads and has touched no device, so forking it is safe."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["rtserve.llm.engine_core", "rtserve.llm.engine", "torch._dynamo"])
+    return ctx
+
+
 def refusal_error(r: Refused) -> Exception:
     if r.kind == "too_large":
         return RequestTooLarge(r.message)
@@ -297,9 +317,9 @@ class ProcessAsyncLLM:
     mapping (``EngineConfig.from_dict``'s input)."""
 
     def __init__(self, path: str | Path, engine: dict, device: str = "cpu") -> None:
-        ctx = multiprocessing.get_context("spawn")
+        ctx = _context()
         self._conn, child = ctx.Pipe()
-        engine = {k: v for k, v in engine.items() if k != "engine_core"}
+        engine = {**engine, "engine_core": "thread"}  # the engine process steps on its own main thread
         self._proc = ctx.Process(target=core_main, args=(str(path), engine, device, child),
                                  name="rtserve-engine-core", daemon=True)
         self._proc.start()
@@ -369,6 +389,14 @@ class ProcessAsyncLLM:
                 self._reqs.pop(req_id, None)
             if len(done) < params.n and not refused:
                 self._outq.put(AbortRequest(req_id))
+
+    def keep_special(self, texts) -> None:
+        """Both tokenizers (here and the engine's, which detokenizes) decode these special tokens;
+        call before the first request."""
+        texts = tuple(texts)
+        if self.front.tokenizer is not None:
+            self.front.tokenizer.keep_special(texts)
+        self._outq.put(KeepSpecial(texts))
 
     # -- closing -------------------------------------------------------------------------------------
     def close(self, drain_timeout_s: float = 10.0, message: str = "the model stopped serving") -> int:

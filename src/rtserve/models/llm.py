@@ -68,9 +68,10 @@ def check_draft_folder(ctx: LoadContext, config: ModelConfig, model_dir: Path, v
         raise ConfigError(f"engine.speculative.draft: {e}") from None
 
 
-def _parsers(config: ModelConfig, tokenizer) -> tuple[str | None, str | None]:
+def _parsers(config: ModelConfig, tokenizer, keep_special=None) -> tuple[str | None, str | None]:
     """The tool-call and reasoning parsers' names: model.yaml's (``none``: no parser), else detected
-    from the chat template. Their markers are kept in the decoded text (they may be special tokens)."""
+    from the chat template. Their markers are kept in the decoded text (they may be special tokens):
+    ``keep_special(markers)``: the engine process's (both tokenizers), else the tokenizer's."""
     from ..llm.reasoning import REASONING_PARSERS, detect_reasoning_parser
     from ..llm.tool_parsers import TOOL_PARSERS, detect_tool_parser
 
@@ -82,7 +83,7 @@ def _parsers(config: ModelConfig, tokenizer) -> tuple[str | None, str | None]:
         if name is not None and name not in known:
             raise ConfigError(f"{key}: '{name}' is not one of {', '.join(sorted(known))} or none")
         if name is not None and tokenizer is not None:
-            tokenizer.keep_special(known[name].markers)
+            (keep_special or tokenizer.keep_special)(known[name].markers)
     return tools, reasoning
 
 
@@ -115,7 +116,7 @@ class LLMModel(ServedModel):
         self.device = torch_device(config.device)
         self._core = None  # engine_core "process": the engine process, started here (off the event loop)
         try:
-            if engine_config.engine_core == "process":
+            if engine_config.served_core == "process":
                 from ..llm.engine_core import ProcessAsyncLLM
 
                 self._core = ProcessAsyncLLM(self.path, dict(config.engine), str(self.device))
@@ -126,7 +127,12 @@ class LLMModel(ServedModel):
             raise ConfigError(f"{self.path}: {e}") from None
         self.metrics = metrics  # LLMMetrics, or None
         self.engine = None
-        self.tool_parser, self.reasoning_parser = _parsers(config, self.llm.tokenizer)
+        try:
+            self.tool_parser, self.reasoning_parser = _parsers(
+                config, self.llm.tokenizer, self._core.keep_special if self._core is not None else None)
+        except ConfigError:
+            self.release()
+            raise
 
     def start(self) -> None:
         from ..llm.async_engine import AsyncLLM
