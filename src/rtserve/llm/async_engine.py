@@ -26,7 +26,7 @@ from typing import AsyncIterator
 from .engine import LLM, StepFailed
 from .sampling_params import SamplingParams
 from .sequence import RequestFailure, Sequence
-from .stream_delivery import Mailbox, Outbox, coalesce
+from .stream_delivery import Mailbox, Outbox, coalesce, outbox_for
 
 log = logging.getLogger("rtserve.llm")
 
@@ -184,11 +184,7 @@ class AsyncLLM:
         with self._lock:
             if not self._accepting:
                 raise EngineClosed("the model is not taking requests (it is unloading, or the server is shutting down)")
-            outbox = self._outboxes.get(loop)
-            if outbox is None:
-                for closed in [x for x in self._outboxes if x.is_closed()]:
-                    del self._outboxes[closed]
-                outbox = self._outboxes[loop] = Outbox(loop)
+            outbox = outbox_for(self._outboxes, loop)
             for i, s in enumerate(seqs):
                 self._streams[s.seq_id] = _Stream(outbox, box, i, hold)
             self._post(AddSequences(seqs))

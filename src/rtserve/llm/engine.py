@@ -25,7 +25,7 @@ from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import FinishReason, RequestFailure, Sequence
 from .structured import GrammarCompiler, GrammarStage, StructuredSpec
-from .tokenizer import IncrementalDetokenizer, Tokenizer, find_stop
+from .tokenizer import IncrementalDetokenizer, encode_prompt, find_stop, load_tokenizer
 
 
 @dataclass
@@ -93,11 +93,7 @@ class LLM:
         else:
             self.runner = ModelRunner(path, config, device)
         c = self.runner.config
-        self.tokenizer = Tokenizer(path) if (Path(path) / "tokenizer.json").is_file() else None
-        eos = set(c.eos_token_ids)
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            eos.add(self.tokenizer.eos_token_id)
-        self.eos_token_ids = frozenset(eos)
+        self.tokenizer, self.eos_token_ids = load_tokenizer(path, c.eos_token_ids)
         self._detok: dict[int, IncrementalDetokenizer] = {}
         tokenizer_json = Path(path) / "tokenizer.json"
         self.grammars = GrammarCompiler(tokenizer_json if self.tokenizer is not None else None, c.vocab_size,
@@ -158,11 +154,7 @@ class LLM:
             raise
 
     def encode(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer.json: give prompts as token ids")
-            return self.tokenizer.encode(prompt)
-        return list(prompt)
+        return encode_prompt(self.tokenizer, prompt)
 
     def fail(self, seq: Sequence, status: int, message: str) -> None:
         """End ``seq`` with a failure its client is told about (finish reason ``abort``)."""

@@ -43,10 +43,11 @@ from typing import AsyncIterator
 
 from .admission import Overloaded
 from .async_engine import EngineClosed, StreamDelta, StreamState, delta_for, run_step
+from .engine_front import EngineFront
 from .sampling_params import SamplingParams
 from .scheduler import RequestTooLarge
 from .sequence import RequestFailure
-from .stream_delivery import Mailbox, Outbox, coalesce
+from .stream_delivery import Mailbox, Outbox, coalesce, outbox_for
 
 log = logging.getLogger("rtserve.llm")
 READY_TIMEOUT_S = 600.0
@@ -118,7 +119,8 @@ class LoadFailed:
 
 @dataclass(frozen=True)
 class Refused:
-    """The request was not queued: ``kind`` is "too_large" (400), "overloaded" (429) or "invalid" (400)."""
+    """The request was not queued: ``kind`` is "too_large" (400), "overloaded" (429), "invalid" (400)
+    or "error" (an unexpected fault: 500)."""
     req_id: int
     kind: str
     message: str
@@ -242,54 +244,15 @@ class EngineCore:
         except ValueError as e:
             self.conn.send(Refused(msg.req_id, "invalid", str(e)))
             return
+        except Exception as e:  # noqa: BLE001 - this request fails (500), the engine goes on
+            log.exception("could not queue a request")
+            self.conn.send(Refused(msg.req_id, "error", f"{type(e).__name__}: {e}"))
+            return
         hold = max((len(x) for x in p.stop), default=1) - 1
         self.requests[msg.req_id] = seqs
         for i, s in enumerate(seqs):
             self.streams[s.seq_id] = (msg.req_id, StreamState(i, hold))
             llm.scheduler.add(s)
-
-
-class EngineFront:
-    """The server side's view of a model whose engine runs in another process, in the attributes
-    ``LLMModel`` reads from an ``LLM``: the tokenizer (prompts are encoded and checked here), the
-    checkpoint's config, the limits the engine reported, and a grammar compiler (an invalid
-    constraint is a 400 before anything is queued). No weights."""
-
-    def __init__(self, path: str | Path, engine: dict, ready: Ready) -> None:
-        from types import SimpleNamespace
-
-        from .config import DecoderConfig
-        from .engine_config import EngineConfig
-        from .structured import GrammarCompiler
-        from .tokenizer import Tokenizer
-
-        self.path = Path(path)
-        self.engine_config = EngineConfig.from_dict(engine)
-        c = DecoderConfig.from_dir(path)
-        self.tokenizer = Tokenizer(path) if (self.path / "tokenizer.json").is_file() else None
-        eos = set(c.eos_token_ids)
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            eos.add(self.tokenizer.eos_token_id)
-        self.grammars = GrammarCompiler(self.path / "tokenizer.json" if self.tokenizer is not None else None,
-                                        c.vocab_size, frozenset(eos))
-        e = self.engine_config
-        self.runner = SimpleNamespace(config=c)
-        self.scheduler = SimpleNamespace(
-            config=SimpleNamespace(max_model_len=ready.max_model_len, max_num_seqs=e.max_num_seqs,
-                                   max_num_batched_tokens=e.max_num_batched_tokens, max_waiting=e.waiting_limit,
-                                   max_waiting_tokens=e.waiting_tokens_limit),
-            bm=SimpleNamespace(num_blocks=ready.num_blocks, block_size=ready.block_size))
-        self.speculator = None
-
-    def encode(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer.json: give prompts as token ids")
-            return self.tokenizer.encode(prompt)
-        return list(prompt)
-
-    def compile_structured(self, spec) -> None:
-        self.grammars.compile(spec)
 
 
 def _context():
@@ -308,6 +271,8 @@ def refusal_error(r: Refused) -> Exception:
         return RequestTooLarge(r.message)
     if r.kind == "overloaded":
         return Overloaded(r.message, r.retry_after_s)
+    if r.kind == "error":
+        return RuntimeError(f"the engine could not queue the request: {r.message}")
     return ValueError(r.message)
 
 
@@ -337,7 +302,7 @@ class ProcessAsyncLLM:
             self._proc.join(5)
             raise ValueError(f"the engine process could not load the model: {first.message}")
         self.pid = first.pid
-        self.front = EngineFront(path, engine, first)
+        self.front = EngineFront(path, engine, first.max_model_len, first.num_blocks, first.block_size)
         self.stats = EngineStats()  # the engine's gauges after its last step (``LLMMetrics.bind_stats``)
         self._ids = itertools.count(1)
         self._reqs: dict[int, tuple[Outbox, Mailbox, int]] = {}  # req_id -> (outbox, mailbox, choices)
@@ -361,11 +326,7 @@ class ProcessAsyncLLM:
         with self._lock:
             if not self._accepting:
                 raise EngineClosed("the model is not taking requests (it is unloading, or the server is shutting down)")
-            outbox = self._outboxes.get(loop)
-            if outbox is None:
-                for closed in [x for x in self._outboxes if x.is_closed()]:
-                    del self._outboxes[closed]
-                outbox = self._outboxes[loop] = Outbox(loop)
+            outbox = outbox_for(self._outboxes, loop)
             req_id = next(self._ids)
             self._reqs[req_id] = (outbox, box, params.n)
             self._outq.put(AddRequest(req_id, list(prompt), params))

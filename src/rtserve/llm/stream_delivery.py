@@ -84,6 +84,17 @@ class Outbox:
             box.put(delta)
 
 
+def outbox_for(outboxes: dict, loop: asyncio.AbstractEventLoop) -> Outbox:
+    """The outbox of ``loop`` in ``outboxes`` (made on first use; those of closed loops dropped).
+    Call under the lock that guards ``outboxes``."""
+    outbox = outboxes.get(loop)
+    if outbox is None:
+        for closed in [x for x in outboxes if x.is_closed()]:
+            del outboxes[closed]
+        outbox = outboxes[loop] = Outbox(loop)
+    return outbox
+
+
 def _join(a, b) -> list | None:
     if a is None:
         return b

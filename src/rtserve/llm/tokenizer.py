@@ -113,6 +113,27 @@ class IncrementalDetokenizer:
         return delta
 
 
+def encode_prompt(tokenizer: "Tokenizer | None", prompt: str | list[int]) -> list[int]:
+    """A prompt's token ids: text through ``tokenizer``, ids as given (ValueError for text without one)."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("this model has no tokenizer.json: give prompts as token ids")
+        return tokenizer.encode(prompt)
+    return list(prompt)
+
+
+def load_tokenizer(path, config_eos_ids) -> tuple["Tokenizer | None", frozenset[int]]:
+    """The checkpoint's tokenizer (None without ``tokenizer.json``) and its end-of-sequence ids:
+    config.json's and the tokenizer's."""
+    from pathlib import Path
+
+    tokenizer = Tokenizer(path) if (Path(path) / "tokenizer.json").is_file() else None
+    eos = set(config_eos_ids)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+    return tokenizer, frozenset(eos)
+
+
 def find_stop(text: str, stops: tuple[str, ...], new_len: int) -> int:
     """Index where the first stop string starts, looking only where the newest ``new_len``
     characters could complete one; -1 if none."""
