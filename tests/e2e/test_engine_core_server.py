@@ -74,6 +74,10 @@ def test_process_engine_behind_the_server(repo, tmp_path):
         assert got.choices[0].message.content == want.choices[0].message.content
         assert got.usage.completion_tokens == want.usage.completion_tokens
 
+        scored = [client.completions.create(model=m, prompt="The quick brown", max_tokens=5, temperature=0,
+                                            logprobs=2).choices[0].logprobs for m in ("lm", "lmp")]
+        assert scored[1].tokens == scored[0].tokens
+        assert scored[1].token_logprobs == pytest.approx(scored[0].token_logprobs, abs=1e-4)
         guided = {"prompt": "Colour:", "max_tokens": 12, "temperature": 0,
                   "extra_body": {"structured_outputs": {"regex": r"(red|green|blue)![a-z]{1,3}"}}}
         texts = [client.completions.create(model=m, **guided).choices[0].text for m in ("lm", "lmp")]

@@ -10,12 +10,13 @@ def test_keys_and_defaults():
     assert EngineConfig.keys() == (
         "num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "dtype",
         "enable_prefix_caching", "kv_cache_memory_fraction", "decode_kernel", "cuda_graphs", "pipeline_stages",
-        "pipeline_micro_batches", "max_waiting", "max_waiting_tokens", "speculative")
+        "pipeline_micro_batches", "max_waiting", "max_waiting_tokens", "speculative", "engine_core")
     c = EngineConfig()
     assert (c.num_blocks, c.block_size, c.max_num_seqs, c.max_num_batched_tokens, c.max_model_len) == \
         (None, 16, 64, 2048, None)
     assert (c.dtype, c.enable_prefix_caching, c.kv_cache_memory_fraction) == ("auto", True, None)
     assert (c.decode_kernel, c.cuda_graphs, c.pipeline_stages, c.pipeline_micro_batches) == (None, None, None, None)
+    assert (c.engine_core, c.served_core) == ("auto", "process")
 
 
 def test_admission_limits_default_to_multiples_of_the_batch_limits():
