@@ -10,9 +10,10 @@ starts ``rtserve serve`` on a free loopback port, and in turns (``--rounds`` tim
 - served: ``/v1/completions`` streamed by the OpenAI bench (rtserve.bench.openai_load), closed loop
   with ``c`` clients, ``c * --waves`` requests of the same shape (so the same batches form).
 
-With ``--engine-process``, a second server whose model says ``engine_core: process`` (the engine
-in a process of its own, ``rtserve.llm.engine_core``) joins the closed-loop rounds (``process_``
-columns): the thread and the process measured side by side.
+Without options the served model has the default ``engine_core`` (auto: the engine in a process of
+its own). With ``--engine-process``, the served model says ``engine_core: thread`` and a second
+server whose model says ``engine_core: process`` (``rtserve.llm.engine_core``) joins the
+closed-loop rounds (``process_`` columns): the thread and the process measured side by side.
 
 Then open-loop Poisson runs at ``--load-fractions`` of the served capacity just measured (the best
 closed-loop request rate), for TTFT p99 under load, and any ``--rate`` given. The load generator
@@ -48,7 +49,7 @@ ENGINE = {"num_blocks": 2048, "block_size": 16, "max_num_seqs": 64, "max_num_bat
           "max_model_len": 512}
 
 
-def build_repository(root: Path) -> int:
+def build_repository(root: Path, engine_process: bool = False) -> int:
     """model_repository/llama34m/{model.yaml, 1/}; returns the parameter count."""
     import torch
     import transformers
@@ -60,7 +61,8 @@ def build_repository(root: Path) -> int:
     model = transformers.LlamaForCausalLM(cfg)
     model.save_pretrained(root / "llama34m" / "1", safe_serialization=True)
     engine = "".join(f"  {k}: {v}\n" for k, v in ENGINE.items())
-    (root / "llama34m" / "model.yaml").write_text(f"backend: llm\ndevice: cpu\nengine:\n{engine}")
+    core = "  engine_core: thread\n" if engine_process else ""  # else the default (auto: a process)
+    (root / "llama34m" / "model.yaml").write_text(f"backend: llm\ndevice: cpu\nengine:\n{engine}{core}")
     # the same checkpoint with the engine in a process of its own (--engine-process)
     shutil.copytree(root / "llama34m" / "1", root / "process" / "llama34m" / "1")
     (root / "process" / "llama34m" / "model.yaml").write_text(
@@ -248,8 +250,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--compare-src", help="also serve from this src/ folder (e.g. main's) in the closed-loop runs, "
                     "interleaved, reported with the prefix base_")
     ap.add_argument("--engine-process", action="store_true",
-                    help="also serve with engine_core: process (the engine in a process of its own) in the "
-                    "closed-loop runs, interleaved, reported with the prefix process_")
+                    help="serve with engine_core: thread, and also with engine_core: process (the engine in a "
+                    "process of its own) in the closed-loop runs, interleaved, reported with the prefix process_")
     ap.add_argument("--profile", help="folder for py-spy GIL profiles of the server (closed-loop runs)")
     ap.add_argument("--out", default=str(HERE / "results" / "llm_serving.json"))
     ap.add_argument("--plot", help="PNG of the last Poisson run's CDFs and latency over time")
@@ -280,7 +282,7 @@ def main() -> int:
     slos = {k: float(v) for k, v in (s.split("=", 1) for s in args.slo)}
     load_before = os.getloadavg()  # others' load on the shared cores: figures mean little above ~2
     with tempfile.TemporaryDirectory() as tmp:
-        n_params = build_repository(Path(tmp))
+        n_params = build_repository(Path(tmp), args.engine_process)
         offline = Offline(Path(tmp) / "llama34m" / "1", args.threads, args.offline_main_thread) if args.closed else None
         procs = {"served": start_server(Path(tmp))}
         if args.compare_src:
