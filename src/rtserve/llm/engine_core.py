@@ -115,6 +115,7 @@ def engine_stats(llm) -> EngineStats:
 @dataclass(frozen=True)
 class LoadFailed:
     message: str
+    config_fault: bool  # a ValueError or OSError (the files or model.yaml): 400-like, as with the thread engine
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ def core_main(path: str, engine: dict, device: str, conn) -> None:
     try:
         llm = LLM(Path(path), EngineConfig.from_dict(engine), device=torch.device(device))
     except Exception as e:  # noqa: BLE001 - told to the server, which refuses to load the model
-        conn.send(LoadFailed(f"{type(e).__name__}: {e}"))
+        conn.send(LoadFailed(f"{type(e).__name__}: {e}", isinstance(e, (ValueError, OSError))))
         conn.close()
         return
     import os
@@ -300,7 +301,8 @@ class ProcessAsyncLLM:
                                f"(exit code {self._proc.exitcode})") from None
         if isinstance(first, LoadFailed):
             self._proc.join(5)
-            raise ValueError(f"the engine process could not load the model: {first.message}")
+            error = ValueError if first.config_fault else RuntimeError
+            raise error(f"the engine process could not load the model: {first.message}")
         self.pid = first.pid
         self.front = EngineFront(path, engine, first.max_model_len, first.num_blocks, first.block_size)
         self.stats = EngineStats()  # the engine's gauges after its last step (``LLMMetrics.bind_stats``)

@@ -123,7 +123,7 @@ class LLMModel(ServedModel):
                 self.llm = self._core.front  # tokenizer, limits, grammar compiler; the weights are over there
             else:
                 self.llm = LLM(self.path, engine_config, device=self.device)
-        except (ValueError, OSError, RuntimeError) as e:
+        except (ValueError, OSError) as e:  # the files or model.yaml; any other fault is a load error (500)
             raise ConfigError(f"{self.path}: {e}") from None
         self.metrics = metrics  # LLMMetrics, or None
         self.engine = None
