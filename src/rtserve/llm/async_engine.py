@@ -110,6 +110,14 @@ def run_step(llm: LLM) -> list[Sequence]:
     return failed
 
 
+def fail_held(llm: LLM, failure: RequestFailure) -> list[Sequence]:
+    """End every sequence the engine holds (running or waiting) with ``failure``; returns them."""
+    held = list(llm.scheduler.running) + list(llm.scheduler.waiting)
+    for s in held:
+        llm.fail(s, failure.status, failure.message)
+    return held
+
+
 def delta_for(llm: LLM, st: StreamState, seq: Sequence) -> StreamDelta:
     """``seq``'s new output since ``st`` was last advanced (text held back by ``st.hold`` characters
     until the sequence finishes); a finished sequence is forgotten by the engine."""
@@ -228,10 +236,7 @@ class AsyncLLM:
                 llm.scheduler.abort(s)
                 llm.forget(s)
         elif isinstance(msg, FailAll):
-            held = list(llm.scheduler.running) + list(llm.scheduler.waiting)
-            for s in held:
-                llm.fail(s, msg.failure.status, msg.failure.message)
-            self._deliver([d for d in (self._delta(s) for s in held) if d is not None])
+            self._deliver([d for d in (self._delta(s) for s in fail_held(llm, msg.failure)) if d is not None])
         elif isinstance(msg, Stop):
             self._running = False
         else:

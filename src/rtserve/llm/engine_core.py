@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from .admission import Overloaded
-from .async_engine import EngineClosed, StreamDelta, StreamState, delta_for, run_step
+from .async_engine import EngineClosed, FailAll, Stop, StreamDelta, StreamState, delta_for, fail_held, run_step
 from .engine_front import EngineFront
 from .sampling_params import SamplingParams
 from .scheduler import RequestTooLarge
@@ -53,7 +53,7 @@ log = logging.getLogger("rtserve.llm")
 READY_TIMEOUT_S = 600.0
 
 
-# -- messages: server -> engine ----------------------------------------------------------------------
+# -- messages: server -> engine (and the thread engine's ``FailAll`` and ``Stop``) ------------------------
 @dataclass(frozen=True)
 class AddRequest:
     req_id: int
@@ -64,16 +64,6 @@ class AddRequest:
 @dataclass(frozen=True)
 class AbortRequest:
     req_id: int
-
-
-@dataclass(frozen=True)
-class FailAll:
-    failure: RequestFailure
-
-
-@dataclass(frozen=True)
-class Stop:
-    pass
 
 
 @dataclass(frozen=True)
@@ -217,10 +207,7 @@ class EngineCore:
                 llm.forget(s)
             self.send([])
         elif isinstance(msg, FailAll):
-            held = list(llm.scheduler.running) + list(llm.scheduler.waiting)
-            for s in held:
-                llm.fail(s, msg.failure.status, msg.failure.message)
-            self.send([d for d in (self.delta(s) for s in held) if d is not None])
+            self.send([d for d in (self.delta(s) for s in fail_held(llm, msg.failure)) if d is not None])
         elif isinstance(msg, Stop):
             self.running = False
         elif isinstance(msg, KeepSpecial):
