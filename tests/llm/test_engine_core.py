@@ -70,6 +70,84 @@ def test_same_outputs_as_the_engine_thread(lm_dir, core):
     assert os.getpid() != core.pid
 
 
+def test_stop_strings_end_choices_as_with_the_engine_thread(lm_dir, core):
+    """The API process makes the text (the engine process sends token ids): a stop string ends a
+    choice at the same token, with the same text, as the engine thread, which detokenizes itself."""
+    greedy = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    thread = AsyncLLM(LLM(lm_dir, **ENGINE))
+    try:
+        texts = [r[0][1] for r in run_all(thread, [(p, greedy) for p in PROMPTS])]
+        assert all(len(t) > 12 for t in texts)
+        requests = [(p, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop=(t[9:12],)))
+                    for p, t in zip(PROMPTS, texts)]
+        requests.append(([0, 5, 6], SamplingParams(max_tokens=30, temperature=0.9, seed=5, n=3, ignore_eos=True,
+                                                   stop=("e", "a"), logprobs=2)))
+        want = run_all(thread, requests)
+    finally:
+        thread.close(0)
+    got = run_all(core, requests)
+    assert got == want
+    assert all(c[2] == "stop" and len(c[1]) <= 9 for r in got[:4] for c in r)
+    assert [c[1] for r in got[:4] for c in r] == [t[:t.index(t[9:12])] for t in texts]
+
+
+def test_stop_strings_inside_a_proposal_are_cut_on_the_api_side(lm_dir):
+    """Speculation sends several tokens a step: the API side cuts at the one that completed the stop
+    string, as plain decoding stops there (tokens, text and logprobs)."""
+    plain = LLM(lm_dir, **ENGINE)
+    prompt = plain.encode("The quick brown fox jumps over the lazy dog. The quick brown fox")
+    free = plain.generate([prompt], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))[0].outputs[0]
+    stops = [free.text[c:c + 2] for c in range(3, min(len(free.text) - 2, 30), 3) if free.text[c:c + 2].strip()]
+    assert len(stops) >= 3
+    params = [SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=(st,), logprobs=1) for st in stops]
+    want = [(o.token_ids, o.text, o.finish_reason, None) for sp in params
+            for o in plain.generate([prompt], sp)[0].outputs]
+    # the checkpoint as its own draft: every proposal is accepted, so each step sends 5 tokens
+    engine = ProcessAsyncLLM(lm_dir, {**ENGINE, "speculative": {"method": "draft", "num_tokens": 4,
+                                                                "draft": str(lm_dir)}})
+    try:
+        got = [r[0] for r in run_all(engine, [(prompt, sp) for sp in params])]
+        drafts, proposed, accepted, _ = engine.stats.spec
+        assert drafts > 0 and accepted == proposed
+    finally:
+        engine.close(0)
+    assert got == want
+
+
+def test_a_stop_string_frees_the_choice_in_the_engine(lm_dir):
+    """The engine runs on past a stop string until the API process tells it: its only batch slot is
+    free again for the next request (posted after that abort, so never refused)."""
+    engine = ProcessAsyncLLM(lm_dir, {**ENGINE, "max_num_seqs": 1, "max_waiting": 0})
+    try:
+        greedy = SamplingParams(max_tokens=190, temperature=0, ignore_eos=True)
+        [[(_, text, _, _)]] = run_all(engine, [([0, 5], SamplingParams(max_tokens=12, temperature=0,
+                                                                        ignore_eos=True))])
+        for _ in range(3):
+            [[(ids, _, reason, _)]] = run_all(engine, [([0, 5], SamplingParams(
+                max_tokens=190, temperature=0, ignore_eos=True, stop=(text[4:7],)))])
+            assert reason == "stop" and len(ids) < 12
+        [[(ids, _, reason, _)]] = run_all(engine, [([0, 9], greedy)])
+        assert reason == "length" and len(ids) == 190
+    finally:
+        assert engine.close(0) == 0
+
+
+def test_a_detokenizer_fault_fails_that_choice_only(core, monkeypatch):
+    import rtserve.llm.engine_core as ec
+
+    class Faulty(ec.ChoiceText):
+        def apply(self, d):
+            if "BOOM" in self.stream.stops:
+                raise UnicodeError("cannot decode")
+            return super().apply(d)
+    monkeypatch.setattr(ec, "ChoiceText", Faulty)
+    good, bad = run_all(core, [([0, 5], SamplingParams(max_tokens=150, temperature=0, ignore_eos=True)),
+                               ([0, 9], SamplingParams(max_tokens=190, temperature=0, ignore_eos=True, stop=("BOOM",)))])
+    assert good[0][2] == "length" and len(good[0][0]) == 150
+    assert bad[0][2] == "abort" and bad[0][3].status == 500 and "UnicodeError" in bad[0][3].message
+    assert core.stats.running == 0  # the engine was told to end the failed one (190 tokens) long before
+
+
 def test_refusals_raise_at_the_first_item(core):
     async def first(prompt, params):
         gen = core.generate(prompt, params)

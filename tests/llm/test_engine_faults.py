@@ -93,7 +93,7 @@ def test_a_detokenizer_fault_fails_that_request_only(lm_dir):
             if prompt[:4] == POISON:
                 def boom(ids):
                     raise UnicodeError("cannot decode")
-                llm._detok[seqs[0].seq_id].update = boom
+                llm._detok[seqs[0].seq_id].detok.update = boom  # its IncrementalDetokenizer
             return seqs
         llm.make_sequences = wrapped
 

@@ -34,6 +34,41 @@ def test_incremental_deltas_never_split_a_character(model_dir):
     assert "".join(deltas) == s and not any("\ufffd" in x for x in deltas)
 
 
+def _trained(path, kind: str) -> Tokenizer:
+    """A SentencePiece-like (Metaspace: a leading space marker the decoder strips at the start) or a
+    WordPiece (``##`` joins) tokenizer, trained here: decoders that treat a text's first token apart."""
+    from tokenizers import Tokenizer as HF, decoders, models, pre_tokenizers, trainers
+
+    text = ["the cat sat on the mat", "ça va? ☃ très bien", "unbelievable tokenization of words"] * 20
+    if kind == "metaspace":
+        hf = HF(models.BPE(unk_token="<unk>"))
+        hf.pre_tokenizer, hf.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+        trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>"])
+    else:
+        hf = HF(models.WordPiece(unk_token="[UNK]"))
+        hf.pre_tokenizer, hf.decoder = pre_tokenizers.Whitespace(), decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=120, special_tokens=["[UNK]"])
+    hf.train_from_iterator(text, trainer)
+    path.mkdir()
+    hf.save(str(path / "tokenizer.json"))
+    return Tokenizer(path)
+
+
+@pytest.mark.parametrize("kind", ["bytelevel", "metaspace", "wordpiece"])
+def test_incremental_text_is_the_whole_decode(model_dir, tmp_path, kind):
+    t = Tokenizer(model_dir) if kind == "bytelevel" else _trained(tmp_path / kind, kind)
+    s = "the cat sat on the mat unbelievable tokenization ça va? the end"
+    ids = t.encode(s, add_special_tokens=False)
+    assert len(ids) > 8
+    d = IncrementalDetokenizer(t)
+    for k in range(1, len(ids) + 1):
+        d.update(ids[:k])
+        whole = t.decode(ids[:k])
+        assert whole.startswith(d.text) and (whole == d.text or whole.endswith("\ufffd"))
+    d.finish(ids)
+    assert d.text == t.decode(ids)
+
+
 def test_find_stop():
     assert find_stop("hello world", ("wor",), 3) == 6
     assert find_stop("hello world", ("hel",), 2) == -1  # could not have been completed by the new text

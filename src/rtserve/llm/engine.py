@@ -25,7 +25,8 @@ from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import FinishReason, RequestFailure, Sequence
 from .structured import GrammarCompiler, GrammarStage, StructuredSpec
-from .tokenizer import IncrementalDetokenizer, encode_prompt, find_stop, load_tokenizer
+from .output_text import TextStream
+from .tokenizer import encode_prompt, load_tokenizer
 
 
 @dataclass
@@ -78,14 +79,17 @@ def check_context(path: Path | str, config: EngineConfig) -> None:
 
 class LLM:
     def __init__(self, path: Path | str, config: EngineConfig | None = None, *, device: str = "cpu",
-                 **overrides) -> None:
+                 detokenize: bool = True, **overrides) -> None:
         """``config`` (default ``EngineConfig()``) with ``overrides`` of its fields, e.g.
         ``LLM(path, num_blocks=64, dtype="bfloat16")``. ``pipeline_stages`` > 1 runs the layers in
-        worker processes (``PipelineRunner``); otherwise one ``ModelRunner`` in this process."""
+        worker processes (``PipelineRunner``); otherwise one ``ModelRunner`` in this process.
+        ``detokenize=False``: outputs are token ids only (no text, no stop strings), for an engine
+        whose caller makes the text (``engine_core``: the API process)."""
         config = with_overrides(EngineConfig() if config is None else config, overrides)
         check_context(path, config)
         self.engine_config = config
         self.path = Path(path)
+        self.detokenize = detokenize
         if config.pipeline_stages and config.pipeline_stages > 1:  # layers split over worker processes
             from .pipeline_runner import PipelineRunner
 
@@ -94,7 +98,7 @@ class LLM:
             self.runner = ModelRunner(path, config, device)
         c = self.runner.config
         self.tokenizer, self.eos_token_ids = load_tokenizer(path, c.eos_token_ids)
-        self._detok: dict[int, IncrementalDetokenizer] = {}
+        self._detok: dict[int, TextStream] = {}  # seq_id -> its text (when detokenize)
         tokenizer_json = Path(path) / "tokenizer.json"
         self.grammars = GrammarCompiler(tokenizer_json if self.tokenizer is not None else None, c.vocab_size,
                                         self.eos_token_ids)
@@ -129,8 +133,8 @@ class LLM:
                            prompt_logprobs=params.prompt_logprobs)
             if params.structured is not None:
                 seq.grammar = self.grammars.matcher(params.structured)
-            if self.tokenizer is not None:
-                self._detok[seq.seq_id] = IncrementalDetokenizer(self.tokenizer)
+            if self.tokenizer is not None and self.detokenize:
+                self._detok[seq.seq_id] = TextStream(self.tokenizer, params.stop)
             seqs.append(seq)
         return seqs
 
@@ -163,32 +167,31 @@ class LLM:
         self.scheduler.abort(seq, FinishReason.ABORT)
 
     def _check_stop_strings(self, seqs: list[Sequence], before: dict[int, int] | None = None) -> list[Sequence]:
-        """``before``: seq_id -> tokens generated before this step, for sequences that may have got
-        several (speculation): the tokens after the one that completes a stop string are dropped."""
+        """Each sequence's text grows by its new tokens (``output_text.TextStream``); one whose stop
+        string completed ends with ``stop`` (its tokens after the one that completed it dropped).
+        ``before``: seq_id -> tokens generated before this step, for sequences that may have got
+        several (speculation)."""
         stopped = []
         for s in seqs:
-            detok = self._detok.get(s.seq_id)
-            if detok is None or s.is_finished and s.failure is not None:
+            text = self._detok.get(s.seq_id)
+            if text is None or s.is_finished and s.failure is not None:
                 continue
+            new = s.num_generated - before.get(s.seq_id, s.num_generated - 1) if before else 1
             try:
-                delta = detok.update(s.generated_ids)
-                if s.is_finished and not delta:  # nothing held back at the end
-                    delta = detok.finish(s.generated_ids)
-                if not s.params.stop or s.is_finished or not delta:
-                    continue
-                i = find_stop(detok.text, s.params.stop, len(delta))
+                keep = text.update(s.generated_ids, new, s.is_finished)
             except Exception as e:  # noqa: BLE001 - this sequence fails, the step goes on
                 self.fail(s, 500, f"detokenizing the output failed: {type(e).__name__}: {e}")
                 continue
-            if i >= 0:
-                new = s.num_generated - before.get(s.seq_id, s.num_generated - 1) if before else 1
-                if new > 1:
-                    from .speculative.speculator import cut_at_stop
-
-                    cut_at_stop(s, self.tokenizer, new, s.params.stop)
-                detok.text = detok.text[:i]  # the stop string is not part of the output
+            if keep is None:
+                continue
+            del s.token_ids[s.num_prompt_tokens + keep:]
+            if s.params.logprobs is not None:
+                del s.output_logprobs[keep:]
+            if s.is_finished:
+                s.finish_reason = FinishReason.STOP
+            else:
                 self.scheduler.abort(s, FinishReason.STOP)
-                stopped.append(s)
+            stopped.append(s)
         return stopped
 
     def forget(self, seq: Sequence) -> None:

@@ -1,11 +1,11 @@
-"""The engine in a process of its own (model.yaml ``engine: {engine_core: process}``), measured against
-the engine thread (``async_engine.AsyncLLM``, the default) for issue 13.
+"""The engine in a process of its own (model.yaml ``engine: {engine_core: auto}``, the default, or
+``process``), measured against the engine thread (``async_engine.AsyncLLM``, ``engine_core: thread``)
+for issue 13: served tok/s 1.09-1.19x the thread's (benchmarks/llm_serving.py --engine-process).
 
 vLLM v1 runs its engine core in a separate process so that the API server's Python (HTTP parsing,
 SSE formatting, the event loop) never holds the GIL the engine steps under. This module does the
-same with the smallest moving parts: a child process (``spawn``) loads the model and runs the
-step loop; the server side (:class:`ProcessAsyncLLM`) keeps ``AsyncLLM``'s interface (``generate``,
-``close``, ``shutdown``), so ``LLMModel`` uses either.
+same with the smallest moving parts: a child process (from a ``forkserver``) loads the model and
+runs the step loop; the server side (:class:`ProcessAsyncLLM`) keeps ``AsyncLLM``'s interface.
 
 Messages are frozen dataclasses of plain values (token ids, the request's ``SamplingParams``, the
 ``StreamDelta`` of each choice) over a ``multiprocessing`` pipe, never tensors. One ``Deltas``
@@ -19,10 +19,16 @@ encoded and checked there), the checkpoint's config, the limits the engine repor
 and a grammar compiler (an invalid constraint is a 400 before anything is queued). Every step's
 message carries the engine's gauges (``EngineStats``), which ``/metrics`` reads.
 
-What differs from the thread engine: text is detokenized in the engine process (stop strings end
-sequences there), so each delta's text crosses the pipe with its token ids; a structured-output
-constraint is compiled again in the engine process when its request arrives (cached there too);
-``pipeline_stages`` > 1 is refused; each model costs a Python process (~4 s to start).
+Text is made on the API side: the engine process sends token ids only (its ``LLM`` runs with
+``detokenize=False``), and the reader thread gives each choice's delta its text
+(``output_text.ChoiceText``: incremental detokenization, stop strings, the characters held back while
+one may be forming). A stop string ends the choice there, at the token that completed it (tokens the
+engine produced past it are dropped), and an ``AbortRequest`` for that choice frees its blocks in the
+engine. The engine never decodes (the parsers' kept special tokens concern the API side only).
+
+What else differs from the thread engine: a structured-output constraint is compiled again in the
+engine process when its request arrives (cached there too); ``pipeline_stages`` > 1 is refused; each
+model costs a Python process (~4 s for the first, from the fork server).
 
 Faults: a request the engine refuses (too large: 400; queue full: 429) raises from ``generate``'s
 first ``__anext__`` as with the thread engine. If the engine process dies, every open request gets a
@@ -44,6 +50,7 @@ from typing import AsyncIterator
 from .admission import Overloaded
 from .async_engine import EngineClosed, FailAll, Stop, StreamDelta, StreamState, delta_for, fail_held, run_step
 from .engine_front import EngineFront
+from .output_text import ChoiceText
 from .sampling_params import SamplingParams
 from .scheduler import RequestTooLarge
 from .sequence import RequestFailure
@@ -63,13 +70,9 @@ class AddRequest:
 
 @dataclass(frozen=True)
 class AbortRequest:
+    """End a request's choices (its consumer went away), or only choice ``index`` (a stop string ended it)."""
     req_id: int
-
-
-@dataclass(frozen=True)
-class KeepSpecial:
-    """Decode these special tokens (``Tokenizer.keep_special``): a tool or reasoning parser's markers."""
-    texts: tuple[str, ...]
+    index: int | None = None
 
 
 # -- messages: engine -> server ----------------------------------------------------------------------
@@ -136,7 +139,7 @@ def core_main(path: str, engine: dict, device: str, conn) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine-core %(levelname)s %(message)s")
     try:
-        llm = LLM(Path(path), EngineConfig.from_dict(engine), device=torch.device(device))
+        llm = LLM(Path(path), EngineConfig.from_dict(engine), device=torch.device(device), detokenize=False)
     except Exception as e:  # noqa: BLE001 - told to the server, which refuses to load the model
         conn.send(LoadFailed(f"{type(e).__name__}: {e}", isinstance(e, (ValueError, OSError))))
         conn.close()
@@ -201,20 +204,23 @@ class EngineCore:
         if isinstance(msg, AddRequest):
             self.add(msg)
         elif isinstance(msg, AbortRequest):
-            for s in self.requests.pop(msg.req_id, []):
-                self.streams.pop(s.seq_id, None)
-                llm.scheduler.abort(s)
-                llm.forget(s)
-            self.send([])
+            self.abort(msg.req_id, msg.index)
         elif isinstance(msg, FailAll):
             self.send([d for d in (self.delta(s) for s in fail_held(llm, msg.failure)) if d is not None])
         elif isinstance(msg, Stop):
             self.running = False
-        elif isinstance(msg, KeepSpecial):
-            if llm.tokenizer is not None:
-                llm.tokenizer.keep_special(msg.texts)
         else:
             raise TypeError(f"unknown engine-core message {type(msg).__name__}")
+
+    def abort(self, req_id: int, index: int | None) -> None:
+        seqs = self.requests.get(req_id, [])
+        for s in seqs if index is None else seqs[index:index + 1]:
+            self.streams.pop(s.seq_id, None)
+            self.llm.scheduler.abort(s)
+            self.llm.forget(s)
+        if all(s.seq_id not in self.streams for s in seqs):
+            self.requests.pop(req_id, None)
+        self.send([])
 
     def add(self, msg: AddRequest) -> None:
         llm, p = self.llm, msg.params
@@ -236,10 +242,9 @@ class EngineCore:
             log.exception("could not queue a request")
             self.conn.send(Refused(msg.req_id, "error", f"{type(e).__name__}: {e}"))
             return
-        hold = max((len(x) for x in p.stop), default=1) - 1
         self.requests[msg.req_id] = seqs
         for i, s in enumerate(seqs):
-            self.streams[s.seq_id] = (msg.req_id, StreamState(i, hold))
+            self.streams[s.seq_id] = (msg.req_id, StreamState(i, 0))  # no text here: the API process makes it
             llm.scheduler.add(s)
 
 
@@ -252,6 +257,14 @@ def _context():
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["rtserve.llm.engine_core", "rtserve.llm.engine", "torch._dynamo"])
     return ctx
+
+
+@dataclass
+class _Request:
+    """An open request on the server side: where its deltas go, and each choice's text (made here)."""
+    outbox: Outbox
+    box: Mailbox
+    texts: list[ChoiceText]
 
 
 def refusal_error(r: Refused) -> Exception:
@@ -294,7 +307,7 @@ class ProcessAsyncLLM:
         self.front = EngineFront(path, engine, first.max_model_len, first.num_blocks, first.block_size)
         self.stats = EngineStats()  # the engine's gauges after its last step (``LLMMetrics.bind_stats``)
         self._ids = itertools.count(1)
-        self._reqs: dict[int, tuple[Outbox, Mailbox, int]] = {}  # req_id -> (outbox, mailbox, choices)
+        self._reqs: dict[int, _Request] = {}
         self._outboxes: dict[asyncio.AbstractEventLoop, Outbox] = {}
         self._lock = threading.Lock()
         self._accepting, self._closed_message = True, "the engine process exited"
@@ -317,7 +330,8 @@ class ProcessAsyncLLM:
                 raise EngineClosed("the model is not taking requests (it is unloading, or the server is shutting down)")
             outbox = outbox_for(self._outboxes, loop)
             req_id = next(self._ids)
-            self._reqs[req_id] = (outbox, box, params.n)
+            self._reqs[req_id] = _Request(outbox, box, [ChoiceText(self.front.tokenizer, params.stop)
+                                                        for _ in range(params.n)])
             self._outq.put(AddRequest(req_id, list(prompt), params))
         done: set[int] = set()  # choices that had their last delta (a dead engine's 503 skips them)
         refused = False
@@ -339,14 +353,6 @@ class ProcessAsyncLLM:
                 self._reqs.pop(req_id, None)
             if len(done) < params.n and not refused:
                 self._outq.put(AbortRequest(req_id))
-
-    def keep_special(self, texts) -> None:
-        """Both tokenizers (here and the engine's, which detokenizes) decode these special tokens;
-        call before the first request."""
-        texts = tuple(texts)
-        if self.front.tokenizer is not None:
-            self.front.tokenizer.keep_special(texts)
-        self._outq.put(KeepSpecial(texts))
 
     # -- closing -------------------------------------------------------------------------------------
     def close(self, drain_timeout_s: float = 10.0, message: str = "the model stopped serving") -> int:
@@ -396,20 +402,38 @@ class ProcessAsyncLLM:
                 break
             if isinstance(msg, Deltas):
                 self.stats = msg.stats
-                by_outbox: dict[Outbox, list] = {}
                 with self._lock:
-                    for req_id, delta in msg.items:
-                        entry = self._reqs.get(req_id)
-                        if entry is not None:
-                            by_outbox.setdefault(entry[0], []).append((entry[1], delta))
+                    routed = [(self._reqs.get(req_id), req_id, d) for req_id, d in msg.items]
+                by_outbox: dict[Outbox, list] = {}
+                for r, req_id, d in routed:
+                    if r is not None and (d := self._with_text(r, req_id, d)) is not None:
+                        by_outbox.setdefault(r.outbox, []).append((r.box, d))
                 for outbox, items in by_outbox.items():
                     outbox.push(items)
             elif isinstance(msg, Refused):
                 with self._lock:
-                    entry = self._reqs.get(msg.req_id)
-                if entry is not None:
-                    entry[0].push([(entry[1], refusal_error(msg))])
+                    r = self._reqs.get(msg.req_id)
+                if r is not None:
+                    r.outbox.push([(r.box, refusal_error(msg))])
         self._end_all()
+
+    def _with_text(self, r: "_Request", req_id: int, d: StreamDelta) -> StreamDelta | None:
+        """``d`` with its text, made here; None once a stop string has ended its choice (the engine
+        ran ahead of the stop, and is told to end it)."""
+        choice = r.texts[d.index]
+        if choice.stopped:
+            return None
+        engine_done = d.finish_reason is not None
+        try:
+            d = choice.apply(d)
+        except Exception as e:  # noqa: BLE001 - this choice fails, the others go on
+            log.exception("detokenizing a request's output failed")
+            choice.stopped = True
+            d = StreamDelta(d.index, "", [], None, "abort", d.num_prompt_tokens, len(choice.ids),
+                            failure=RequestFailure(500, f"detokenizing the output failed: {type(e).__name__}: {e}"))
+        if choice.stopped and not engine_done:
+            self._outq.put(AbortRequest(req_id, d.index))
+        return d
 
     def _end_all(self) -> None:
         """The engine process is gone: refuse new requests; every open one gets a terminal 503."""
@@ -420,5 +444,6 @@ class ProcessAsyncLLM:
             self._accepting = False
             open_reqs = list(self._reqs.values())
         failure = RequestFailure(503, self._closed_message)
-        for outbox, box, n in open_reqs:
-            outbox.push([(box, StreamDelta(i, "", [], None, "abort", 0, 0, failure=failure)) for i in range(n)])
+        for r in open_reqs:
+            r.outbox.push([(r.box, StreamDelta(i, "", [], None, "abort", 0, 0, failure=failure))
+                           for i in range(len(r.texts))])

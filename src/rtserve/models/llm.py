@@ -68,10 +68,9 @@ def check_draft_folder(ctx: LoadContext, config: ModelConfig, model_dir: Path, v
         raise ConfigError(f"engine.speculative.draft: {e}") from None
 
 
-def _parsers(config: ModelConfig, tokenizer, keep_special=None) -> tuple[str | None, str | None]:
+def _parsers(config: ModelConfig, tokenizer) -> tuple[str | None, str | None]:
     """The tool-call and reasoning parsers' names: model.yaml's (``none``: no parser), else detected
-    from the chat template. Their markers are kept in the decoded text (they may be special tokens):
-    ``keep_special(markers)``: the engine process's (both tokenizers), else the tokenizer's."""
+    from the chat template. Their markers are kept in the decoded text (they may be special tokens)."""
     from ..llm.reasoning import REASONING_PARSERS, detect_reasoning_parser
     from ..llm.tool_parsers import TOOL_PARSERS, detect_tool_parser
 
@@ -83,7 +82,7 @@ def _parsers(config: ModelConfig, tokenizer, keep_special=None) -> tuple[str | N
         if name is not None and name not in known:
             raise ConfigError(f"{key}: '{name}' is not one of {', '.join(sorted(known))} or none")
         if name is not None and tokenizer is not None:
-            (keep_special or tokenizer.keep_special)(known[name].markers)
+            tokenizer.keep_special(known[name].markers)
     return tools, reasoning
 
 
@@ -128,8 +127,7 @@ class LLMModel(ServedModel):
         self.metrics = metrics  # LLMMetrics, or None
         self.engine = None
         try:
-            self.tool_parser, self.reasoning_parser = _parsers(
-                config, self.llm.tokenizer, self._core.keep_special if self._core is not None else None)
+            self.tool_parser, self.reasoning_parser = _parsers(config, self.llm.tokenizer)
         except ConfigError:
             self.release()
             raise

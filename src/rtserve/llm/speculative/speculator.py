@@ -31,7 +31,6 @@ import torch
 
 from ..scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from ..sequence import Sequence
-from ..tokenizer import find_stop
 from .config import SpeculativeConfig
 from .ngram import NgramProposer
 from .verify import Proposal, Verified, verify
@@ -232,16 +231,3 @@ class Speculator:
             del self._backoff[i]
         self.proposer.prune(live)
 
-
-def cut_at_stop(seq: Sequence, tokenizer, new: int, stops: tuple[str, ...]) -> None:
-    """A stop string was found in the ``new`` tokens ``seq`` got this step (several: speculation):
-    drop the tokens after the one that completed it, as plain decoding would have stopped there."""
-    gen = seq.generated_ids
-    base = len(gen) - new
-    for m in range(1, new):
-        text = tokenizer.decode(gen[:base + m])
-        if find_stop(text, stops, len(text)) >= 0:
-            del seq.token_ids[seq.num_prompt_tokens + base + m:]
-            if seq.params.logprobs is not None:
-                del seq.output_logprobs[base + m:]
-            return
