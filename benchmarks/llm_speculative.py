@@ -179,8 +179,8 @@ def run_case(case: str, path: Path, sigma, other, args, mix: float, edit_every: 
                 llm.speculator.stats.__init__(accepted_per_pos=[0] * args.num_tokens)
         speeds = {name: [] for name in engines}
         outputs = {}
-        for _ in range(args.rounds):
-            for name, llm in engines.items():
+        for r in range(args.rounds):  # the order alternates, so neither side always runs first
+            for name, llm in (list(engines.items()) if r % 2 == 0 else list(engines.items())[::-1]):
                 tok_s, outputs[name] = timed(llm, ps, args.new_tokens)
                 speeds[name].append(tok_s)
         assert all(o == outputs["plain"] for o in outputs.values()), f"{case}: speculation changed greedy tokens"
@@ -196,7 +196,8 @@ def run_case(case: str, path: Path, sigma, other, args, mix: float, edit_every: 
                          "accepted_share": st.num_accepted_tokens / generated,
                          "acceptance": st.num_accepted_tokens / st.num_draft_tokens if st.num_draft_tokens else 0.0,
                          "tokens_per_verify": st.num_emitted_tokens / st.num_drafts if st.num_drafts else 0.0,
-                         "verified_seq_steps": st.num_drafts})
+                         "verified_seq_steps": st.num_drafts,
+                         "round_ratios": [round(x / y, 3) for x, y in zip(speeds[name], speeds["plain"])]})
             print(format_table([rows[-1]], list(rows[-1])), flush=True)
     return rows
 
