@@ -90,6 +90,9 @@ def test_process_engine_behind_the_server(repo, tmp_path):
         assert queries["lmp"] == queries["lm"] > 0  # the same requests went to both
         assert metric(metrics, "rtserve_llm_num_requests_running", "lmp") == 0
 
+        engines = [httpx.get(f"{srv.url}/v2/models/{m}/config", timeout=30).json()["engine"] for m in ("lm", "lmp")]
+        assert engines[0] == engines[1] and engines[1]["max_model_len"] > 0  # the engine process's limits
+
         too_long = httpx.post(srv.url + "/v1/completions", timeout=30,
                               json={"model": "lmp", "prompt": "a " * 2100, "max_tokens": 4})
         assert too_long.status_code == 400, too_long.text

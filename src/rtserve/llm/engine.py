@@ -110,6 +110,9 @@ class LLM:
             BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
                          max_scored_blocks=SCORES_CACHE_BYTES // (4 * c.vocab_size)),
             score_accept=accepts)
+        from .engine_front import EngineLimits
+
+        self.limits = EngineLimits.of(self)
         self.speculator = None  # speculative decoding (engine.speculative): llm/speculative/
         if config.speculative is not None:
             from .speculative.speculator import Speculator

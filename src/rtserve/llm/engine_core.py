@@ -49,7 +49,7 @@ from typing import AsyncIterator
 
 from .admission import Overloaded
 from .async_engine import EngineClosed, FailAll, Stop, StreamDelta, StreamState, delta_for, fail_held, run_step
-from .engine_front import EngineFront
+from .engine_front import EngineFront, EngineLimits
 from .output_text import ChoiceText
 from .sampling_params import SamplingParams
 from .scheduler import RequestTooLarge
@@ -80,9 +80,7 @@ class AbortRequest:
 class Ready:
     """The engine loaded: its process and the limits the server checks requests against."""
     pid: int
-    max_model_len: int
-    num_blocks: int
-    block_size: int
+    limits: EngineLimits
 
 
 @dataclass(frozen=True)
@@ -146,8 +144,7 @@ def core_main(path: str, engine: dict, device: str, conn) -> None:
         return
     import os
 
-    conn.send(Ready(os.getpid(), llm.scheduler.config.max_model_len, llm.scheduler.bm.num_blocks,
-                    llm.scheduler.bm.block_size))
+    conn.send(Ready(os.getpid(), llm.limits))
     try:
         EngineCore(llm, conn).run()
     except (EOFError, OSError, BrokenPipeError):
@@ -304,7 +301,7 @@ class ProcessAsyncLLM:
             error = ValueError if first.config_fault else RuntimeError
             raise error(f"the engine process could not load the model: {first.message}")
         self.pid = first.pid
-        self.front = EngineFront(path, engine, first.max_model_len, first.num_blocks, first.block_size)
+        self.front = EngineFront(path, engine, first.limits)
         self.stats = EngineStats()  # the engine's gauges after its last step (``LLMMetrics.bind_stats``)
         self._ids = itertools.count(1)
         self._reqs: dict[int, _Request] = {}

@@ -164,7 +164,7 @@ class LLMModel(ServedModel):
 
     @property
     def max_model_len(self) -> int:
-        return self.llm.scheduler.config.max_model_len
+        return self.llm.limits.max_model_len
 
     @property
     def tokenizer(self):
@@ -185,7 +185,7 @@ class LLMModel(ServedModel):
                     raise ValueError("this model has no tokenizer, so it cannot chat")
                 prompt = llm.tokenizer.apply_chat_template(messages, tools=tools, **(template_kwargs or {}))
             ids = llm.encode(prompt)
-            vocab = llm.runner.config.vocab_size
+            vocab = llm.limits.vocab_size
             if any(t >= vocab for t in ids):
                 raise ValueError(f"prompt token ids must be below the vocabulary size {vocab}")
         except ValueError as e:
@@ -201,7 +201,7 @@ class LLMModel(ServedModel):
         return ids
 
     def _check_logit_bias(self, logit_bias: tuple[tuple[int, float], ...]) -> None:
-        vocab = self.llm.runner.config.vocab_size
+        vocab = self.llm.limits.vocab_size
         over = [t for t, _ in logit_bias if t >= vocab]
         if over:  # it names no token: the bias would be silently ignored (and index past the logits)
             raise InvalidInput(f"logit_bias: token ids must be below the vocabulary size {vocab}, got {over[0]}",
@@ -289,10 +289,8 @@ class LLMModel(ServedModel):
                 "outputs": [{"name": "text_output", "datatype": "BYTES", "shape": [1]}]}
 
     def config_json(self) -> dict:
-        sc = self.llm.scheduler.config
+        limits = dataclasses.asdict(self.llm.limits)
+        del limits["vocab_size"]
         return {"name": self.name, "backend": "llm", "platform": "rtserve_llm", "device": self.device,
-                "engine": {"num_blocks": self.llm.scheduler.bm.num_blocks, "block_size": self.llm.scheduler.bm.block_size,
-                           "max_num_seqs": sc.max_num_seqs, "max_num_batched_tokens": sc.max_num_batched_tokens,
-                           "max_model_len": sc.max_model_len, "max_waiting": sc.max_waiting,
-                           "max_waiting_tokens": sc.max_waiting_tokens,
+                "engine": {**limits,
                            "speculative": dataclasses.asdict(spec) if (spec := self.llm.engine_config.speculative) else None}}
