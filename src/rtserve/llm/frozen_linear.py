@@ -121,6 +121,7 @@ class FrozenLinear:
         if forced == "native":
             usable = native_ops() is not None
         layout = (forced, forced) if forced and usable else _CHOSEN.get(key)
+        wt = wn = None  # made for the measurement on a shape's first sight, then kept as they are
         if layout is None:
             wt = weight.t().contiguous()
             cands = {"mm": lambda x: self._mm(x, wt), "linear": lambda x: F.linear(x, weight, self.bias)}
@@ -132,9 +133,9 @@ class FrozenLinear:
             layout = _CHOSEN[key] = measure(cands, weight.shape[1])
         self.layout, self.layout_one = layout[1], layout[0]
         self.packed = packed if "onednn" in layout else None
-        self.weight_t = weight.t().contiguous() if "mm" in layout else None
+        self.weight_t = (wt if wt is not None else weight.t().contiguous()) if "mm" in layout else None
         keep = "native" in layout or (plain and native_ops() is not None)
-        self.native = _native_layout(weight) if keep else None
+        self.native = (wn if wn is not None else _native_layout(weight)) if keep else None
         self.weight = weight if "linear" in layout else None
 
     def _mm(self, x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:

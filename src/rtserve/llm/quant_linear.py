@@ -162,9 +162,9 @@ class HalfHead:
     exact_top_k = 0  # (Int8Head's: none here, every logit is computed from the weight as it is)
 
     def __init__(self, weight: torch.Tensor) -> None:
-        self.half = weight.detach().to(torch.float16).contiguous()
-        self.weight, self.scale = _panels(self.half), None  # what the native kernel reads
-        self._setup(self.half.float())
+        half = weight.detach().to(torch.float16).contiguous()  # not kept: the panels hold the same values
+        self.weight, self.scale = _panels(half), None  # what the native kernel reads
+        self._setup(half.float())
 
     def _setup(self, many: torch.Tensor) -> None:
         from .frozen_linear import FrozenLinear
@@ -176,7 +176,7 @@ class HalfHead:
         if nat is not None and self.weight.device.type == "cpu":
             from .native_decode import native_rows
             self.native_rows = native_rows(lambda x: nat.linear(x, self.weight, self.scale, None), self.many,
-                                           self.half.shape[1])
+                                           many.shape[1])
 
     def approximate(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= self.native_rows:
