@@ -37,14 +37,19 @@ def core(lm_dir):
 
 
 async def collect(engine, prompt, params):
-    """Per choice: (token ids, text, finish reason, failure)."""
+    """Per choice: (token ids, text, finish reason, failure). With logprobs asked for, each choice
+    has one per token (a stop string cuts both)."""
     out: dict[int, list] = {}
+    lps: dict[int, int] = {}
     async for d in engine.generate(prompt, params):
         c = out.setdefault(d.index, [[], "", None, None])
         c[0] += d.token_ids
         c[1] += d.text
+        lps[d.index] = lps.get(d.index, 0) + len(d.logprobs or [])
         if d.finish_reason is not None:
             c[2], c[3] = d.finish_reason, d.failure
+    if params.logprobs is not None:
+        assert all(lps[i] == len(out[i][0]) for i in out if out[i][3] is None), (lps, out)
     return [tuple(out[i]) for i in sorted(out)]
 
 
