@@ -17,8 +17,13 @@ TEXT = "the cat sat on the mat. ça va? ☃ the end"
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return Tokenizer(write_text_lm(tmp_path_factory.mktemp("text")))
+def lm_dir(tmp_path_factory):
+    return write_text_lm(tmp_path_factory.mktemp("text"))
+
+
+@pytest.fixture(scope="module")
+def tok(lm_dir):
+    return Tokenizer(lm_dir)
 
 
 def engine_delta(ids, done=False, logprobs=None):
@@ -98,3 +103,16 @@ def test_the_earliest_of_several_stop_strings_wins(tok):
 def test_without_a_tokenizer_deltas_pass_through():
     d = ChoiceText(None, ("x",)).apply(engine_delta([5, 6], done=True))
     assert d.text == "" and d.token_ids == [5, 6] and d.finish_reason == "length"
+
+
+def test_both_sides_decode_the_first_token_after_the_prompt(tok, lm_dir):
+    """The API side (``ChoiceText``) and the engine (``LLM``) give the detokenizer the prompt's last
+    tokens as context (tests/llm/test_tokenizer_and_text.py: what that changes)."""
+    from rtserve.llm.engine import LLM
+    from rtserve.llm.sampling_params import SamplingParams
+
+    prompt = tok.encode("the cat sat on the mat", add_special_tokens=False)
+    assert ChoiceText(tok, (), prompt).stream.detok.context == prompt[-5:]
+    llm = LLM(lm_dir, num_blocks=16, block_size=4)
+    [seq] = llm.make_sequences(prompt, SamplingParams(max_tokens=2))
+    assert llm._detok[seq.seq_id].detok.context == prompt[-5:]

@@ -69,6 +69,31 @@ def test_incremental_text_is_the_whole_decode(model_dir, tmp_path, kind):
     assert d.text == t.decode(ids)
 
 
+@pytest.mark.parametrize("kind", ["bytelevel", "metaspace", "wordpiece"])
+def test_an_output_reads_as_it_does_after_its_prompt(model_dir, tmp_path, kind):
+    """The first output token is decoded after the prompt's last tokens: " mat", not "mat", after
+    "the cat sat on the" with a SentencePiece-like or WordPiece tokenizer (as decoding it all)."""
+    t = Tokenizer(model_dir) if kind == "bytelevel" else _trained(tmp_path / kind, kind)
+    prompt = t.encode("the cat sat on the", add_special_tokens=False)
+    out = t.encode(" mat unbelievable ça va", add_special_tokens=False)
+    d = IncrementalDetokenizer(t, prompt)
+    deltas = [d.update(out[:k]) for k in range(1, len(out) + 1)] + [d.finish(out)]
+    whole = t.decode(prompt + out)
+    assert "".join(deltas) == d.text == whole[len(t.decode(prompt)):]
+    assert d.text.startswith(" mat") and len(d.context) == 5
+    if kind != "bytelevel":
+        assert not t.decode(out).startswith(" ")  # what decoding the output alone gave
+
+
+def test_a_prompt_ending_inside_a_character_is_no_context(model_dir):
+    t = Tokenizer(model_dir)
+    snowman = t.encode("☃", add_special_tokens=False)
+    assert len(snowman) == 3 and t.decode(snowman[:1]) == "\ufffd"  # its bytes, one token each
+    d = IncrementalDetokenizer(t, t.encode("a b", add_special_tokens=False) + snowman[:1])
+    assert d.context == []
+    assert d.update(snowman[1:]) == "" and d.finish(snowman[1:]) == t.decode(snowman[1:])  # the rest, as it decodes
+
+
 def test_find_stop():
     assert find_stop("hello world", ("wor",), 3) == 6
     assert find_stop("hello world", ("hel",), 2) == -1  # could not have been completed by the new text

@@ -137,7 +137,7 @@ class LLM:
             if params.structured is not None:
                 seq.grammar = self.grammars.matcher(params.structured)
             if self.tokenizer is not None and self.detokenize:
-                self._detok[seq.seq_id] = TextStream(self.tokenizer, params.stop)
+                self._detok[seq.seq_id] = TextStream(self.tokenizer, params.stop, prompt)
             seqs.append(seq)
         return seqs
 

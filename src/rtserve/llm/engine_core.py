@@ -327,7 +327,7 @@ class ProcessAsyncLLM:
                 raise EngineClosed("the model is not taking requests (it is unloading, or the server is shutting down)")
             outbox = outbox_for(self._outboxes, loop)
             req_id = next(self._ids)
-            self._reqs[req_id] = _Request(outbox, box, [ChoiceText(self.front.tokenizer, params.stop)
+            self._reqs[req_id] = _Request(outbox, box, [ChoiceText(self.front.tokenizer, params.stop, prompt)
                                                         for _ in range(params.n)])
             self._outq.put(AddRequest(req_id, list(prompt), params))
         done: set[int] = set()  # choices that had their last delta (a dead engine's 503 skips them)

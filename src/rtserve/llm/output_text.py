@@ -22,11 +22,12 @@ from .tokenizer import IncrementalDetokenizer, find_stop
 
 
 class TextStream:
-    """One choice's text and its stop strings."""
+    """One choice's text and its stop strings; ``prompt``: its first token is decoded after the
+    prompt's last tokens (``IncrementalDetokenizer``'s context)."""
 
-    def __init__(self, tokenizer, stops: tuple[str, ...] = ()) -> None:
+    def __init__(self, tokenizer, stops: tuple[str, ...] = (), prompt: list[int] = ()) -> None:
         self.stops = tuple(stops)
-        self.detok = IncrementalDetokenizer(tokenizer)
+        self.detok = IncrementalDetokenizer(tokenizer, prompt)
         self.stopped = False  # a stop string ended the text: it no longer grows
 
     @property
@@ -64,8 +65,8 @@ class ChoiceText:
     ``StreamDelta``s gets its text here, held back by ``hold`` characters while a stop string may be
     forming, and a stop string ends the choice (``stopped``: the caller tells the engine)."""
 
-    def __init__(self, tokenizer, stops: tuple[str, ...]) -> None:
-        self.stream = TextStream(tokenizer, stops) if tokenizer is not None else None
+    def __init__(self, tokenizer, stops: tuple[str, ...], prompt: list[int] = ()) -> None:
+        self.stream = TextStream(tokenizer, stops, prompt) if tokenizer is not None else None
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.ids: list[int] = []
         self.sent_chars = 0

@@ -87,21 +87,30 @@ def _compile(template: str):
     return env.from_string(template)
 
 
+CONTEXT_TOKENS = 5  # prompt tokens an output's first token is decoded after (vLLM's offset too)
+
+
 class IncrementalDetokenizer:
     """Text deltas of a growing list of output tokens, decoding a short window per update rather
     than the whole output (which made a token cost O(length): 130 us at 2,048 tokens).
 
     The window starts at the tokens of the last delta (``prefix``): the new text is the window's text
     less the prefix's, so a decoder that treats a text's first token differently (SentencePiece's
-    leading space, WordPiece's ``##``) gives the same text as decoding everything. A delta that
-    ends inside a multi-byte character (decoded as U+FFFD) is held back until the character is
-    complete."""
+    leading space, WordPiece's ``##``) gives the same text as decoding everything. Before the first
+    delta the window starts in the prompt's last tokens (``context``), so an output's first token
+    reads as it does after the prompt: " Paris" after "The capital of France is" with a
+    SentencePiece tokenizer, not "Paris". A delta that ends inside a multi-byte character (decoded
+    as U+FFFD) is held back until the character is complete."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, context: list[int] = ()) -> None:
         self.tokenizer = tokenizer
         self.text = ""
-        self.prefix = 0  # the window: output_ids[prefix:], whose first read - prefix tokens are in text
-        self.read = 0
+        ctx = list(context)[-CONTEXT_TOKENS:]
+        if ctx and tokenizer.decode(ctx).endswith("\ufffd"):  # the prompt ends inside a character
+            ctx = []
+        self.context = ctx
+        # the window, in positions of context + output: [prefix, end), its first read - prefix in text
+        self.prefix, self.read = 0, len(ctx)
 
     def update(self, output_ids: list[int]) -> str:
         return self._advance(output_ids, final=False)
@@ -110,17 +119,29 @@ class IncrementalDetokenizer:
         """When the sequence has ended: the text held back for an incomplete character, as it decodes."""
         return self._advance(output_ids, final=True)
 
+    def _ids(self, output_ids: list[int], start: int, stop: int | None = None) -> list[int]:
+        """(context + output_ids)[start:stop], without joining them once the window left the context."""
+        n = len(self.context)
+        if start >= n:
+            return output_ids[start - n:None if stop is None else stop - n]
+        return (self.context + output_ids)[start:stop]
+
     def _advance(self, output_ids: list[int], final: bool) -> str:
-        if len(output_ids) <= self.read:
+        end = len(self.context) + len(output_ids)
+        if end <= self.read:
             return ""
         decode = self.tokenizer.decode
-        before = decode(output_ids[self.prefix:self.read]) if self.read > self.prefix else ""
-        window = decode(output_ids[self.prefix:])
+        before = decode(self._ids(output_ids, self.prefix, self.read)) if self.read > self.prefix else ""
+        window = decode(self._ids(output_ids, self.prefix))
         if len(window) <= len(before) or (window.endswith("\ufffd") and not final):
             return ""
+        if self.prefix < len(self.context) and not window.startswith(before):  # nothing sent yet, and a
+            # decoder that rewrites the context's text when more follows: decode the output alone
+            self.context, self.prefix, self.read = [], 0, 0
+            return self._advance(output_ids, final)
         delta = window[len(before):]
         self.text += delta
-        self.prefix, self.read = self.read, len(output_ids)
+        self.prefix, self.read = self.read, end
         return delta
 
 
