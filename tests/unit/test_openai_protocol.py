@@ -39,6 +39,14 @@ def test_stop_token_ids_must_be_integers_at_least_0(ids, chat):
     assert e.param == "stop_token_ids" and "integers >= 0" in e.message
 
 
+@pytest.mark.parametrize("chat", [False, True])
+def test_stop_strings_are_bounded(chat):
+    doc = CHAT if chat else COMPLETION
+    e = _refused({**doc, "stop": ["x"] * 65}, chat)
+    assert e.param == "stop" and "at most 64" in e.message
+    assert oai.parse(orjson.dumps({**doc, "stop": ["x"] * 64}), chat).params.stop == ("x",) * 64
+
+
 def test_good_stop_token_ids_pass():
     req = oai.parse(orjson.dumps({**COMPLETION, "stop_token_ids": [0, 7, 10**12]}), False)
     assert req.params.stop_token_ids == (0, 7, 10**12)  # ids past the vocabulary: the model's check
@@ -84,6 +92,7 @@ SAMPLES = [
     ("CompletionRequest", {**COMPLETION, "top_k": -1}), ("CompletionRequest", {**COMPLETION, "top_k": -2}),
     ("CompletionRequest", {**COMPLETION, "top_p": 0}), ("CompletionRequest", {**COMPLETION, "stop": ""}),
     ("CompletionRequest", {**COMPLETION, "stop": ["a", "b"]}), ("CompletionRequest", {**COMPLETION, "logprobs": 21}),
+    ("CompletionRequest", {**COMPLETION, "stop": ["a"] * 64}), ("CompletionRequest", {**COMPLETION, "stop": ["a"] * 65}),
     ("CompletionRequest", {**COMPLETION, "stop_token_ids": [-1]}), ("CompletionRequest", {**COMPLETION, "n": 65}),
     ("CompletionRequest", {**COMPLETION, "stream_options": {"include_usage": 1}}),
     ("ChatCompletionRequest", CHAT), ("ChatCompletionRequest", {**CHAT, "model": None}),

@@ -60,7 +60,7 @@ def _openai_schemas() -> dict:
         "presence_penalty": _nullable("number", minimum=-2, maximum=2),
         "frequency_penalty": _nullable("number", minimum=-2, maximum=2),
         "seed": _nullable("integer"),
-        "stop": {"anyOf": [text, {"type": "array", "items": text}, {"type": "null"}]},
+        "stop": {"anyOf": [text, {"type": "array", "items": text, "maxItems": 64}, {"type": "null"}]},
         "stop_token_ids": {"type": ["array", "null"], "items": {"type": "integer", "minimum": 0},
                            "description": "each below the model's vocabulary size"},
         "ignore_eos": _nullable("boolean"),

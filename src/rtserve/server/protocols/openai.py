@@ -125,6 +125,7 @@ def _messages(doc: dict) -> list[dict]:
 
 
 MAX_LOGPROBS = 20  # alternatives per token (logprobs, top_logprobs, prompt_logprobs)
+MAX_STOP = 64  # stop strings a request (OpenAI takes 4): each is searched for after every token
 
 
 def parse(body: bytes, chat: bool) -> GenerationRequest:
@@ -141,6 +142,8 @@ def parse(body: bytes, chat: bool) -> GenerationRequest:
         stop = [stop]
     if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop)):
         raise OpenAIError("'stop' must be a string or a list of non-empty strings", param="stop")
+    if stop is not None and len(stop) > MAX_STOP:
+        raise OpenAIError(f"'stop' may hold at most {MAX_STOP} strings, got {len(stop)}", param="stop")
     top_logprobs = 0
     if chat:
         want = _get(doc, "logprobs", bool, False)

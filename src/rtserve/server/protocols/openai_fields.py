@@ -84,7 +84,7 @@ FIELDS: tuple[Field, ...] = (
     _impl("max_tokens", _G, "default 16 (completions) or 256 (chat); over the context -> 400; 0 only with echo"),
     _impl("n", _G, "choices per request, 1 to 64"),
     _impl("seed", _G, "64-bit; choice i draws from a generator seeded with seed + i, whatever the batch"),
-    _impl("stop", _G, "a string or a list of strings; the stop text is not returned"),
+    _impl("stop", _G, "a string or a list of up to 64 strings; the stop text is not returned"),
     _impl("stream", _G, "server-sent events, ending with data: [DONE]"),
     _impl("stream_options", _G, "with stream: true only; include_usage: a last chunk with the usage; "
           "continuous_usage_stats: the usage so far on every chunk (vLLM); include_obfuscation: taken, no "
