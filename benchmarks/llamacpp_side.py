@@ -31,6 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 OUTTYPES = ("f32", "f16", "q8_0")
+#: types llama.cpp makes from the f32 GGUF with its quantizer (``llama-quantize``'s library call), as a
+#: user of llama.cpp would: the converter writes no 4-bit types (the llama_ftype number of each)
+QUANTIZED = {"q4_0": 2}
 CONVERTER_ENV = "RTSERVE_LLAMACPP_CONVERTER"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rtserve" / "llamacpp"
 
@@ -176,11 +179,32 @@ def prepare_hf_dir(checkpoint: Path, into: Path, vocab_size: int) -> Path:
     return into
 
 
+def quantize(f32: Path, outtype: str, out: Path, threads: int = 2) -> Path:
+    """A GGUF of type ``outtype`` (one of ``QUANTIZED``) made from the f32 GGUF by llama.cpp's quantizer
+    with its default parameters, as ``llama-quantize f32.gguf out.gguf q4_0`` does."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = QUANTIZED[outtype]
+    params.nthread = threads
+    rc = llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), params)
+    if rc != 0 or not out.is_file():
+        raise RuntimeError(f"llama_model_quantize to {outtype} failed ({rc})")
+    return out
+
+
 def convert_all(checkpoint: Path, workdir: Path, vocab_size: int, outtypes=OUTTYPES,
                 converter: str | None = None) -> dict[str, Path]:
+    """GGUFs of the checkpoint: the converter's types, then llama.cpp's quantizer's from the f32 one."""
     conv = find_converter(converter)
     hf_dir = prepare_hf_dir(checkpoint, workdir / "hf", vocab_size)
-    return {t: convert(hf_dir, t, workdir / f"model-{t}.gguf", conv) for t in outtypes}
+    direct = [t for t in outtypes if t not in QUANTIZED]
+    if any(t in QUANTIZED for t in outtypes) and "f32" not in direct:
+        direct.append("f32")
+    out = {t: convert(hf_dir, t, workdir / f"model-{t}.gguf", conv) for t in direct}
+    for t in (t for t in outtypes if t in QUANTIZED):
+        out[t] = quantize(out["f32"], t, workdir / f"model-{t}.gguf")
+    return {t: out[t] for t in outtypes}
 
 
 # ---------------------------------------------------------------- batched greedy decoding

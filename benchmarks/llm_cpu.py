@@ -6,13 +6,14 @@ Model: Llama architecture, ~34M parameters (hidden 512, 6 layers, 8 heads, 4 KV 
 ignored; output tokens/s = all generated tokens / wall time (prefill included). The engines run in turns,
 ``--repeats`` times, and each one's best (``--stat best``) or median (``--stat median``) run is reported.
 ``--llamacpp`` adds llama.cpp f32 / f16 / q8_0 rows (the same checkpoint converted to GGUF, see
-``llamacpp_side.py``) in the same interleaved rounds; without llama_cpp installed they are skipped.
+``llamacpp_side.py``) in the same interleaved rounds, and q4_0 (made by llama.cpp's quantizer from the
+f32 GGUF) with ``--quant int4``; without llama_cpp installed they are skipped.
 
     python benchmarks/llm_cpu.py [--concurrency 1 16 64] [--new-tokens 128] [--llamacpp] [--repeats 3 --stat median]
 
 ``--quant int8 int4`` adds rtserve on weight-only quantized copies of the checkpoint (``rtserve compress
 --quantize int8-weight|int4-weight``), run in the same interleaved rounds as rtserve float32 (and
-llama.cpp): tok/s, the ratio to float32 and to llama.cpp's q8_0 (``quant_columns``).
+llama.cpp): tok/s, the ratio to float32 and to llama.cpp's q8_0 (and int4's to q4_0; ``quant_columns``).
 """
 from __future__ import annotations
 
@@ -93,8 +94,9 @@ def quant_columns(samples: dict, reduce, ours: float) -> dict:
         if name in samples:
             cols[f"{name}_tok_s"] = reduce(samples[name])
             cols[f"{name}_vs_f32"] = cols[f"{name}_tok_s"] / ours
-            if "llamacpp_q8_0" in samples:
-                cols[f"{name}_vs_llamacpp_q8_0"] = cols[f"{name}_tok_s"] / reduce(samples["llamacpp_q8_0"])
+            for theirs in ("q8_0", "q4_0") if name == "int4" else ("q8_0",):
+                if f"llamacpp_{theirs}" in samples:
+                    cols[f"{name}_vs_llamacpp_{theirs}"] = cols[f"{name}_tok_s"] / reduce(samples[f"llamacpp_{theirs}"])
     return cols
 
 
@@ -125,7 +127,8 @@ def llamacpp_sides(args, checkpoint: Path, vocab_size: int, workdir: Path) -> di
     if (why := llamacpp_side.available()) is not None:
         print(f"--llamacpp skipped: {why}", flush=True)
         return {}
-    ggufs = llamacpp_side.convert_all(checkpoint, workdir, vocab_size, converter=args.llamacpp_converter)
+    types = llamacpp_side.OUTTYPES + (("q4_0",) if "int4" in args.quant else ())
+    ggufs = llamacpp_side.convert_all(checkpoint, workdir, vocab_size, types, converter=args.llamacpp_converter)
     return llamacpp_side.load_all(ggufs, args.threads)
 
 

@@ -25,12 +25,15 @@ def _x(rows: int, k: int = 256, seed: int = 1) -> torch.Tensor:
 
 # the largest error allowed, relative to the largest output: bfloat16 outputs carry 8 mantissa
 # bits; the int8 x int8 matmul of a ~15-bit split is exact up to the split's rounding; the native
-# kernel widens the int8 weight and keeps float32 activations (float32 rounding only)
-TOLERANCE = {"int8pack-bf16x2": 2 ** -8, "intmm-x2": 2e-4, "int4pack-bf16x2": 2 ** -8, "native-int8": 1e-6}
+# kernel widens the int8 weight and keeps float32 activations (float32 rounding only); the native int4
+# kernel too, but for one to eight rows it sums x * (q + 8) and subtracts 8 x the group's sum of x (a
+# few float32 roundings more)
+TOLERANCE = {"int8pack-bf16x2": 2 ** -8, "intmm-x2": 2e-4, "int4pack-bf16x2": 2 ** -8, "native-int8": 1e-6,
+             "native-int4": 1e-5}
 
 
 @pytest.mark.parametrize("name,bits", [("int8pack-bf16x2", 8), ("intmm-x2", 8), ("int4pack-bf16x2", 4),
-                                       ("native-int8", 8)])
+                                       ("native-int8", 8), ("native-int4", 4)])
 @pytest.mark.parametrize("rows", [1, 3, 16, 70])
 def test_kernel_matches_the_dequantized_reference(name, bits, rows):
     q, s = _weights(bits)
@@ -83,6 +86,23 @@ def test_int4_layer_keeps_int4_memory():
     if layer.kernel == "dequant":
         pytest.skip("no int4 kernel in this PyTorch build")
     assert layer.weight_bytes <= q.numel() // 2 + 4 * s.numel()
+
+
+def test_int4_layers_use_the_native_kernel_and_hand_it_to_the_decode_layer():
+    if native.ops() is None:
+        pytest.skip("native kernels not built here")
+    q, s = _weights(4)
+    layer = QuantLinear(q, s, 4, torch.linspace(-1, 1, q.shape[0]))
+    assert layer.kernel == "cpu:1:native-int4,16:native-int4,64:native-int4", layer.kernel
+    w, ws = layer.native_weights()
+    assert w.dtype == torch.uint8 and w.shape == (6, 128, 16) and ws.shape == (6, 4, 16)
+    assert native.in_features(w) == 256
+    for rows in (1, 2, 5, 70):
+        x = _x(rows)
+        want = x @ dequantize(q, s).t() + layer.bias
+        assert float((layer(x) - want).abs().max()) <= 1e-5 * float(want.abs().max())
+    assert native.pack_int4(q[:40], s[:40]) is None  # 40 outputs: not whole panels
+    assert native.pack_int4(q, torch.ones(96, 256 // 3)) is None  # a group size that does not divide K
 
 
 def test_bfloat16_activations_go_straight_through():

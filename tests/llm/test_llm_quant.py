@@ -130,7 +130,8 @@ def test_int8_checkpoints_ask_for_an_int8_head_whose_top_logits_are_exact(llama,
     quantize_checkpoint(llama, tmp_path / "q", "int8-weight")
     side_path = tmp_path / "q" / "quantization.json"
     side = json.loads(side_path.read_text())
-    assert side["lm_head"] == {"dtype": "int8", "exact_top_k": 8}
+    side_head = {"dtype": "int8", "exact_top_k": 8}
+    assert side["lm_head"] == side_head
     head = LLM(tmp_path / "q", num_blocks=64, block_size=4).runner.model._head
     assert isinstance(head, Int8Head) and head.weight.dtype == torch.int8 and head.exact_top_k == 8
     w, q, s = head.half.float(), head.weight, head.scale
@@ -158,8 +159,8 @@ def test_int8_checkpoints_ask_for_an_int8_head_whose_top_logits_are_exact(llama,
         side_path.write_text(json.dumps(side))
         with pytest.raises(ValueError, match="'lm_head' must be"):
             LLM(tmp_path / "q", num_blocks=64, block_size=4)
-    quantize_checkpoint(llama, tmp_path / "q4", "int4-weight", group_size=16)
-    assert "lm_head" not in json.loads((tmp_path / "q4" / "quantization.json").read_text())
+    quantize_checkpoint(llama, tmp_path / "q4", "int4-weight", group_size=16)  # int4 asks for the same head
+    assert json.loads((tmp_path / "q4" / "quantization.json").read_text())["lm_head"] == side_head
 
 
 def test_int8_head_greedy_decoding_is_the_same_natively_and_on_pytorch(llama, tmp_path, monkeypatch):

@@ -76,6 +76,60 @@ def test_products_with_weights_in_panels_match_torch(ops, rows, n, k):
                 ops.linear(x, pairs, s, None)
 
 
+def _int4(n, k, group, seed=3, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)
+    s = (torch.rand(n, k // group, generator=g) + 0.1) * scale
+    return q, s, q.float() * s.repeat_interleave(group, 1)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 6, 7, 13, 64, 130])  # the nibble tiles (1, 2), widened panels (3+)
+@pytest.mark.parametrize("n,k,group", [(64, 96, 32), (48, 1100, 10), (16, 2, 2), (128, 512, 128)])  # 48: 3 panels
+def test_int4_products_in_panels_match_the_dequantized_weight(ops, rows, n, k, group):
+    q, s, deq = _int4(n, k, group)
+    w, ws = native.pack_int4(q, s)
+    assert w.shape == (n // 16, k // 2, 16) and ws.shape == (n // 16, k // group, 16)
+    assert int(w[-1, 0, 3]) == (int(q[n - 13, 0]) + 8) | ((int(q[n - 13, 1]) + 8) << 4)
+    x, b = _rand(rows, k), _rand(n, seed=2)
+    want = x @ deq.t() + b
+    got = ops.linear(x, w, ws, b)
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max()) + 1e-5
+
+
+def test_int4_weights_need_panel_group_scales(ops):
+    q, s, _ = _int4(32, 64, 16)
+    w, ws = native.pack_int4(q, s)
+    x = _rand(2, 64)
+    for bad in (None, ws.reshape(32, 4), ws[:, :3].contiguous(), ws.double(), torch.ones(2, 64 // 3, 16)):
+        with pytest.raises(RuntimeError, match="int4 weight needs float32 group scales"):
+            ops.linear(x, w, bad, None)
+    with pytest.raises(RuntimeError, match="group scales"):  # groups of 1: odd
+        ops.linear(x, w, torch.ones(2, 64, 16), None)
+    with pytest.raises(RuntimeError, match="int4 weight must be contiguous uint8"):
+        ops.linear(_rand(2, 32), w, ws, None)  # K does not match
+    with pytest.raises(RuntimeError, match="int4 weight must be contiguous uint8"):
+        ops.linear(x, w.reshape(64, 16), ws, None)  # not in panels
+    assert native.pack_int4(q, torch.ones(32, 64)) is None  # groups of 1
+
+
+def test_decode_layer_reads_int4_weights_as_their_dequantized_values(ops):
+    a = _layer_args()
+    names = ("qkv_w", "o_w", "gu_w", "down_w")
+    packed, deq = {}, dict(a)
+    for i, name in enumerate(names):
+        n, k = a[name].shape
+        q, s, d = _int4(n, k, 16, seed=10 + i, scale=0.02)
+        packed[name] = native.pack_int4(q, s)
+        deq[name] = d
+    want = _call(ops, deq)
+    b = dict(a, kv_cache=torch.zeros_like(a["kv_cache"]))
+    got = ops.decode_layer(b["x"], b["ln1"], *packed["qkv_w"], None, None, None, *packed["o_w"], b["ln2"],
+                           *packed["gu_w"], *packed["down_w"], b["rope"], b["kv_cache"], b["blocks"],
+                           b["context_lens"], b["slots"], b["nh"], b["nkv"], 1e-6, 0.25)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(b["kv_cache"], deq["kv_cache"], rtol=1e-4, atol=1e-4)  # the same K / V written
+
+
 def test_panels_need_whole_panels_and_row_scales(ops):
     assert native.pack_panels(_rand(40, 8)) is None  # 40 outputs: not whole panels of 16
     x, p = _rand(2, 8), native.pack_panels(_rand(32, 8))
@@ -201,6 +255,14 @@ for rows in (1, 3, 5):
             if k % 2 == 0 and ops.int8_pairs():
                 got = ops.linear(x, native.pack_int8_pairs(q), s, None)
                 assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
+    for n, k, group in ((64, 96, 32), (48, 40, 8)):  # int4 panels: the nibble tiles and the widened panels
+        q4 = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)
+        s4 = torch.rand(n, k // group, generator=g) + 0.1
+        w4, ws4 = native.pack_int4(q4, s4)
+        for m in (rows, rows + 6):
+            x = torch.randn(m, k, generator=g)
+            want = x @ (q4.float() * s4.repeat_interleave(group, 1)).t()
+            assert float((ops.linear(x, w4, ws4, None) - want).abs().max()) <= 1e-5 * float(want.abs().max())
     q = torch.randint(-127, 128, (9, 64), dtype=torch.int8, generator=g)
     s = torch.rand(9, 2, generator=g)
     x = torch.randn(rows, 64, generator=g)

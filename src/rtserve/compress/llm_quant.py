@@ -2,9 +2,10 @@
 decoder layer (q, k, v, o, gate, up, down) becomes int8 per output channel or int4 in groups of
 ``group_size`` along the input, symmetric. Stored in safetensors as ``<name>.qweight`` (int8, or
 uint8 with two int4 values a byte) and ``<name>.scales`` (float32), with the recipe in
-``quantization.json``; everything else (embeddings, norms, the tokenizer) is copied unchanged. For
-int8, the recipe also asks the engine for the LM head in float16 at load (``lm_head``; the head is
-often the tied embedding, which the lookup needs in float32).
+``quantization.json``; everything else (embeddings, norms, the tokenizer) is copied unchanged. The
+recipe also asks the engine for the LM head in int8 with its top 8 logits recomputed from float16,
+made at load (``lm_head``, ``quant_linear.Int8Head``; the head is often the tied embedding, which the
+lookup needs in float32).
 The engine reads such a folder like any other (``llm/model_runner.py``).
 """
 from __future__ import annotations
@@ -64,7 +65,6 @@ def quantize_checkpoint(src: Path | str, dst: Path | str, method: str, group_siz
     recipe = {"method": method, "bits": bits, "group_size": group_size if bits == 4 else None,
               "symmetric": True, "scales_dtype": "float32", "modules": modules,
               "bytes_before": before, "bytes_after": after}
-    if bits == 8:
-        recipe["lm_head"] = {"dtype": "int8", "exact_top_k": 8}  # made by the engine at load (quant_linear.Int8Head)
+    recipe["lm_head"] = {"dtype": "int8", "exact_top_k": 8}  # made by the engine at load (quant_linear.Int8Head)
     (dst / SIDECAR).write_text(json.dumps(recipe, indent=2) + "\n")
     return recipe

@@ -27,6 +27,11 @@ float32 at every batch size but drops the demo LM's top-1 agreement from 98.9% t
   products; faster for 1-2 rows, slower for more, ~3e-5 of the row's largest value off.) A stream
   of 1 byte a weight: the fastest for one row where it builds (timing decides);
   the fused native decode layer (``native_decode``) reads the same weight.
+- ``native-int4`` (int4): rtserve's own int4 kernel: the weight as two nibbles a byte in panels of 16
+  outputs with float32 group scales (``native.pack_int4``), widened to float32 in registers against
+  float32 activations (exact up to float32 rounding, as ``native-int8``); batches of more than two
+  rows widen each panel once a call and run the float32 panel product. The fused native decode layer
+  reads the same weight.
 - ``dequant``: expand the weight to float per call: the fallback when the others fail their check.
 
 ``RTSERVE_QUANT_KERNEL=<name>`` forces one kernel (benchmarks, tests).
@@ -51,7 +56,7 @@ BUCKETS = (1, 16, 64)  # rows timed at load; a call uses the choice of the neare
 #: that mixed in int8pack per shape: demo LM 98.66-98.84% top-1 against 98.9%). intmm-x2 is the
 #: faster from ~16 rows up with VNNI; without it (AVX2) PyTorch's int8 matmul is 10-20x slower than
 #: float32 (2-core EPYC, AVX2: 44 ms against native-int8's ~2 ms for 64 rows of a 2816 x 512 weight)
-EXACT = ("native-int8", "intmm-x2")
+EXACT = ("native-int8", "intmm-x2", "native-int4")
 _CHOICES: dict[tuple, dict[int, str]] = {}  # (bits, out, in, group) -> {bucket rows: kernel name}
 _LOCK = threading.Lock()
 
@@ -139,6 +144,22 @@ def _native_int8(q: torch.Tensor, scales: torch.Tensor) -> Kernel | None:
     return run
 
 
+def _native_int4(q: torch.Tensor, scales: torch.Tensor) -> Kernel | None:
+    from .native import ops, pack_int4
+
+    nat = ops()
+    packed = pack_int4(q, scales) if nat is not None else None
+    if packed is None:
+        return None
+    w, s = packed
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return nat.linear(x.float().contiguous(), w, s, None).to(x.dtype)
+    run.nbytes = w.numel() + 4 * s.numel()
+    run.native = (w, s)  # what the fused decode layer reads
+    return run
+
+
 def _dequant(q: torch.Tensor, scales: torch.Tensor, group_size: int) -> Kernel:
     from .quant_linear import dequantize
 
@@ -152,7 +173,9 @@ def candidates(bits: int) -> tuple[str, ...]:
     # in order of preference where timings are close: native-int8 reproduces the dequantizing matmul
     # up to float32 rounding, then intmm-x2 (demo LM: the same mean KL to float32, 0.000146, against
     # int8pack's 0.000172)
-    return ("native-int8", "intmm-x2", "int8pack-bf16x2", "dequant") if bits == 8 else ("int4pack-bf16x2", "dequant")
+    if bits == 8:
+        return ("native-int8", "intmm-x2", "int8pack-bf16x2", "dequant")
+    return ("native-int4", "int4pack-bf16x2", "dequant")
 
 
 def build(name: str, q: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> Kernel | None:
@@ -168,6 +191,10 @@ def build(name: str, q: torch.Tensor, scales: torch.Tensor, bits: int, group_siz
                 return None
         elif name == "intmm-x2" and bits == 8:
             fn = _intmm(q, scales)
+        elif name == "native-int4" and bits == 4 and scales.dim() == 2:
+            fn = _native_int4(q, scales)
+            if fn is None:
+                return None
         elif name == "int4pack-bf16x2" and bits == 4:
             fn = _int4pack(q, scales, group_size)
         elif name == "dequant":
@@ -211,7 +238,7 @@ class Choice:
     """The kernel a call of a given number of rows uses: the one timed fastest at the nearest bucket."""
     kernels: dict[int, Kernel]  # bucket rows -> kernel
     names: dict[int, str]       # bucket rows -> kernel name
-    native: tuple | None = None  # (int8 weight, float32 scales) the native decode layer reads, where it builds
+    native: tuple | None = None  # (int8 / int4 weight, float32 scales) the native decode layer reads, where it builds
 
     @property
     def nbytes(self) -> int:
@@ -247,5 +274,5 @@ def choose(q: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) ->
             picks[rows] = _fastest({n: built[n] for n in pool}, x) if len(pool) > 1 else pool[0]
         with _LOCK:
             _CHOICES[key] = picks
-    nat = built.get("native-int8")
+    nat = built.get("native-int8") or built.get("native-int4")
     return Choice({r: built[n] for r, n in picks.items()}, dict(picks), nat.native if nat is not None else None)

@@ -122,8 +122,8 @@ class QuantLinear:
         return fn
 
     def native_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(int8 weight, in panels or (out, in), float32 scales (out,)) for the native decode layer, where
-        the native int8 kernel built for this layer."""
+        """(weight, float32 scales) for the native decode layer, where the native kernel built for this
+        layer: int8 in panels or (out, in) with scales (out,), or int4 in panels with group scales."""
         return getattr(self._fast, "native", None)
 
     @property

@@ -145,6 +145,23 @@ def pack_int8(q: torch.Tensor) -> torch.Tensor:
     return q.contiguous() if p is None else p
 
 
+def pack_int4(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """int4 values in [-8, 7] as int8 (N, K) with float32 scales (N, K / g) -> the layout of the
+    native int4 product: uint8 (N / 16, K / 2, 16), byte [p, i, j] holding output 16 p + j at k = 2 i
+    (low nibble) and 2 i + 1 (high nibble) as q + 8, and the scales in panels too, (N / 16, K / g, 16).
+    None when N is not a multiple of 16, or the group size g is odd or does not divide K."""
+    n, k = q.shape
+    if n % PANEL or scales.dim() != 2 or scales.shape[0] != n or k % scales.shape[1] or (k // scales.shape[1]) % 2:
+        return None
+    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    byte = u[:, 0::2] | (u[:, 1::2] << 4)  # (N, K / 2)
+    w = byte.reshape(n // PANEL, PANEL, k // 2).transpose(1, 2).contiguous()
+    s = scales.float().reshape(n // PANEL, PANEL, -1).transpose(1, 2).contiguous()
+    return w, s
+
+
 def in_features(w: torch.Tensor) -> int:
-    """The input features of a weight in any of the kernels' layouts ((N, K), panels, panels of k pairs)."""
-    return 2 * w.shape[1] if w.dim() == 3 and w.shape[2] == 2 * PANEL else w.shape[1]
+    """The input features of a weight in any of the kernels' layouts ((N, K), panels, panels of k
+    pairs, int4 panels)."""
+    pairs = w.dim() == 3 and (w.shape[2] == 2 * PANEL or w.dtype == torch.uint8)
+    return 2 * w.shape[1] if pairs else w.shape[1]

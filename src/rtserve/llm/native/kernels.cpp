@@ -1,11 +1,12 @@
 // rtserve's CPU kernels for decoding a few sequences at a time (see native/__init__.py for how this
 // file is built and loaded, and docs/architecture.md for when the engine uses it).
 //
-// - rtserve::linear: y = x @ W.T (+ b) for a few rows x, W float32 or float16 (N, K), or int8 (N, K)
-//   with a float32 scale per output row or per group along K. Each weight row is read once for all rows of x, straight from the
-//   layout a checkpoint stores (no packing); int8 scales per output row or in groups along K, so the memory traffic of a step is the weights' bytes:
-//   the whole cost of decoding one sequence. Activations stay float32 (int8 weights are widened in
-//   registers), so an int8 layer differs from its dequantized float32 reference by rounding only.
+// - rtserve::linear: y = x @ W.T (+ b) for rows x, W float32 or float16, or int8 with a float32 scale
+//   per output row (or per group along K), as the checkpoint stores it (N, K) or in panels of 16
+//   outputs; or int4 in panels with group scales. Each weight is read once for all rows of x, so the
+//   memory traffic of a step is the weights' bytes: the whole cost of decoding one sequence.
+//   Activations stay float32 (int8 / int4 weights are widened in registers), so a quantized layer
+//   differs from its dequantized float32 reference by rounding only.
 // - rtserve::decode_layer: one Llama-family decoder layer for a decode-only step (one new token per
 //   sequence), in one call: RMSNorm, the fused qkv product, optional q/k norms, rotary embedding,
 //   the K/V write into the paged cache, attention that reads the cache in place through each
@@ -31,6 +32,10 @@
 
 namespace {
 
+// loops over a tile's rows, panels and vectors (compile-time bounds) unrolled whole, so the sums stay in
+// registers: a loop GCC left rolled kept its sums in an array on the stack
+#define UNROLL _Pragma("GCC unroll 32")
+
 // ---------------------------------------------------------------------------------------------
 // A vector of W floats: the few operations the kernels need, for each instruction set.
 #if defined(__AVX512F__)
@@ -46,6 +51,14 @@ inline vec vload(const c10::Half* p) {
 }
 inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+inline vec vsub(vec a, vec b) { return _mm512_sub_ps(a, b); }
+// 16 bytes of two nibbles each -> their low and high nibbles as floats (0..15): each byte widened
+// to an int32 lane straight from memory, then the low nibble masked and the high one shifted down
+inline void load_nibbles(const uint8_t* p, vec* lo, vec* hi) {
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  lo[0] = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(0x0F)));
+  hi[0] = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+}
 inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
 inline vec vset(float f) { return _mm512_set1_ps(f); }
 inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
@@ -60,6 +73,14 @@ inline vec vload(const int8_t* p) {
 inline vec vload(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+inline vec vsub(vec a, vec b) { return _mm256_sub_ps(a, b); }
+inline void load_nibbles(const uint8_t* p, vec* lo, vec* hi) {
+  UNROLL for (int v = 0; v < 2; ++v) {
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * v)));
+    lo[v] = _mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(0x0F)));
+    hi[v] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+  }
+}
 inline vec vset(float f) { return _mm256_set1_ps(f); }
 inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
 inline float vsum(vec v) {
@@ -77,6 +98,10 @@ inline vec vload(const int8_t* p) { return static_cast<float>(*p); }
 inline vec vload(const c10::Half* p) { return static_cast<float>(*p); }
 inline vec vfma(vec a, vec b, vec c) { return a * b + c; }
 inline vec vadd(vec a, vec b) { return a + b; }
+inline vec vsub(vec a, vec b) { return a - b; }
+inline void load_nibbles(const uint8_t* p, vec* lo, vec* hi) {
+  for (int j = 0; j < 16; ++j) lo[j] = static_cast<float>(p[j] & 0x0F), hi[j] = static_cast<float>(p[j] >> 4);
+}
 inline vec vset(float f) { return f; }
 inline float vsum(vec v) { return v; }
 inline void vstore(float* p, vec v) { *p = v; }
@@ -115,16 +140,16 @@ inline float dot1(const T* w, const float* x, int64_t k) {
 template <typename T, int R>
 inline void dotR(const T* w, const float* x, int64_t ldx, int64_t k, float* out) {
   vec a[R][2];
-  for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = vzero();
+  UNROLL for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = vzero();
   int64_t i = 0;
   for (; i + 2 * W <= k; i += 2 * W) {
     vec w0 = vload(w + i), w1 = vload(w + i + W);
-    for (int r = 0; r < R; ++r) {
+    UNROLL for (int r = 0; r < R; ++r) {
       a[r][0] = vfma(w0, vload(x + r * ldx + i), a[r][0]);
       a[r][1] = vfma(w1, vload(x + r * ldx + i + W), a[r][1]);
     }
   }
-  for (int r = 0; r < R; ++r) {
+  UNROLL for (int r = 0; r < R; ++r) {
     float s = vsum(vadd(a[r][0], a[r][1]));
     for (int64_t j = i; j < k; ++j) s += static_cast<float>(w[j]) * x[r * ldx + j];
     out[r] = s;
@@ -215,24 +240,27 @@ template <typename T, int R, int P>
 inline void panel_tile(const float* x, int64_t k, const T* w, int64_t pstride, const float* scale, const float* bias,
                        float* y, int64_t n) {
   vec acc[R][P][NV];
-  for (int r = 0; r < R; ++r)
-    for (int p = 0; p < P; ++p)
-      for (int v = 0; v < NV; ++v) acc[r][p][v] = vzero();
+  UNROLL for (int r = 0; r < R; ++r)
+    UNROLL for (int p = 0; p < P; ++p)
+      UNROLL for (int v = 0; v < NV; ++v) acc[r][p][v] = vzero();
   for (int64_t kk = 0; kk < k; ++kk) {
-    vec b[P][NV];
-    for (int p = 0; p < P; ++p)
-      for (int v = 0; v < NV; ++v) b[p][v] = vload(w + p * pstride + kk * PANEL + v * W);
-    for (int r = 0; r < R; ++r) {
-      const vec a = vset(x[r * k + kk]);
-      for (int p = 0; p < P; ++p)
-        for (int v = 0; v < NV; ++v) acc[r][p][v] = vfma(a, b[p][v], acc[r][p][v]);
+    // one panel's weights at a time: R x P x NV sums, NV weights and a broadcast live at once (all
+    // P panels' weights first took 17 registers at R = 1, P = 4 on AVX2, and a sum went through the
+    // stack every step)
+    UNROLL for (int p = 0; p < P; ++p) {
+      vec b[NV];
+      UNROLL for (int v = 0; v < NV; ++v) b[v] = vload(w + p * pstride + kk * PANEL + v * W);
+      UNROLL for (int r = 0; r < R; ++r) {
+        const vec a = vset(x[r * k + kk]);
+        UNROLL for (int v = 0; v < NV; ++v) acc[r][p][v] = vfma(a, b[v], acc[r][p][v]);
+      }
     }
   }
-  for (int p = 0; p < P; ++p)
-    for (int v = 0; v < NV; ++v) {
+  UNROLL for (int p = 0; p < P; ++p)
+    UNROLL for (int v = 0; v < NV; ++v) {
       const int64_t c = p * PANEL + v * W;
       const vec s = scale ? vload(scale + c) : vset(1.f), bb = bias ? vload(bias + c) : vzero();
-      for (int r = 0; r < R; ++r) vstore(y + r * n + c, vfma(acc[r][p][v], s, bb));
+      UNROLL for (int r = 0; r < R; ++r) vstore(y + r * n + c, vfma(acc[r][p][v], s, bb));
     }
 }
 
@@ -261,8 +289,13 @@ void gemm_panels(const float* x, int64_t m, const T* w, const float* scale, cons
         const int64_t c0 = g * 4 * PANEL;
         const float* s = scale ? scale + c0 : nullptr;
         const float* b = bias ? bias + c0 : nullptr;
-        if (m == 1) panel_tile<T, 1, 4>(x, k, w + g * 4 * pstride, pstride, s, b, y + c0, n);
-        else panel_tile<T, 2, 4>(x, k, w + g * 4 * pstride, pstride, s, b, y + c0, n);
+        if (m == 1) {
+          panel_tile<T, 1, 4>(x, k, w + g * 4 * pstride, pstride, s, b, y + c0, n);
+          continue;
+        }
+        for (int h = 0; h < 2; ++h)  // two rows: 2 panels at a time (2 x 4 x 2 sums overflow AVX2's registers)
+          panel_tile<T, 2, 2>(x, k, w + (g * 4 + 2 * h) * pstride, pstride, s ? s + 2 * h * PANEL : nullptr,
+                              b ? b + 2 * h * PANEL : nullptr, y + c0 + 2 * h * PANEL, n);
       }
     });
     return;
@@ -308,31 +341,31 @@ inline void pair_tile(const int32_t* x, int64_t kh, const float* xs, const int8_
   for (int64_t c0 = 0; c0 < kh; c0 += PAIR_CHUNK) {
     const int64_t c1 = std::min(kh, c0 + PAIR_CHUNK);
     __m256i acc[R][P][2];
-    for (int r = 0; r < R; ++r)
-      for (int p = 0; p < P; ++p) acc[r][p][0] = acc[r][p][1] = _mm256_setzero_si256();
+    UNROLL for (int r = 0; r < R; ++r)
+      UNROLL for (int p = 0; p < P; ++p) acc[r][p][0] = acc[r][p][1] = _mm256_setzero_si256();
     for (int64_t i = c0; i < c1; ++i) {
       __m256i lo[P], hi[P];
-      for (int p = 0; p < P; ++p) {
+      UNROLL for (int p = 0; p < P; ++p) {
         const int8_t* b = w + p * pstride + i * 2 * PANEL;
         lo[p] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
         hi[p] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + PANEL)));
       }
-      for (int r = 0; r < R; ++r) {
+      UNROLL for (int r = 0; r < R; ++r) {
         const __m256i xp = _mm256_set1_epi32(x[r * kh + i]);
-        for (int p = 0; p < P; ++p) {
+        UNROLL for (int p = 0; p < P; ++p) {
           acc[r][p][0] = _mm256_add_epi32(acc[r][p][0], _mm256_madd_epi16(lo[p], xp));
           acc[r][p][1] = _mm256_add_epi32(acc[r][p][1], _mm256_madd_epi16(hi[p], xp));
         }
       }
     }
-    for (int r = 0; r < R; ++r)
-      for (int p = 0; p < P; ++p)
-        for (int h = 0; h < 2; ++h)
+    UNROLL for (int r = 0; r < R; ++r)
+      UNROLL for (int p = 0; p < P; ++p)
+        UNROLL for (int h = 0; h < 2; ++h)
           _mm256_storeu_ps(fa[r][p] + 8 * h, _mm256_add_ps(_mm256_loadu_ps(fa[r][p] + 8 * h),
                                                            _mm256_cvtepi32_ps(acc[r][p][h])));
   }
-  for (int r = 0; r < R; ++r)
-    for (int p = 0; p < P; ++p)
+  UNROLL for (int r = 0; r < R; ++r)
+    UNROLL for (int p = 0; p < P; ++p)
       for (int j = 0; j < PANEL; ++j) {
         const int64_t c = p * PANEL + j;
         y[r * n + c] = fa[r][p][j] * xs[r] * scale[c] + (bias ? bias[c] : 0.f);
@@ -394,16 +427,173 @@ void gemm_pairs(const float*, int64_t, const int8_t*, const float*, const float*
 }
 #endif
 
-// which layout a weight is in: (N, K), panels (N / 16, K, 16), or int8 panels of k pairs (N / 16, K / 2, 32)
+// ---------------------------------------------------------------------------------------------
+// int4 weights in panels of k pairs, uint8 (N / 16, K / 2, 16): byte [p, i, j] holds output 16 p + j
+// at k = 2 i (low nibble) and k = 2 i + 1 (high nibble), each as u = q + 8 (q in [-8, 7]); float32
+// scales per group of g along K in panels too, (N / 16, K / g, 16). Activations stay float32: a
+// group's sum over x * u is taken in registers, 8 * (the group's sum of x) subtracted once (so
+// x * (u - 8) = x * q), and the group's scales applied then. Half the bytes of int8 a weight (plus
+// 4 / g for the scales): batch-1 decode streams about 0.56 bytes a weight at g = 64.
+
+template <int R, int P>
+inline void int4_tile(const float* x, int64_t k, const uint8_t* w, int64_t pstride, const float* s, int64_t sstride,
+                      int64_t g, const float* xoff, int64_t ng, const float* bias, float* y, int64_t n) {
+  // the running totals in memory (touched once a group), the group's sums t in registers
+  alignas(64) float acc[R][P][PANEL] = {};
+  for (int64_t gi = 0; gi < ng; ++gi) {
+    vec t[R][P][NV];
+    UNROLL for (int r = 0; r < R; ++r)
+      UNROLL for (int p = 0; p < P; ++p)
+        UNROLL for (int v = 0; v < NV; ++v) t[r][p][v] = vzero();
+    for (int64_t kk = gi * g; kk < (gi + 1) * g; kk += 2) {
+      UNROLL for (int p = 0; p < P; ++p) {  // k = kk from the low nibbles, kk + 1 from the high ones
+        vec lo[NV], hi[NV];
+        load_nibbles(w + p * pstride + kk / 2 * PANEL, lo, hi);
+        UNROLL for (int r = 0; r < R; ++r) {
+          const vec a0 = vset(x[r * k + kk]), a1 = vset(x[r * k + kk + 1]);
+          UNROLL for (int v = 0; v < NV; ++v) t[r][p][v] = vfma(a1, hi[v], vfma(a0, lo[v], t[r][p][v]));
+        }
+      }
+    }
+    UNROLL for (int r = 0; r < R; ++r) {
+      const vec off = vset(xoff[r * ng + gi]);
+      UNROLL for (int p = 0; p < P; ++p)
+        UNROLL for (int v = 0; v < NV; ++v) {
+          float* a = acc[r][p] + v * W;
+          vstore(a, vfma(vsub(t[r][p][v], off), vload(s + p * sstride + gi * PANEL + v * W), vload(a)));
+        }
+    }
+  }
+  UNROLL for (int r = 0; r < R; ++r)
+    UNROLL for (int p = 0; p < P; ++p)
+      UNROLL for (int v = 0; v < NV; ++v) {
+        const int64_t c = p * PANEL + v * W;
+        const vec a = vload(acc[r][p] + v * W);
+        vstore(y + r * n + c, bias ? vadd(a, vload(bias + c)) : a);
+      }
+}
+
+// one int4 panel as float32 (K, 16), each weight u * s - 8 * s = (u - 8) * s with s its group's scale
+// (the dequantized value, up to one float32 rounding)
+inline void int4_panel_to_float(const uint8_t* w, const float* s, int64_t k, int64_t g, float* out) {
+  for (int64_t g0 = 0; g0 < k; g0 += g) {
+    vec sc[NV], off[NV];
+    UNROLL for (int v = 0; v < NV; ++v) sc[v] = vload(s + g0 / g * PANEL + v * W), off[v] = vfma(sc[v], vset(-8.f), vzero());
+    for (int64_t kk = g0; kk < g0 + g; kk += 2) {
+      vec lo[NV], hi[NV];
+      load_nibbles(w + kk / 2 * PANEL, lo, hi);
+      UNROLL for (int v = 0; v < NV; ++v) {
+        vstore(out + kk * PANEL + v * W, vfma(lo[v], sc[v], off[v]));
+        vstore(out + (kk + 1) * PANEL + v * W, vfma(hi[v], sc[v], off[v]));
+      }
+    }
+  }
+}
+
+// the float32 panel product on one widened int4 panel, not inlined into gemm_int4: there the compiler
+// kept some tiles' sums on the stack (a store and load a multiply-add: 3 rows ran 2x slower than 5)
+__attribute__((noinline)) void float_panel_rows(const float* x, int64_t m, int64_t k, const float* panel,
+                                                const float* bias, float* y, int64_t n) {
+  panel_rows<float, 1>(x, m, k, panel, k * PANEL, nullptr, bias, y, n);
+}
+
+// y (M, N) = x (M, K) @ W.T for int4 W in panels with group scales (above), plus bias[n] when given.
+// Up to INT4_TILE_ROWS rows read the nibbles straight into the products; more rows widen each panel to
+// float32 once (16 x K values, in L1 / L2) and run the float32 panel product on it, so the unpacking is
+// paid once a call, not once a row.
+// up to this many rows, int4 products read the nibbles straight into the sums, in tiles of up to 4 rows;
+// more rows widen each panel once (2-core AVX2 EPYC, a 1536 x 512 weight: 3 rows 40 us against 71
+// widened, 8 rows 93 against 114, 12 rows even at 133)
+constexpr int64_t INT4_TILE_ROWS = 8;
+void gemm_int4(const float* x, int64_t m, const uint8_t* w, const float* scale, int64_t ng, const float* bias,
+               float* y, int64_t n, int64_t k) {
+  const int64_t panels = n / PANEL, pstride = k / 2 * PANEL, sstride = ng * PANEL, g = k / ng;
+  std::vector<float> xoff;  // 8 x each group's sum of x, row by row (the nibble tiles' offset)
+  if (m <= INT4_TILE_ROWS) {
+    xoff.resize(m * ng);
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t gi = 0; gi < ng; ++gi) {
+        float t = 0.f;
+        for (int64_t i = gi * g; i < (gi + 1) * g; ++i) t += x[r * k + i];
+        xoff[r * ng + gi] = 8.f * t;
+      }
+  }
+  const float* xo = xoff.data();
+  if (m <= 2 && panels % 4 == 0) {  // few rows: 4 panels at a time, for enough independent sums
+    at::parallel_for(0, panels / 4, std::max<int64_t>(1, 4096 / std::max<int64_t>(k, 1)), [&](int64_t g0, int64_t g1) {
+      for (int64_t q = g0; q < g1; ++q) {
+        const int64_t c0 = q * 4 * PANEL;
+        const uint8_t* wq = w + q * 4 * pstride;
+        const float* sq = scale + q * 4 * sstride;
+        const float* b = bias ? bias + c0 : nullptr;
+        if (m == 1) {
+          int4_tile<1, 4>(x, k, wq, pstride, sq, sstride, g, xo, ng, b, y + c0, n);
+          continue;
+        }
+        for (int h = 0; h < 2; ++h)  // two rows: 2 panels at a time, as gemm_panels
+          int4_tile<2, 2>(x, k, wq + 2 * h * pstride, pstride, sq + 2 * h * sstride, sstride, g, xo, ng,
+                          b ? b + 2 * h * PANEL : nullptr, y + c0 + 2 * h * PANEL, n);
+      }
+    });
+    return;
+  }
+  if (m <= INT4_TILE_ROWS) {  // a few rows: the nibble tiles, a panel at a time
+    at::parallel_for(0, panels, std::max<int64_t>(1, 2048 / std::max<int64_t>(k, 1)), [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const uint8_t* wp = w + p * pstride;
+        const float* sp = scale + p * sstride;
+        const float* b = bias ? bias + p * PANEL : nullptr;
+        for (int64_t r = 0; r < m; r += 4) {  // tiles of up to 4 rows (4 x 2 sums, 4 nibble vectors)
+          float* yr = y + r * n + p * PANEL;
+          const float *xr = x + r * k, *xor_ = xo + r * ng;
+          switch (std::min<int64_t>(4, m - r)) {
+            case 4: int4_tile<4, 1>(xr, k, wp, pstride, sp, sstride, g, xor_, ng, b, yr, n); break;
+            case 3: int4_tile<3, 1>(xr, k, wp, pstride, sp, sstride, g, xor_, ng, b, yr, n); break;
+            case 2: int4_tile<2, 1>(xr, k, wp, pstride, sp, sstride, g, xor_, ng, b, yr, n); break;
+            default: int4_tile<1, 1>(xr, k, wp, pstride, sp, sstride, g, xor_, ng, b, yr, n); break;
+          }
+        }
+      }
+    });
+    return;
+  }
+  constexpr int64_t RB = 10 * MR;  // rows of x a pass over a panel
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<float> buf(k * PANEL + 16);  // at a 64-byte boundary: no vector load splits a cache line
+    float* panel = buf.data() + (16 - reinterpret_cast<uintptr_t>(buf.data()) / sizeof(float) % 16) % 16;
+    for (int64_t p = p0; p < p1; ++p) {
+      int4_panel_to_float(w + p * pstride, scale + p * sstride, k, g, panel);
+      const float* b = bias ? bias + p * PANEL : nullptr;
+      for (int64_t r0 = 0; r0 < m; r0 += RB)
+        float_panel_rows(x + r0 * k, std::min(RB, m - r0), k, panel, b, y + r0 * n + p * PANEL, n);
+    }
+  });
+}
+
+// which layout a weight is in: (N, K), panels (N / 16, K, 16), int8 panels of k pairs (N / 16, K / 2, 32),
+// or int4 panels of k pairs (uint8 (N / 16, K / 2, 16))
 inline bool is_pairs(const at::Tensor& w) { return w.dim() == 3 && w.size(2) == 2 * PANEL; }
+inline bool is_int4(const at::Tensor& w) { return w.scalar_type() == at::kByte; }
 // a weight's (out, in) features
 inline int64_t out_features(const at::Tensor& w) { return w.dim() == 3 ? w.size(0) * PANEL : w.size(0); }
-inline int64_t in_features(const at::Tensor& w) { return is_pairs(w) ? 2 * w.size(1) : w.size(1); }
+inline int64_t in_features(const at::Tensor& w) { return is_pairs(w) || is_int4(w) ? 2 * w.size(1) : w.size(1); }
 
 void check_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& scale,
                   const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "rtserve::linear: CPU tensors only");
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "rtserve::linear: x must be contiguous float32 (M, K)");
+  if (is_int4(w)) {
+    TORCH_CHECK(w.dim() == 3 && w.size(2) == PANEL && w.is_contiguous() && in_features(w) == x.size(1),
+                "rtserve::linear: an int4 weight must be contiguous uint8 (N / 16, K / 2, 16), K matching x");
+    const int64_t k = in_features(w);
+    TORCH_CHECK(scale && scale->scalar_type() == at::kFloat && scale->is_contiguous() && scale->dim() == 3 &&
+                    scale->size(0) == w.size(0) && scale->size(2) == PANEL && scale->size(1) >= 1 &&
+                    k % scale->size(1) == 0 && (k / scale->size(1)) % 2 == 0,
+                "rtserve::linear: an int4 weight needs float32 group scales (N / 16, K / g, 16), g even");
+    if (bias) TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == out_features(w) && bias->is_contiguous(),
+                          "rtserve::linear: bias must be contiguous float32 (N,)");
+    return;
+  }
   TORCH_CHECK((w.dim() == 2 || (w.dim() == 3 && (w.size(2) == PANEL || (PAIRS && is_pairs(w) && w.scalar_type() == at::kChar)))) &&
                   w.is_contiguous() && in_features(w) == x.size(1),
               "rtserve::linear: w must be contiguous (N, K), or (N / 16, K, 16) in panels",
@@ -421,7 +611,7 @@ void check_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<
                 "groups of g along K (g a multiple of ", W, ")");
   } else {
     TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kHalf,
-                "rtserve::linear: w must be float32, float16 or int8");
+                "rtserve::linear: w must be float32, float16, int8 or uint8 (int4 panels)");
   }
   if (bias) TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == n && bias->is_contiguous(),
                         "rtserve::linear: bias must be contiguous float32 (N,)");
@@ -431,7 +621,9 @@ void linear_into(const float* x, int64_t m, const at::Tensor& w, const c10::opti
                  const c10::optional<at::Tensor>& bias, float* y) {
   const int64_t n = out_features(w), k = in_features(w);
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
-  if (is_pairs(w)) {
+  if (is_int4(w)) {
+    gemm_int4(x, m, w.data_ptr<uint8_t>(), scale->data_ptr<float>(), scale->size(1), b, y, n, k);
+  } else if (is_pairs(w)) {
     gemm_pairs(x, m, w.data_ptr<int8_t>(), scale->data_ptr<float>(), b, y, n, k);
   } else if (w.dim() == 3) {
     const float* s = scale ? scale->data_ptr<float>() : nullptr;
