@@ -236,11 +236,12 @@ constexpr int MR = 6, PP = 1;
 constexpr int MR = 1, PP = 1;
 #endif
 
-// Tiles of two rows or more prefetch their panel this far ahead: with a few rows the products are
-// neither bound by memory nor by multiply-adds, and the hardware prefetcher alone left a step of 3-6
-// rows over the 34M model's layers (68 MB of float32 panels) at 1.7-2x the time of one row; with
-// it 1.2-1.3x (2-core AVX2 EPYC; 512 to 2,048 bytes ahead helped less, 16 KB hurt). One row reads
-// 4 panels at a time and ran no faster with it.
+// Float tiles of two rows or more prefetch their panel this far ahead: with a few rows the products
+// are neither bound by memory nor by multiply-adds, and the hardware prefetcher alone left 3-6 rows
+// over the 34M model's layers (68 MB of float32 panels) at 1.7-2x the time of one row; with it
+// 1.2-1.3x (2-core AVX2 EPYC; 512 to 2,048 bytes ahead helped less, 16 KB hurt). One row reads 4
+// panels at a time and ran no faster with it; int8 and int4 panels, whose widening costs more
+// instructions a byte, ran 0-5% slower with it (from L3 and from memory alike), so they go without.
 constexpr int64_t PREFETCH_BYTES = 4096;
 template <typename T, int R, int P>
 inline void panel_tile(const float* x, int64_t k, const T* w, int64_t pstride, const float* scale, const float* bias,
@@ -255,7 +256,10 @@ inline void panel_tile(const float* x, int64_t k, const T* w, int64_t pstride, c
     // stack every step)
     UNROLL for (int p = 0; p < P; ++p) {
       vec b[NV];
-      if constexpr (R >= 2) __builtin_prefetch(reinterpret_cast<const char*>(w + p * pstride + kk * PANEL) + PREFETCH_BYTES);
+      if constexpr (R >= 2 && sizeof(T) == 4)
+        __builtin_prefetch(reinterpret_cast<const char*>(w + p * pstride + kk * PANEL) + PREFETCH_BYTES);
+      if constexpr (R >= 2 && sizeof(T) == 2)
+        if (kk % 2 == 0) __builtin_prefetch(reinterpret_cast<const char*>(w + p * pstride + kk * PANEL) + PREFETCH_BYTES);
       UNROLL for (int v = 0; v < NV; ++v) b[v] = vload(w + p * pstride + kk * PANEL + v * W);
       UNROLL for (int r = 0; r < R; ++r) {
         const vec a = vset(x[r * k + kk]);
@@ -455,7 +459,6 @@ inline void int4_tile(const float* x, int64_t k, const uint8_t* w, int64_t pstri
     for (int64_t kk = gi * g; kk < (gi + 1) * g; kk += 2) {
       UNROLL for (int p = 0; p < P; ++p) {  // k = kk from the low nibbles, kk + 1 from the high ones
         vec lo[NV], hi[NV];
-        if constexpr (R >= 2) __builtin_prefetch(w + p * pstride + kk / 2 * PANEL + PREFETCH_BYTES);
         load_nibbles(w + p * pstride + kk / 2 * PANEL, lo, hi);
         UNROLL for (int r = 0; r < R; ++r) {
           const vec a0 = vset(x[r * k + kk]), a1 = vset(x[r * k + kk + 1]);
@@ -489,7 +492,6 @@ inline void int4_panel_to_float(const uint8_t* w, const float* s, int64_t k, int
     UNROLL for (int v = 0; v < NV; ++v) sc[v] = vload(s + g0 / g * PANEL + v * W), off[v] = vfma(sc[v], vset(-8.f), vzero());
     for (int64_t kk = g0; kk < g0 + g; kk += 2) {
       vec lo[NV], hi[NV];
-      __builtin_prefetch(w + kk / 2 * PANEL + PREFETCH_BYTES);
       load_nibbles(w + kk / 2 * PANEL, lo, hi);
       UNROLL for (int v = 0; v < NV; ++v) {
         vstore(out + kk * PANEL + v * W, vfma(lo[v], sc[v], off[v]));
