@@ -141,6 +141,14 @@ def test_panels_need_whole_panels_and_row_scales(ops):
         ops.linear(x, p, None, torch.ones(16))
 
 
+def test_zero_rows_give_an_empty_product_in_every_layout(ops):
+    q4, s4, _ = _int4(64, 32, 16)
+    q8 = torch.randint(-127, 128, (64, 32), dtype=torch.int8)
+    for w, s in ((native.pack_panels(_rand(64, 32)), None), (native.pack_panels(q8), torch.ones(64)),
+                 native.pack_int4(q4, s4), (_rand(64, 32), None)):
+        assert ops.linear(torch.empty(0, 32), w, s, torch.zeros(64)).shape == (0, 64)
+
+
 def test_bad_arguments_are_errors_not_crashes(ops):
     x, w = _rand(2, 16), _rand(8, 16)
     with pytest.raises(RuntimeError, match="x must be contiguous float32"):

@@ -509,12 +509,10 @@ __attribute__((noinline)) void float_panel_rows(const float* x, int64_t m, int64
 }
 
 // y (M, N) = x (M, K) @ W.T for int4 W in panels with group scales (above), plus bias[n] when given.
-// Up to INT4_TILE_ROWS rows read the nibbles straight into the products; more rows widen each panel to
-// float32 once (16 x K values, in L1 / L2) and run the float32 panel product on it, so the unpacking is
-// paid once a call, not once a row.
-// up to this many rows, int4 products read the nibbles straight into the sums, in tiles of up to 4 rows;
-// more rows widen each panel once (2-core AVX2 EPYC, a 1536 x 512 weight: 3 rows 40 us against 71
-// widened, 8 rows 93 against 114, 12 rows even at 133)
+// Up to INT4_TILE_ROWS rows read the nibbles straight into the sums, in tiles of up to 4 rows; more rows
+// widen each panel to float32 once (16 x K values, in L1 / L2) and run the float32 panel product on it,
+// so the unpacking is paid once a call, not once a row (2-core AVX2 EPYC, a 1536 x 512 weight: 3 rows
+// 40 us against 71 widened, 8 rows 93 against 114, 12 rows even at 133).
 constexpr int64_t INT4_TILE_ROWS = 8;
 void gemm_int4(const float* x, int64_t m, const uint8_t* w, const float* scale, int64_t ng, const float* bias,
                float* y, int64_t n, int64_t k) {
@@ -632,6 +630,7 @@ void linear_into(const float* x, int64_t m, const at::Tensor& w, const c10::opti
                  const c10::optional<at::Tensor>& bias, float* y) {
   const int64_t n = out_features(w), k = in_features(w);
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
+  if (m == 0) return;  // the few-row tiles would read and write two rows
   if (is_int4(w)) {
     gemm_int4(x, m, w.data_ptr<uint8_t>(), scale->data_ptr<float>(), scale->size(1), b, y, n, k);
   } else if (is_pairs(w)) {
