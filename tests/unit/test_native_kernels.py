@@ -199,6 +199,25 @@ def test_decode_layer_of_first_tokens_matches_a_plain_layer(ops):
     assert torch.allclose(a["kv_cache"][0, :2, :, 0], k) and torch.allclose(a["kv_cache"][1, :2, :, 0], v)
 
 
+@pytest.mark.parametrize("d", [16, 32, 40, 64, 128])  # head sizes of 4, 8 and 16 vectors, and others
+def test_decode_attention_reads_each_context_through_its_block_table(ops, d):
+    g = torch.Generator().manual_seed(d)
+    nb, nkv, bs, nh = 12, 2, 4, 4
+    cache = torch.randn(2, nb, nkv, bs, d, generator=g)
+    lens = torch.tensor([1, 4, 7, 13, 20])  # one token, one full block, partial last blocks, every block
+    blocks = torch.stack([torch.randperm(nb, generator=g)[:5] for _ in lens])
+    q = torch.randn(len(lens), nh, d, generator=g)
+    got = ops.decode_attention(q, cache, blocks, lens, d ** -0.5)
+    for r, n in enumerate(lens.tolist()):
+        pos = torch.arange(n)
+        k = cache[0, blocks[r, pos // bs], :, pos % bs]  # (n, nkv, d) in context order
+        v = cache[1, blocks[r, pos // bs], :, pos % bs]
+        kh, vh = k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1)  # (n, nh, d)
+        w = torch.softmax(torch.einsum("hd,nhd->hn", q[r], kh) * d ** -0.5, -1)
+        want = torch.einsum("hn,nhd->hd", w, vh)
+        assert torch.allclose(got[r], want, atol=1e-5), (r, float((got[r] - want).abs().max()))
+
+
 def test_decode_layer_refuses_what_would_read_outside_the_cache(ops):
     a = _layer_args()
     a["context_lens"] = torch.tensor([1, 5])  # 5 tokens need 2 blocks; the table has 1

@@ -684,25 +684,59 @@ inline void rotate(float* x, const float* cos, const float* ssin, int64_t d) {
   }
 }
 
+// out = sum over the context of p[t] * inv * V[t], for heads of ND vectors: the sums stay in registers
+template <int ND>
+void attend_values(const float* p, float inv, const float* vc, const int64_t* blocks, int64_t ctx, int64_t kvh,
+                   int64_t hkv, int64_t bs, float* out) {
+  constexpr int64_t d = ND * W;
+  vec acc[ND];
+  UNROLL for (int i = 0; i < ND; ++i) acc[i] = vzero();
+  for (int64_t t0 = 0, b = 0; t0 < ctx; t0 += bs, ++b) {
+    const float* vb = vc + (blocks[b] * hkv + kvh) * bs * d;
+    const int64_t nt = std::min(bs, ctx - t0);
+    for (int64_t j = 0; j < nt; ++j) {
+      const vec pt = vset(p[t0 + j] * inv);
+      UNROLL for (int i = 0; i < ND; ++i) acc[i] = vfma(pt, vload(vb + j * d + i * W), acc[i]);
+    }
+  }
+  UNROLL for (int i = 0; i < ND; ++i) vstore(out + i * W, acc[i]);
+}
+
 // attention of one query head of one sequence over its cached context, read through the block table
 void attend(const float* q, const float* kc, const float* vc, const int64_t* blocks, int64_t ctx, int64_t kvh,
             int64_t hkv, int64_t bs, int64_t d, float scale, float* out, std::vector<float>& p) {
   p.resize(ctx);
   float mx = -INFINITY;
-  for (int64_t t = 0; t < ctx; ++t) {
-    const int64_t row = (blocks[t / bs] * hkv + kvh) * bs + t % bs;
-    p[t] = dot1(kc + row * d, q, d) * scale;
-    mx = std::max(mx, p[t]);
+  // block by block through the table: no division a position
+  for (int64_t t0 = 0, b = 0; t0 < ctx; t0 += bs, ++b) {
+    const float* kb = kc + (blocks[b] * hkv + kvh) * bs * d;
+    const int64_t nt = std::min(bs, ctx - t0);
+    for (int64_t j = 0; j < nt; ++j) {
+      const float sc = dot1(kb + j * d, q, d) * scale;
+      p[t0 + j] = sc;
+      mx = std::max(mx, sc);
+    }
   }
   float sum = 0.f;
   for (int64_t t = 0; t < ctx; ++t) sum += (p[t] = std::exp(p[t] - mx));
   const float inv = 1.f / sum;
+  if (d % W == 0) {  // the common head sizes: the output row in registers across the context
+    switch (d / W) {
+      case 4: return attend_values<4>(p.data(), inv, vc, blocks, ctx, kvh, hkv, bs, out);
+      case 8: return attend_values<8>(p.data(), inv, vc, blocks, ctx, kvh, hkv, bs, out);
+      case 16: return attend_values<16>(p.data(), inv, vc, blocks, ctx, kvh, hkv, bs, out);
+      default: break;
+    }
+  }
   for (int64_t i = 0; i < d; ++i) out[i] = 0.f;
-  for (int64_t t = 0; t < ctx; ++t) {
-    const int64_t row = (blocks[t / bs] * hkv + kvh) * bs + t % bs;
-    const float* v = vc + row * d;
-    const float pt = p[t] * inv;
-    for (int64_t i = 0; i < d; ++i) out[i] += pt * v[i];
+  for (int64_t t0 = 0, b = 0; t0 < ctx; t0 += bs, ++b) {
+    const float* vb = vc + (blocks[b] * hkv + kvh) * bs * d;
+    const int64_t nt = std::min(bs, ctx - t0);
+    for (int64_t j = 0; j < nt; ++j) {
+      const float pt = p[t0 + j] * inv;
+      const float* v = vb + j * d;
+      for (int64_t i = 0; i < d; ++i) out[i] += pt * v[i];
+    }
   }
 }
 
