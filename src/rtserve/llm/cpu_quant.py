@@ -29,7 +29,7 @@ float32 at every batch size but drops the demo LM's top-1 agreement from 98.9% t
   the fused native decode layer (``native_decode``) reads the same weight.
 - ``native-int4`` (int4): rtserve's own int4 kernel: the weight as two nibbles a byte in panels of 16
   outputs with float32 group scales (``native.pack_int4``), widened to float32 in registers against
-  float32 activations (exact up to float32 rounding, as ``native-int8``); batches of more than two
+  float32 activations (exact up to float32 rounding, as ``native-int8``); batches of more than eight
   rows widen each panel once a call and run the float32 panel product. The fused native decode layer
   reads the same weight.
 - ``dequant``: expand the weight to float per call: the fallback when the others fail their check.
@@ -126,38 +126,37 @@ def _int4pack(q: torch.Tensor, scales: torch.Tensor, group_size: int) -> Kernel:
     return run
 
 
-def _native_int8(q: torch.Tensor, scales: torch.Tensor) -> Kernel | None:
+def _native(w: torch.Tensor, s: torch.Tensor, nbytes: int) -> Kernel:
+    """The native kernel on a weight in one of its layouts, with its scales; ``native`` is what the
+    fused decode layer reads."""
     from .native import ops
 
     nat = ops()
-    if nat is None:
-        return None
-    from .native import pack_int8
-
-    s = scales.float().contiguous()
-    w = pack_int8(q)  # in panels (of k pairs on AVX2) where it can: faster at every batch size
 
     def run(x: torch.Tensor) -> torch.Tensor:
         return nat.linear(x.float().contiguous(), w, s, None).to(x.dtype)
-    run.nbytes = q.numel() + 4 * q.shape[0]
-    run.native = (w, s)  # what the fused decode layer reads
+    run.nbytes = nbytes
+    run.native = (w, s)
     return run
+
+
+def _native_int8(q: torch.Tensor, scales: torch.Tensor) -> Kernel | None:
+    from .native import ops, pack_int8
+
+    if ops() is None:
+        return None
+    w = pack_int8(q)  # in panels (of k pairs on AVX2) where it can: faster at every batch size
+    return _native(w, scales.float().contiguous(), q.numel() + 4 * q.shape[0])
 
 
 def _native_int4(q: torch.Tensor, scales: torch.Tensor) -> Kernel | None:
     from .native import ops, pack_int4
 
-    nat = ops()
-    packed = pack_int4(q, scales) if nat is not None else None
+    packed = pack_int4(q, scales) if ops() is not None else None
     if packed is None:
         return None
     w, s = packed
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        return nat.linear(x.float().contiguous(), w, s, None).to(x.dtype)
-    run.nbytes = w.numel() + 4 * s.numel()
-    run.native = (w, s)  # what the fused decode layer reads
-    return run
+    return _native(w, s, w.numel() + 4 * s.numel())
 
 
 def _dequant(q: torch.Tensor, scales: torch.Tensor, group_size: int) -> Kernel:

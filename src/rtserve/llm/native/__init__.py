@@ -153,8 +153,9 @@ def pack_int4(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torc
     n, k = q.shape
     if n % PANEL or scales.dim() != 2 or scales.shape[0] != n or k % scales.shape[1] or (k // scales.shape[1]) % 2:
         return None
-    u = (q.to(torch.int16) + 8).to(torch.uint8)
-    byte = u[:, 0::2] | (u[:, 1::2] << 4)  # (N, K / 2)
+    from ..quant_linear import pack_int4 as pack_bytes  # the storage packing: two offset nibbles a byte
+
+    byte = pack_bytes(q)  # (N, K / 2)
     w = byte.reshape(n // PANEL, PANEL, k // 2).transpose(1, 2).contiguous()
     s = scales.float().reshape(n // PANEL, PANEL, -1).transpose(1, 2).contiguous()
     return w, s
