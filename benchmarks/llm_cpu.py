@@ -18,6 +18,7 @@ llama.cpp): tok/s, the ratio to float32 and to llama.cpp's q8_0 (and int4's to q
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -71,7 +72,10 @@ def run_rtserve(llm: LLM, ps, new_tokens) -> float:
     return len(ps) * new_tokens / dt
 
 
-QUANT_METHODS = {"int8": "int8-weight", "int4": "int4-weight"}
+QUANT_METHODS = {"int8": "int8-weight", "int4": "int4-weight", "int8-panels": "int8-weight"}
+#: loaded with these environment variables set: int8-panels is int8 in float-widened panels where the
+#: build's default is panels of k pairs (AVX-512 VNNI), for the two side by side
+QUANT_ENV = {"int8-panels": {"RTSERVE_INT8_PAIRS": "0"}}
 
 
 def quant_engines(path: Path, llm: LLM, quants: list[str]) -> dict[str, LLM]:
@@ -81,7 +85,16 @@ def quant_engines(path: Path, llm: LLM, quants: list[str]) -> dict[str, LLM]:
     engines = {}
     for name in quants:
         quantize_checkpoint(path, path / f"q-{name}", QUANT_METHODS[name])
-        engines[name] = LLM(path / f"q-{name}", llm.engine_config)
+        saved = {k: os.environ.get(k) for k in QUANT_ENV.get(name, {})}
+        os.environ.update(QUANT_ENV.get(name, {}))
+        try:
+            engines[name] = LLM(path / f"q-{name}", llm.engine_config)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k)
+                else:
+                    os.environ[k] = v
     kernels = {n: e.runner.model.model.layers[0].mlp.gate_up.kernel for n, e in engines.items()}
     print(f"quantized kernels (gate_up): {kernels}", flush=True)
     return engines

@@ -183,20 +183,29 @@ def test_int8_head_greedy_decoding_is_the_same_natively_and_on_pytorch(llama, tm
     assert native == [o.outputs[0].token_ids for o in plain.generate(prompts[:1], p)]
 
 
-def test_int8_panels_of_k_pairs_opt_in_load_and_decode(llama, tmp_path, monkeypatch):
-    """RTSERVE_INT8_PAIRS=1 on an AVX2 build: the layers keep int8 panels of k pairs (the head too where
-    its vocabulary is whole panels), and the fused and PyTorch paths decode with them, close to the
-    float panels' logits."""
+def test_int8_panels_of_k_pairs_load_and_decode(llama, tmp_path, monkeypatch):
+    """Where the build has int8 panels of k pairs (AVX2, AVX-512 VNNI) they are the default when the
+    build says so (AVX-512 VNNI) and RTSERVE_INT8_PAIRS=1 / 0 turns them on / off: the layers keep that
+    layout (the head too where its vocabulary is whole panels), and the fused and PyTorch paths decode
+    with it, close to the float-widened panels' logits."""
     from rtserve.llm.native import ops
 
     if ops() is None or not ops().int8_pairs():
-        pytest.skip("int8 panels of k pairs are built for AVX2 only")
+        pytest.skip("no int8 panels of k pairs in this build")
     quantize_checkpoint(llama, tmp_path / "q", "int8-weight")
     prompt = torch.randint(1, 97, (11,), generator=torch.Generator().manual_seed(5)).tolist()
-    base = _last_logits(LLM(tmp_path / "q", num_blocks=64, block_size=4), prompt)
+
+    def width(llm):
+        return llm.runner.model.model.layers[0].mlp.gate_up.native_weights()[0].shape[-1]
+
+    assert width(LLM(tmp_path / "q", num_blocks=64, block_size=4)) == (32 if ops().int8_pairs_default() else 16)
+    monkeypatch.setenv("RTSERVE_INT8_PAIRS", "0")
+    floats = LLM(tmp_path / "q", num_blocks=64, block_size=4)
+    assert width(floats) == 16
+    base = _last_logits(floats, prompt)
     monkeypatch.setenv("RTSERVE_INT8_PAIRS", "1")
     llm = LLM(tmp_path / "q", num_blocks=64, block_size=4)
-    assert llm.runner.model.model.layers[0].mlp.gate_up.native_weights()[0].shape[-1] == 32
+    assert width(llm) == 32
     got = _last_logits(llm, prompt)
     assert float((got - base).abs().max()) <= 1e-3 * float(base.abs().max())
     p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)

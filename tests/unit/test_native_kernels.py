@@ -66,7 +66,7 @@ def test_products_with_weights_in_panels_match_torch(ops, rows, n, k):
     want = x @ (q.float() * s[:, None]).t()
     assert torch.allclose(ops.linear(x, native.pack_panels(q), s, None), want, rtol=1e-5, atol=1e-3 * k)
     pairs = native.pack_int8_pairs(q) if k % 2 == 0 else None
-    if pairs is not None:  # int8 panels of k pairs, int16 activations (AVX2 builds): ~3e-5 of the largest
+    if pairs is not None:  # int8 panels of k pairs, int16 activations (AVX2, AVX-512 VNNI): ~3e-5 of the largest
         assert pairs.shape == (n // 16, k // 2, 32) and pairs[-1, 1, 7] == q[n - 13, 3]
         if ops.int8_pairs():
             got = ops.linear(x, pairs, s, b)
@@ -277,8 +277,8 @@ for rows in (1, 3, 5):
             q, s = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g), torch.rand(n, generator=g)
             want = x @ (q.float() * s[:, None]).t()
             assert torch.allclose(ops.linear(x, native.pack_panels(q), s, None), want, rtol=1e-5, atol=1e-3 * k)
-            if ops.int8_pairs() != (sys.argv[1] == "avx2"):
-                raise AssertionError("int8 pairs: AVX2 builds only")
+            if ops.int8_pairs() != (sys.argv[2] == "pairs"):
+                raise AssertionError(f"int8 pairs: {ops.int8_pairs()}, expected {sys.argv[2]}")
             if k % 2 == 0 and ops.int8_pairs():
                 got = ops.linear(x, native.pack_int8_pairs(q), s, None)
                 assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
@@ -298,12 +298,20 @@ print("ok")
 """
 
 
+BUILD_ONLY = "from rtserve.llm import native; native.build(); print('ok')"
+# -march targets: the AVX2 code (int8 pairs through vpmaddwd), the portable code, AVX-512 without VNNI
+# (int8 widened to float) and with it (pairs through vpdpwssd), and the CPU flags each needs to run
+ISA_BUILDS = [("haswell", "avx2", "pairs", ("avx2", "fma", "f16c")), ("x86-64", "scalar", "panels", ()),
+              ("skylake-avx512", "avx512", "panels", ("avx512f", "avx512bw", "avx512vl", "avx512dq")),
+              ("icelake-server", "avx512", "pairs", ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"))]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("arch,isa", [("haswell", "avx2"), ("x86-64", "scalar")])
-def test_the_avx2_and_scalar_builds_compute_the_same(ops, arch, isa, tmp_path):
-    """The vector code for machines without AVX-512 (and the portable code), built here with another
-    -march and run in a fresh process (one kernel library per process); skipped for the ISA the
-    native build already is (on an AVX2 machine the AVX2 code is what every other test runs)."""
+@pytest.mark.parametrize("arch,isa,int8,needs", ISA_BUILDS, ids=[b[0] for b in ISA_BUILDS])
+def test_every_isa_build_computes_the_same(ops, arch, isa, int8, needs, tmp_path):
+    """The vector code for each instruction set, built here with another -march and run in a fresh
+    process (one kernel library per process); only compiled where this CPU cannot run it, and
+    skipped for the build the native one already is (every other test in this file runs that)."""
     import os
     import platform
     import subprocess
@@ -311,11 +319,30 @@ def test_the_avx2_and_scalar_builds_compute_the_same(ops, arch, isa, tmp_path):
 
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("x86 targets")
-    if ops.isa() == isa and os.environ.get("RTSERVE_NATIVE_ARCH") is None:
-        pytest.skip(f"the native build here is the {isa} code: every other test in this file runs it")
+    if (ops.isa(), ops.int8_pairs()) == (isa, int8 == "pairs") and os.environ.get("RTSERVE_NATIVE_ARCH") is None:
+        pytest.skip(f"the native build here is the {isa} code ({int8}): every other test in this file runs it")
+    runs = set(needs) <= set(native._cpu_flags().split())
     env = dict(os.environ, RTSERVE_NATIVE_ARCH=arch, RTSERVE_NATIVE_CACHE=str(tmp_path))
-    done = subprocess.run([sys.executable, "-c", CHECK_ISA, isa], env=env, capture_output=True, text=True, timeout=240)
+    cmd = [sys.executable, "-c", CHECK_ISA, isa, int8] if runs else [sys.executable, "-c", BUILD_ONLY]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_int8_pairs_scale_each_chunk_of_x_on_its_own(ops):
+    """Panels of k pairs quantize x to int16 with a scale for each 128 values: one large value costs
+    precision in its own chunk only (a scale a row would round the others to steps of 1e4 / 32767)."""
+    if not ops.int8_pairs():
+        pytest.skip("no int8 panels of k pairs in this build")
+    g = torch.Generator().manual_seed(7)
+    q = torch.randint(-127, 128, (64, 512), dtype=torch.int8, generator=g)
+    s = torch.rand(64, generator=g) + 0.1
+    x = torch.randn(3, 512, generator=g)
+    x[:, :128] = 0.0
+    x[:, 0] = 1e4  # quantized exactly: the largest value of its chunk
+    w = q.float() * s[:, None]
+    got = ops.linear(x, native.pack_int8_pairs(q), s, None)
+    rest = x[:, 128:].abs() @ w[:, 128:].abs().t()  # the size of the part the other chunks carry
+    assert float(((got - x @ w.t()).abs() / rest).max()) < 1e-4
 
 
 @pytest.mark.parametrize("head_dtype", [torch.float32, torch.float16])

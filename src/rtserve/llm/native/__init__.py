@@ -132,13 +132,15 @@ def pack_int8_pairs(q: torch.Tensor) -> torch.Tensor | None:
 
 
 def pack_int8(q: torch.Tensor) -> torch.Tensor:
-    """An int8 (N, K) weight in the layout the native int8 products read: panels, else (N, K) itself;
-    with ``RTSERVE_INT8_PAIRS=1`` on an AVX2 build, panels of k pairs (int16 activations). Pairs are
-    off by default: on the 2-core AVX2 EPYC they decoded the 34M Llama 12% faster at 1 sequence but
-    15% slower at 16 and 64 (vpmaddwd issues once a cycle there, as many products as the float
-    multiply-adds), and the demo LM's top-1 agreement with float32 went from 98.91% to 98.84%."""
+    """An int8 (N, K) weight in the layout the native int8 products read: panels of k pairs (int16
+    activations) where the build has them and they are its default, else panels, else (N, K) itself.
+    ``RTSERVE_INT8_PAIRS=1`` / ``0`` turns pairs on / off. They are the default on AVX-512 builds
+    with VNNI (vpdpwssd: 32 products an instruction, twice the float multiply-add's), off on AVX2
+    builds: on the 2-core AVX2 EPYC vpmaddwd decoded the 34M Llama 12% faster at 1 sequence but 15%
+    slower at 16 and 64 (it issues once a cycle there, as many products as the float multiply-adds)."""
     nat = ops()
-    pairs = os.environ.get("RTSERVE_INT8_PAIRS") == "1" and nat is not None and nat.int8_pairs()
+    env = os.environ.get("RTSERVE_INT8_PAIRS")
+    pairs = nat is not None and nat.int8_pairs() and (env == "1" or (env != "0" and nat.int8_pairs_default()))
     p = pack_int8_pairs(q) if pairs else None
     if p is None:
         p = pack_panels(q)

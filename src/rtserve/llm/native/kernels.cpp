@@ -336,105 +336,193 @@ void gemm_panels(const float* x, int64_t m, const T* w, const float* scale, cons
 
 // ---------------------------------------------------------------------------------------------
 // int8 weights in panels of k pairs, (N / 16, K / 2, 32): element [p, i, 2 j + t] is output 16 p + j
-// at k = 2 i + t (AVX2 builds only). Each row of x becomes int16 with one scale (15 bits: the
-// result differs from float32 activations by ~3e-5 of the row's largest value, as intmm-x2's
-// two int8 rows do), and vpmaddwd multiplies 16 pairs and adds them into 8 int32 sums in one
-// instruction, against three (widen, convert, multiply-add) for 8 products in float32: the weight
-// stream of a batch-1 step is no longer limited by the conversions.
-#if defined(__AVX2__) && !defined(__AVX512F__)
+// at k = 2 i + t (AVX2 builds, and AVX-512 builds with VNNI). Each row of x becomes int16 with one
+// scale (15 bits: the result differs from float32 activations by ~3e-5 of the row's largest value,
+// as intmm-x2's two int8 rows do), and one instruction multiplies pairs and adds them into int32
+// sums: AVX2's vpmaddwd (+ vpaddd) 16 products into 8 sums, AVX-512 VNNI's vpdpwssd 32 into 16,
+// against three instructions (widen, convert, multiply-add) for 8 or 16 products in float32.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define RTSERVE_PAIRS 1
+using ivec = __m512i;
+constexpr int NVI = 1;        // int32 vectors of sums a panel (16 outputs)
+constexpr int PMR = 8, PPP = 2;  // a tile of rows x panels: 16 sums, 2 weight vectors, a broadcast
+constexpr bool PAIRS_DEFAULT = true;  // faster than float32 panels at 1-64 rows here
+inline ivec izero() { return _mm512_setzero_si512(); }
+inline void load_pairs(const int8_t* b, ivec* out) {
+  out[0] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
+}
+inline ivec iset(int32_t v) { return _mm512_set1_epi32(v); }
+// in place through asm: with the intrinsic GCC copied each tile's sums between registers (and some
+// through the stack) every step
+inline ivec idot(ivec acc, ivec w, ivec x) {
+  asm("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(x));
+  return acc;
+}
+inline void add_sums(float* f, ivec a, float s) {
+  _mm512_storeu_ps(f, _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(s), _mm512_loadu_ps(f)));
+}
+// a row of x's largest magnitude, and 16 values x * inv rounded to int16 (saturating; round to nearest)
+inline float abs_max(const float* x, int64_t k, int64_t* i) {
+  __m512 m = _mm512_setzero_ps();
+  for (; *i + 16 <= k; *i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + *i)));
+  return _mm512_reduce_max_ps(m);
+}
+inline void round16(const float* x, float inv, int16_t* q) {
+  const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x), _mm512_set1_ps(inv)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm512_cvtsepi32_epi16(v));
+}
+#elif defined(__AVX2__) && !defined(__AVX512F__)
+#define RTSERVE_PAIRS 1
+using ivec = __m256i;
+constexpr int NVI = 2;
+constexpr int PMR = 4, PPP = 1;
+// vpmaddwd issues once a cycle on the 2-core AVX2 EPYC, as many products as the float multiply-adds:
+// 12% faster decoding at 1 sequence, 15% slower at 16 and 64, so opt-in there
+constexpr bool PAIRS_DEFAULT = false;
+inline ivec izero() { return _mm256_setzero_si256(); }
+inline void load_pairs(const int8_t* b, ivec* out) {
+  out[0] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
+  out[1] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + PANEL)));
+}
+inline ivec iset(int32_t v) { return _mm256_set1_epi32(v); }
+inline ivec idot(ivec acc, ivec w, ivec x) { return _mm256_add_epi32(acc, _mm256_madd_epi16(w, x)); }
+inline void add_sums(float* f, ivec a, float s) {
+  _mm256_storeu_ps(f, _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), _mm256_set1_ps(s), _mm256_loadu_ps(f)));
+}
+inline float abs_max(const float* x, int64_t k, int64_t* i) {
+  __m256 m = _mm256_setzero_ps();
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  for (; *i + 16 <= k; *i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + *i)));
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+}
+inline void round16(const float* x, float inv, int16_t* q) {
+  const __m256 s = _mm256_set1_ps(inv);
+  const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x), s));
+  const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 8), s));
+  const __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);  // packs works per 128-bit lane
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), p);
+}
+#endif
+
+#if defined(RTSERVE_PAIRS)
 constexpr bool PAIRS = true;
-constexpr int64_t PAIR_CHUNK = 256;  // k pairs summed in int32 before float: |sum| < 256 * 2 * 127 * 32767 < 2^31
+// k pairs summed in int32 before float (|sum| < 256 * 2 * 127 * 32767 < 2^31 allows 256); each row of x
+// has a scale a chunk, so a large value costs precision in its own 128 values only
+constexpr int64_t PAIR_CHUNK = 64;
 
 template <int R, int P>
-inline void pair_tile(const int32_t* x, int64_t kh, const float* xs, const int8_t* w, int64_t pstride,
+inline void pair_tile(const int32_t* x, int64_t kh, const float* xs, int64_t nc, const int8_t* w, int64_t pstride,
                       const float* scale, const float* bias, float* y, int64_t n) {
-  float fa[R][P][PANEL] = {};
-  for (int64_t c0 = 0; c0 < kh; c0 += PAIR_CHUNK) {
+  alignas(64) float fa[R][P][PANEL] = {};  // the totals, touched once a chunk
+  for (int64_t c0 = 0, ci = 0; c0 < kh; c0 += PAIR_CHUNK, ++ci) {
     const int64_t c1 = std::min(kh, c0 + PAIR_CHUNK);
-    __m256i acc[R][P][2];
+    ivec acc[R][P][NVI];
     UNROLL for (int r = 0; r < R; ++r)
-      UNROLL for (int p = 0; p < P; ++p) acc[r][p][0] = acc[r][p][1] = _mm256_setzero_si256();
+      UNROLL for (int p = 0; p < P; ++p)
+        UNROLL for (int v = 0; v < NVI; ++v) acc[r][p][v] = izero();
     for (int64_t i = c0; i < c1; ++i) {
-      __m256i lo[P], hi[P];
-      UNROLL for (int p = 0; p < P; ++p) {
-        const int8_t* b = w + p * pstride + i * 2 * PANEL;
-        lo[p] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
-        hi[p] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + PANEL)));
-      }
+      ivec b[P][NVI];
+      UNROLL for (int p = 0; p < P; ++p) load_pairs(w + p * pstride + i * 2 * PANEL, b[p]);
       UNROLL for (int r = 0; r < R; ++r) {
-        const __m256i xp = _mm256_set1_epi32(x[r * kh + i]);
-        UNROLL for (int p = 0; p < P; ++p) {
-          acc[r][p][0] = _mm256_add_epi32(acc[r][p][0], _mm256_madd_epi16(lo[p], xp));
-          acc[r][p][1] = _mm256_add_epi32(acc[r][p][1], _mm256_madd_epi16(hi[p], xp));
-        }
+        const ivec xp = iset(x[r * kh + i]);
+        UNROLL for (int p = 0; p < P; ++p)
+          UNROLL for (int v = 0; v < NVI; ++v) acc[r][p][v] = idot(acc[r][p][v], b[p][v], xp);
       }
     }
     UNROLL for (int r = 0; r < R; ++r)
       UNROLL for (int p = 0; p < P; ++p)
-        UNROLL for (int h = 0; h < 2; ++h)
-          _mm256_storeu_ps(fa[r][p] + 8 * h, _mm256_add_ps(_mm256_loadu_ps(fa[r][p] + 8 * h),
-                                                           _mm256_cvtepi32_ps(acc[r][p][h])));
+        UNROLL for (int v = 0; v < NVI; ++v) add_sums(fa[r][p] + v * (PANEL / NVI), acc[r][p][v], xs[r * nc + ci]);
   }
   UNROLL for (int r = 0; r < R; ++r)
     UNROLL for (int p = 0; p < P; ++p)
       for (int j = 0; j < PANEL; ++j) {
         const int64_t c = p * PANEL + j;
-        y[r * n + c] = fa[r][p][j] * xs[r] * scale[c] + (bias ? bias[c] : 0.f);
+        y[r * n + c] = fa[r][p][j] * scale[c] + (bias ? bias[c] : 0.f);
       }
+}
+
+template <int P>
+inline void pair_rows(const int32_t* x, int64_t m, int64_t kh, const float* xs, int64_t nc, const int8_t* w,
+                      int64_t pstride, const float* scale, const float* bias, float* y, int64_t n) {
+  int64_t r = 0;
+  for (; r + PMR <= m; r += PMR)
+    pair_tile<PMR, P>(x + r * kh, kh, xs + r * nc, nc, w, pstride, scale, bias, y + r * n, n);
+  switch (m - r) {  // the rest of the rows, fewer than PMR
+#define RTSERVE_TAIL(R)                                                                                   \
+  case R:                                                                                                 \
+    if constexpr (R < PMR) pair_tile<R, P>(x + r * kh, kh, xs + r * nc, nc, w, pstride, scale, bias, y + r * n, n); \
+    break;
+    RTSERVE_TAIL(1) RTSERVE_TAIL(2) RTSERVE_TAIL(3) RTSERVE_TAIL(4) RTSERVE_TAIL(5) RTSERVE_TAIL(6) RTSERVE_TAIL(7)
+#undef RTSERVE_TAIL
+    default: break;
+  }
+}
+
+// rows of x as int16, two to an int32 (k even), with a scale for each chunk of 2 x PAIR_CHUNK values
+// (its largest magnitude / 32767), in vectors: the scalar loop took ~1 ns a value, 90 us for 64 x 1408
+void quantize_pairs(const float* x, int64_t m, int64_t k, int32_t* xq, float* xs) {
+  const int64_t nc = (k / 2 + PAIR_CHUNK - 1) / PAIR_CHUNK;
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t ci = 0; ci < nc; ++ci) {
+      const int64_t i0 = ci * 2 * PAIR_CHUNK, i1 = std::min(k, i0 + 2 * PAIR_CHUNK);
+      const float* xr = x + r * k + i0;
+      int64_t i = 0;
+      float amax = abs_max(xr, i1 - i0, &i);
+      for (; i < i1 - i0; ++i) amax = std::max(amax, std::fabs(xr[i]));
+      const float sc = amax > 0.f ? amax / 32767.f : 1.f, inv = 1.f / sc;
+      xs[r * nc + ci] = sc;
+      auto* q = reinterpret_cast<int16_t*>(xq + r * (k / 2)) + i0;
+      for (i = 0; i + 16 <= i1 - i0; i += 16) round16(xr + i, inv, q + i);
+      for (; i < i1 - i0; ++i) q[i] = static_cast<int16_t>(std::lrint(xr[i] * inv));
+    }
 }
 
 // y (M, N) = x (M, K) @ W.T for int8 W in panels of k pairs, times scale[n], plus bias[n] when given
 void gemm_pairs(const float* x, int64_t m, const int8_t* w, const float* scale, const float* bias, float* y,
                 int64_t n, int64_t k) {
-  const int64_t kh = k / 2, panels = n / PANEL, pstride = kh * 2 * PANEL;
-  std::vector<int32_t> xq(m * kh);  // each row's int16 values, two to an int32
-  std::vector<float> xs(m);
-  for (int64_t r = 0; r < m; ++r) {
-    const float* xr = x + r * k;
-    float amax = 0.f;
-    for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(xr[i]));
-    xs[r] = amax > 0.f ? amax / 32767.f : 1.f;
-    const float inv = 1.f / xs[r];
-    auto* q = reinterpret_cast<int16_t*>(xq.data() + r * kh);
-    for (int64_t i = 0; i < k; ++i) q[i] = static_cast<int16_t>(std::lrint(xr[i] * inv));
-  }
+  const int64_t kh = k / 2, panels = n / PANEL, pstride = kh * 2 * PANEL, nc = (kh + PAIR_CHUNK - 1) / PAIR_CHUNK;
+  std::vector<int32_t> xq(m * kh);
+  std::vector<float> xsv(m * nc);
+  quantize_pairs(x, m, k, xq.data(), xsv.data());
   const int32_t* xp = xq.data();
+  const float* xs = xsv.data();
   if (m <= 2 && panels % 4 == 0) {  // few rows: 4 panels at a time
     at::parallel_for(0, panels / 4, std::max<int64_t>(1, 2048 / std::max<int64_t>(k, 1)), [&](int64_t g0, int64_t g1) {
       for (int64_t g = g0; g < g1; ++g) {
         const int64_t c0 = g * 4 * PANEL;
         const float* b = bias ? bias + c0 : nullptr;
-        if (m == 1) pair_tile<1, 4>(xp, kh, xs.data(), w + g * 4 * pstride, pstride, scale + c0, b, y + c0, n);
-        else pair_tile<2, 4>(xp, kh, xs.data(), w + g * 4 * pstride, pstride, scale + c0, b, y + c0, n);
+        if (m == 1) pair_tile<1, 4>(xp, kh, xs, nc, w + g * 4 * pstride, pstride, scale + c0, b, y + c0, n);
+        else pair_tile<2, 4>(xp, kh, xs, nc, w + g * 4 * pstride, pstride, scale + c0, b, y + c0, n);
       }
     });
     return;
   }
-  constexpr int64_t RB = 48;  // rows of x a pass over the panels
-  at::parallel_for(0, panels, std::max<int64_t>(1, 4096 / std::max<int64_t>(k, 1)), [&](int64_t p0, int64_t p1) {
+  constexpr int64_t RB = 12 * PMR;  // rows of x a pass over the panels
+  const int64_t groups = (panels + PPP - 1) / PPP;
+  at::parallel_for(0, groups, std::max<int64_t>(1, 4096 / std::max<int64_t>(k * PPP, 1)), [&](int64_t g0, int64_t g1) {
     for (int64_t r0 = 0; r0 < m; r0 += RB) {
       const int64_t mb = std::min(RB, m - r0);
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t c0 = p * PANEL;
-        const int8_t* wp = w + p * pstride;
-        const float* b = bias ? bias + c0 : nullptr;
-        int64_t r = r0;
-        for (; r + 4 <= r0 + mb; r += 4)
-          pair_tile<4, 1>(xp + r * kh, kh, xs.data() + r, wp, pstride, scale + c0, b, y + r * n + c0, n);
-        switch (r0 + mb - r) {
-          case 3: pair_tile<3, 1>(xp + r * kh, kh, xs.data() + r, wp, pstride, scale + c0, b, y + r * n + c0, n); break;
-          case 2: pair_tile<2, 1>(xp + r * kh, kh, xs.data() + r, wp, pstride, scale + c0, b, y + r * n + c0, n); break;
-          case 1: pair_tile<1, 1>(xp + r * kh, kh, xs.data() + r, wp, pstride, scale + c0, b, y + r * n + c0, n); break;
-          default: break;
-        }
+      const int32_t* xr = xp + r0 * kh;
+      const float* sr = xs + r0 * nc;
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t p0 = g * PPP, c0 = p0 * PANEL;
+        if (p0 + PPP <= panels)
+          pair_rows<PPP>(xr, mb, kh, sr, nc, w + p0 * pstride, pstride, scale + c0, bias ? bias + c0 : nullptr,
+                         y + r0 * n + c0, n);
+        else
+          for (int64_t p = p0; p < panels; ++p)
+            pair_rows<1>(xr, mb, kh, sr, nc, w + p * pstride, pstride, scale + p * PANEL,
+                         bias ? bias + p * PANEL : nullptr, y + r0 * n + p * PANEL, n);
       }
     }
   });
 }
 #else
-constexpr bool PAIRS = false;
+constexpr bool PAIRS = false, PAIRS_DEFAULT = false;
 void gemm_pairs(const float*, int64_t, const int8_t*, const float*, const float*, float*, int64_t, int64_t) {
-  TORCH_CHECK(false, "rtserve::linear: int8 panels of k pairs need an AVX2 build");
+  TORCH_CHECK(false, "rtserve::linear: int8 panels of k pairs need an AVX2 or AVX-512 VNNI build");
 }
 #endif
 
@@ -963,6 +1051,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv_cache, con
 
 std::string native_isa() { return isa(); }
 bool native_int8_pairs() { return PAIRS; }
+bool native_int8_pairs_default() { return PAIRS_DEFAULT; }
 
 TORCH_LIBRARY(rtserve, m) {
   m.def("linear(Tensor x, Tensor w, Tensor? scale, Tensor? bias) -> Tensor");
@@ -978,6 +1067,7 @@ TORCH_LIBRARY(rtserve, m) {
   m.def("decode_attention(Tensor q, Tensor kv_cache, Tensor blocks, Tensor context_lens, float scale) -> Tensor");
   m.def("isa() -> str", &native_isa);
   m.def("int8_pairs() -> bool", &native_int8_pairs);
+  m.def("int8_pairs_default() -> bool", &native_int8_pairs_default);
 }
 
 TORCH_LIBRARY_IMPL(rtserve, CPU, m) {
