@@ -282,6 +282,9 @@ for rows in (1, 3, 5):
             if k % 2 == 0 and ops.int8_pairs():
                 got = ops.linear(x, native.pack_int8_pairs(q), s, None)
                 assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
+                x[-1, k // 2] = float("nan")  # a NaN is not rounded to a finite int16
+                got = ops.linear(x, native.pack_int8_pairs(q), s, None)
+                assert not got[-1].isfinite().any() and got[:-1].isfinite().all()
     for n, k, group in ((64, 96, 32), (48, 40, 8)):  # int4 panels: the nibble tiles and the widened panels
         q4 = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)
         s4 = torch.rand(n, k // group, generator=g) + 0.1
@@ -343,6 +346,12 @@ def test_int8_pairs_scale_each_chunk_of_x_on_its_own(ops):
     got = ops.linear(x, native.pack_int8_pairs(q), s, None)
     rest = x[:, 128:].abs() @ w[:, 128:].abs().t()  # the size of the part the other chunks carry
     assert float(((got - x @ w.t()).abs() / rest).max()) < 1e-4
+    for bad in (float("nan"), float("inf")):  # not rounded to a finite int16: the row's products are not finite
+        for col in (3, 500, 513):  # in a vector, in a later chunk, in the short last chunk (scalar code)
+            y = torch.randn(3, 514, generator=g)
+            y[1, col] = bad
+            out = ops.linear(y, native.pack_int8_pairs(torch.cat([q, q[:, :2]], 1)), s, None)
+            assert not out[1].isfinite().any() and out[[0, 2]].isfinite().all()
 
 
 @pytest.mark.parametrize("head_dtype", [torch.float32, torch.float16])

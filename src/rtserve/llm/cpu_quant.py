@@ -22,9 +22,10 @@ float32 at every batch size but drops the demo LM's top-1 agreement from 98.9% t
   CPU), rows split as above; group scales in bfloat16, the kernel's own format.
 - ``native-int8`` (int8): rtserve's own kernel (``native/kernels.cpp``): the int8 weight in panels of
   16 outputs (a copy of its own, ``native.pack_int8``), read once for all rows of x, widened to
-  float32 in registers against float32 activations (exact up to float32 rounding). (Opt-in on AVX2,
-  ``RTSERVE_INT8_PAIRS=1``: panels of k pairs against each row of x in int16, one vpmaddwd for 16
-  products; faster for 1-2 rows, slower for more, ~3e-5 of the row's largest value off.) A stream
+  float32 in registers against float32 activations (exact up to float32 rounding). On AVX-512 VNNI
+  builds by default (opt-in on AVX2, ``RTSERVE_INT8_PAIRS=1``): panels of k pairs against x in int16
+  with a scale each 128 values, one vpdpwssd for 32 products (AVX2: a vpmaddwd for 16, faster for
+  1-2 rows only), ~3e-5 of the chunk's largest value off, as intmm-x2. A stream
   of 1 byte a weight: the fastest for one row where it builds (timing decides);
   the fused native decode layer (``native_decode``) reads the same weight.
 - ``native-int4`` (int4): rtserve's own int4 kernel: the weight as two nibbles a byte in panels of 16

@@ -361,11 +361,17 @@ inline ivec idot(ivec acc, ivec w, ivec x) {
 inline void add_sums(float* f, ivec a, float s) {
   _mm512_storeu_ps(f, _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(s), _mm512_loadu_ps(f)));
 }
-// a row of x's largest magnitude, and 16 values x * inv rounded to int16 (saturating; round to nearest)
+// the largest magnitude of x's vectors from *i on (NaN when one is NaN), and 16 values x * inv
+// rounded to int16 (saturating; round to nearest)
 inline float abs_max(const float* x, int64_t k, int64_t* i) {
   __m512 m = _mm512_setzero_ps();
-  for (; *i + 16 <= k; *i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + *i)));
-  return _mm512_reduce_max_ps(m);
+  __mmask16 nan = 0;
+  for (; *i + 16 <= k; *i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + *i);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    m = _mm512_max_ps(m, _mm512_abs_ps(v));
+  }
+  return nan ? NAN : _mm512_reduce_max_ps(m);
 }
 inline void round16(const float* x, float inv, int16_t* q) {
   const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x), _mm512_set1_ps(inv)));
@@ -390,12 +396,16 @@ inline void add_sums(float* f, ivec a, float s) {
   _mm256_storeu_ps(f, _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), _mm256_set1_ps(s), _mm256_loadu_ps(f)));
 }
 inline float abs_max(const float* x, int64_t k, int64_t* i) {
-  __m256 m = _mm256_setzero_ps();
+  __m256 m = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
   const __m256 sign = _mm256_set1_ps(-0.f);
-  for (; *i + 16 <= k; *i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + *i)));
+  for (; *i + 8 <= k; *i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + *i);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v));
+  }
   __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
   h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-  return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+  return _mm256_movemask_ps(nan) ? NAN : _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
 }
 inline void round16(const float* x, float inv, int16_t* q) {
   const __m256 s = _mm256_set1_ps(inv);
@@ -470,8 +480,10 @@ void quantize_pairs(const float* x, int64_t m, int64_t k, int32_t* xq, float* xs
       const float* xr = x + r * k + i0;
       int64_t i = 0;
       float amax = abs_max(xr, i1 - i0, &i);
-      for (; i < i1 - i0; ++i) amax = std::max(amax, std::fabs(xr[i]));
-      const float sc = amax > 0.f ? amax / 32767.f : 1.f, inv = 1.f / sc;
+      for (; i < i1 - i0; ++i) amax = std::isnan(xr[i]) ? xr[i] : std::max(amax, std::fabs(xr[i]));
+      // a NaN or infinite value makes the chunk's scale NaN or infinite: every product of the row is
+      // then NaN or infinite, as with float32 activations (int16 would have made it a finite number)
+      const float sc = std::isnan(amax) || amax > 0.f ? amax / 32767.f : 1.f, inv = 1.f / sc;
       xs[r * nc + ci] = sc;
       auto* q = reinterpret_cast<int16_t*>(xq + r * (k / 2)) + i0;
       for (i = 0; i + 16 <= i1 - i0; i += 16) round16(xr + i, inv, q + i);
