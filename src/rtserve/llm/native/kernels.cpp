@@ -608,6 +608,105 @@ __attribute__((noinline)) void float_panel_rows(const float* x, int64_t m, int64
   panel_rows<float, 1>(x, m, k, panel, k * PANEL, nullptr, bias, y, n);
 }
 
+// int4 products of more than INT4_TILE_ROWS rows where pairs are the build's default (AVX-512 VNNI):
+// PPP panels at a time widened once a call to int16 pairs (q = u - 8 at k = 2 i and 2 i + 1 side by
+// side, as in the int8 pairs), multiplied with x in int16 (a scale each PAIR_CHUNK pairs) by vpdpwssd;
+// each run of pairs that is in one group and one chunk of x goes to float32 times the group's scales
+// and the chunk's. Needs g / 2 to divide PAIR_CHUNK or be a multiple of it (else the float32 widening).
+#if defined(RTSERVE_PAIRS) && defined(__AVX512F__)
+inline bool int4_pairs_fit(int64_t gh) { return PAIRS_DEFAULT && (PAIR_CHUNK % gh == 0 || gh % PAIR_CHUNK == 0); }
+inline void int4_panel_to_pairs(const uint8_t* w, int64_t kh, int16_t* out) {
+  const __m512i low = _mm512_set1_epi32(0x0F), eight = _mm512_set1_epi32(8), half = _mm512_set1_epi32(0xFFFF);
+  for (int64_t i = 0; i < kh; ++i) {
+    const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i * PANEL)));
+    const __m512i lo = _mm512_sub_epi32(_mm512_and_si512(d, low), eight);
+    const __m512i hi = _mm512_sub_epi32(_mm512_srli_epi32(d, 4), eight);
+    _mm512_storeu_si512(out + i * 2 * PANEL, _mm512_or_si512(_mm512_and_si512(lo, half), _mm512_slli_epi32(hi, 16)));
+  }
+}
+
+template <int R, int P>
+inline void int4_pair_tile(const int32_t* x, int64_t kh, const float* xs, int64_t nc, const int16_t* w,
+                           const float* s, int64_t sstride, int64_t gh, const float* bias, float* y, int64_t n) {
+  const int64_t seg = std::min(gh, PAIR_CHUNK);
+  alignas(64) float fa[R][P][PANEL] = {};  // the totals, touched once a run (in registers they spilled the sums)
+  for (int64_t c0 = 0; c0 < kh; c0 += seg) {
+    __m512i acc[R][P];
+    UNROLL for (int r = 0; r < R; ++r)
+      UNROLL for (int p = 0; p < P; ++p) acc[r][p] = _mm512_setzero_si512();
+    for (int64_t i = c0; i < c0 + seg; ++i) {
+      __m512i b[P];
+      UNROLL for (int p = 0; p < P; ++p) b[p] = _mm512_loadu_si512(w + (p * kh + i) * 2 * PANEL);
+      UNROLL for (int r = 0; r < R; ++r) {
+        const __m512i xp = _mm512_set1_epi32(x[r * kh + i]);
+        UNROLL for (int p = 0; p < P; ++p) acc[r][p] = idot(acc[r][p], b[p], xp);
+      }
+    }
+    const int64_t gi = c0 / gh, ci = c0 / PAIR_CHUNK;
+    UNROLL for (int p = 0; p < P; ++p) {
+      const __m512 sg = _mm512_loadu_ps(s + p * sstride + gi * PANEL);
+      UNROLL for (int r = 0; r < R; ++r)
+        _mm512_store_ps(fa[r][p], _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][p]),
+                                                  _mm512_mul_ps(sg, _mm512_set1_ps(xs[r * nc + ci])), _mm512_load_ps(fa[r][p])));
+    }
+  }
+  UNROLL for (int r = 0; r < R; ++r)
+    UNROLL for (int p = 0; p < P; ++p)
+      _mm512_storeu_ps(y + r * n + p * PANEL, bias ? _mm512_add_ps(_mm512_load_ps(fa[r][p]), _mm512_loadu_ps(bias + p * PANEL))
+                                                   : _mm512_load_ps(fa[r][p]));
+}
+
+template <int P>
+void int4_pair_rows(const int32_t* x, int64_t m, int64_t kh, const float* xs, int64_t nc, const int16_t* w,
+                    const float* s, int64_t sstride, int64_t gh, const float* bias, float* y, int64_t n) {
+  int64_t r = 0;
+  for (; r + PMR <= m; r += PMR)
+    int4_pair_tile<PMR, P>(x + r * kh, kh, xs + r * nc, nc, w, s, sstride, gh, bias, y + r * n, n);
+  switch (m - r) {  // the rest of the rows, fewer than PMR
+#define RTSERVE_TAIL(R)                                                                                    \
+  case R:                                                                                                  \
+    if constexpr (R < PMR) int4_pair_tile<R, P>(x + r * kh, kh, xs + r * nc, nc, w, s, sstride, gh, bias, y + r * n, n); \
+    break;
+    RTSERVE_TAIL(1) RTSERVE_TAIL(2) RTSERVE_TAIL(3) RTSERVE_TAIL(4) RTSERVE_TAIL(5) RTSERVE_TAIL(6) RTSERVE_TAIL(7)
+#undef RTSERVE_TAIL
+    default: break;
+  }
+}
+
+void gemm_int4_pairs(const float* x, int64_t m, const uint8_t* w, const float* scale, int64_t ng, const float* bias,
+                     float* y, int64_t n, int64_t k) {
+  const int64_t kh = k / 2, panels = n / PANEL, pstride = kh * PANEL, sstride = ng * PANEL, gh = kh / ng;
+  const int64_t nc = (kh + PAIR_CHUNK - 1) / PAIR_CHUNK, groups = (panels + PPP - 1) / PPP;
+  std::vector<int32_t> xq(m * kh);
+  std::vector<float> xsv(m * nc);
+  quantize_pairs(x, m, k, xq.data(), xsv.data());
+  constexpr int64_t RB = 12 * PMR;  // rows of x a pass over the widened panels
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    std::vector<int16_t> buf(PPP * kh * 2 * PANEL);
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t p0 = g * PPP, np = std::min<int64_t>(PPP, panels - p0), c0 = p0 * PANEL;
+      for (int64_t q = 0; q < np; ++q) int4_panel_to_pairs(w + (p0 + q) * pstride, kh, buf.data() + q * kh * 2 * PANEL);
+      const float* sp = scale + p0 * sstride;
+      const float* b = bias ? bias + c0 : nullptr;
+      for (int64_t r0 = 0; r0 < m; r0 += RB) {
+        const int64_t mb = std::min(RB, m - r0);
+        if (np == PPP)
+          int4_pair_rows<PPP>(xq.data() + r0 * kh, mb, kh, xsv.data() + r0 * nc, nc, buf.data(), sp, sstride, gh, b,
+                              y + r0 * n + c0, n);
+        else
+          for (int64_t q = 0; q < np; ++q)
+            int4_pair_rows<1>(xq.data() + r0 * kh, mb, kh, xsv.data() + r0 * nc, nc, buf.data() + q * kh * 2 * PANEL,
+                              sp + q * sstride, sstride, gh, b ? b + q * PANEL : nullptr, y + r0 * n + c0 + q * PANEL, n);
+      }
+    }
+  });
+}
+#else
+inline bool int4_pairs_fit(int64_t) { return false; }
+void gemm_int4_pairs(const float*, int64_t, const uint8_t*, const float*, int64_t, const float*, float*, int64_t,
+                     int64_t) {}
+#endif
+
 // y (M, N) = x (M, K) @ W.T for int4 W in panels with group scales (above), plus bias[n] when given.
 // Up to INT4_TILE_ROWS rows read the nibbles straight into the sums, in tiles of up to 4 rows; more rows
 // widen each panel to float32 once (16 x K values, in L1 / L2) and run the float32 panel product on it,
@@ -617,6 +716,10 @@ constexpr int64_t INT4_TILE_ROWS = 8;
 void gemm_int4(const float* x, int64_t m, const uint8_t* w, const float* scale, int64_t ng, const float* bias,
                float* y, int64_t n, int64_t k) {
   const int64_t panels = n / PANEL, pstride = k / 2 * PANEL, sstride = ng * PANEL, g = k / ng;
+  if (m > INT4_TILE_ROWS && int4_pairs_fit(g / 2)) {
+    gemm_int4_pairs(x, m, w, scale, ng, bias, y, n, k);
+    return;
+  }
   std::vector<float> xoff;  // 8 x each group's sum of x, row by row (the nibble tiles' offset)
   if (m <= INT4_TILE_ROWS) {
     xoff.resize(m * ng);
