@@ -48,8 +48,8 @@ def test_kernel_matches_the_dequantized_reference(name, bits, rows):
     tol = TOLERANCE[name]
     if name == "native-int8" and native.pack_int8(q).shape[-1] == 32:
         tol = 1e-4  # int8 panels of k pairs: int16 activations (15 bits), as intmm-x2's split
-    if name == "native-int4" and rows > 8 and native.ops().int8_pairs_default():
-        tol = 1e-4  # more than 8 rows on AVX-512 VNNI builds: int4 widened to int16 pairs, the same
+    if name == "native-int4" and native.ops().int8_pairs_default():
+        tol = 1e-4  # AVX-512 VNNI builds: int4 as int16 pairs against int16 activations, the same
     assert err <= tol, err
     if name == "intmm-x2":  # the two int8 rows carry 3+ bits more than bfloat16, even with row 0's outliers
         rounded = x.bfloat16().float() @ dequantize(q, s).t()
@@ -102,7 +102,7 @@ def test_int4_layers_use_the_native_kernel_and_hand_it_to_the_decode_layer():
     for rows in (1, 2, 5, 70):
         x = _x(rows)
         want = x @ dequantize(q, s).t() + layer.bias
-        tol = 1e-4 if rows > 8 and native.ops().int8_pairs_default() else 1e-5  # int16 pairs (AVX-512 VNNI)
+        tol = 1e-4 if native.ops().int8_pairs_default() else 1e-5  # int16 pairs (AVX-512 VNNI)
         assert float((layer(x) - want).abs().max()) <= tol * float(want.abs().max())
     assert native.pack_int4(q[:40], s[:40]) is None  # 40 outputs: not whole panels
     assert native.pack_int4(q, torch.ones(96, 256 // 3)) is None  # a group size that does not divide K

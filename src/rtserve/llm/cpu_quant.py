@@ -31,9 +31,10 @@ float32 at every batch size but drops the demo LM's top-1 agreement from 98.9% t
 - ``native-int4`` (int4): rtserve's own int4 kernel: the weight as two nibbles a byte in panels of 16
   outputs with float32 group scales (``native.pack_int4``), widened to float32 in registers against
   float32 activations (exact up to float32 rounding, as ``native-int8``); batches of more than eight
-  rows widen each panel once a call and run the float32 panel product (AVX-512 VNNI builds: widen
-  it to int16 pairs and multiply them with x in int16, as the int8 pairs, ~3e-5 of a chunk's largest
-  value off). The fused native decode layer
+  rows widen each panel once a call and run the float32 panel product. AVX-512 VNNI builds (group
+  sizes that nest with 128) multiply int16 pairs with x in int16 instead, as the int8 pairs (~3e-5 of
+  a chunk's largest value off): up to eight rows from the nibbles in registers, more from panels
+  widened once a call. The fused native decode layer
   reads the same weight.
 - ``dequant``: expand the weight to float per call: the fallback when the others fail their check.
 
