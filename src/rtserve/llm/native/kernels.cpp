@@ -625,18 +625,32 @@ inline void int4_panel_to_pairs(const uint8_t* w, int64_t kh, int16_t* out) {
   }
 }
 
-template <int R, int P>
-inline void int4_pair_tile(const int32_t* x, int64_t kh, const float* xs, int64_t nc, const int16_t* w,
-                           const float* s, int64_t sstride, int64_t gh, const float* bias, float* y, int64_t n) {
-  const int64_t seg = std::min(gh, PAIR_CHUNK);
+// up to 8 rows: the nibbles read straight into pairs in registers (no widened copy): 16 bytes -> 16
+// dwords u_lo | u_hi << 16 (u = q + 8, 0..15) in three instructions; the offset, 8 x the group's sum of
+// the row's int16 values, is taken off the int32 sums once a run
+inline __m512i nibble_pairs(const uint8_t* p) {
+  const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm512_ternarylogic_epi32(d, _mm512_slli_epi32(d, 12), _mm512_set1_epi32(0x000F000F), 0xA8);  // (a | b) & c
+}
+
+// R rows x P panels of int4 pairs: NIB, the nibbles from the uint8 panels (pstride bytes apart) into
+// pairs in registers and the offset taken off; else int16 pairs widened ahead (P panels side by side)
+template <int R, int P, bool NIB>
+inline void int4_pair_tile(const int32_t* x, int64_t kh, const float* xs, const int32_t* xsum, int64_t nc,
+                           const void* w, int64_t pstride, const float* s, int64_t sstride, int64_t gh,
+                           const float* bias, float* y, int64_t n) {
+  const int64_t seg = std::min(gh, PAIR_CHUNK), nseg = kh / seg;
   alignas(64) float fa[R][P][PANEL] = {};  // the totals, touched once a run (in registers they spilled the sums)
-  for (int64_t c0 = 0; c0 < kh; c0 += seg) {
+  for (int64_t c0 = 0, si = 0; c0 < kh; c0 += seg, ++si) {
     __m512i acc[R][P];
     UNROLL for (int r = 0; r < R; ++r)
       UNROLL for (int p = 0; p < P; ++p) acc[r][p] = _mm512_setzero_si512();
     for (int64_t i = c0; i < c0 + seg; ++i) {
       __m512i b[P];
-      UNROLL for (int p = 0; p < P; ++p) b[p] = _mm512_loadu_si512(w + (p * kh + i) * 2 * PANEL);
+      UNROLL for (int p = 0; p < P; ++p) {
+        if constexpr (NIB) b[p] = nibble_pairs(static_cast<const uint8_t*>(w) + p * pstride + i * PANEL);
+        else b[p] = _mm512_loadu_si512(static_cast<const int16_t*>(w) + (p * kh + i) * 2 * PANEL);
+      }
       UNROLL for (int r = 0; r < R; ++r) {
         const __m512i xp = _mm512_set1_epi32(x[r * kh + i]);
         UNROLL for (int p = 0; p < P; ++p) acc[r][p] = idot(acc[r][p], b[p], xp);
@@ -645,9 +659,12 @@ inline void int4_pair_tile(const int32_t* x, int64_t kh, const float* xs, int64_
     const int64_t gi = c0 / gh, ci = c0 / PAIR_CHUNK;
     UNROLL for (int p = 0; p < P; ++p) {
       const __m512 sg = _mm512_loadu_ps(s + p * sstride + gi * PANEL);
-      UNROLL for (int r = 0; r < R; ++r)
-        _mm512_store_ps(fa[r][p], _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][p]),
-                                                  _mm512_mul_ps(sg, _mm512_set1_ps(xs[r * nc + ci])), _mm512_load_ps(fa[r][p])));
+      UNROLL for (int r = 0; r < R; ++r) {
+        __m512i a = acc[r][p];
+        if constexpr (NIB) a = _mm512_sub_epi32(a, _mm512_set1_epi32(8 * xsum[r * nseg + si]));
+        _mm512_store_ps(fa[r][p], _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(sg, _mm512_set1_ps(xs[r * nc + ci])),
+                                                  _mm512_load_ps(fa[r][p])));
+      }
     }
   }
   UNROLL for (int r = 0; r < R; ++r)
@@ -661,11 +678,12 @@ void int4_pair_rows(const int32_t* x, int64_t m, int64_t kh, const float* xs, in
                     const float* s, int64_t sstride, int64_t gh, const float* bias, float* y, int64_t n) {
   int64_t r = 0;
   for (; r + PMR <= m; r += PMR)
-    int4_pair_tile<PMR, P>(x + r * kh, kh, xs + r * nc, nc, w, s, sstride, gh, bias, y + r * n, n);
+    int4_pair_tile<PMR, P, false>(x + r * kh, kh, xs + r * nc, nullptr, nc, w, 0, s, sstride, gh, bias, y + r * n, n);
   switch (m - r) {  // the rest of the rows, fewer than PMR
 #define RTSERVE_TAIL(R)                                                                                    \
   case R:                                                                                                  \
-    if constexpr (R < PMR) int4_pair_tile<R, P>(x + r * kh, kh, xs + r * nc, nc, w, s, sstride, gh, bias, y + r * n, n); \
+    if constexpr (R < PMR)                                                                                \
+      int4_pair_tile<R, P, false>(x + r * kh, kh, xs + r * nc, nullptr, nc, w, 0, s, sstride, gh, bias, y + r * n, n); \
     break;
     RTSERVE_TAIL(1) RTSERVE_TAIL(2) RTSERVE_TAIL(3) RTSERVE_TAIL(4) RTSERVE_TAIL(5) RTSERVE_TAIL(6) RTSERVE_TAIL(7)
 #undef RTSERVE_TAIL
@@ -702,55 +720,13 @@ void gemm_int4_pairs(const float* x, int64_t m, const uint8_t* w, const float* s
   });
 }
 
-// up to 8 rows: the nibbles read straight into pairs in registers (no widened copy): 16 bytes -> 16
-// dwords u_lo | u_hi << 16 (u = q + 8, 0..15) in three instructions; the offset, 8 x the group's sum of
-// the row's int16 values, is taken off the int32 sums once a run
-inline __m512i nibble_pairs(const uint8_t* p) {
-  const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm512_ternarylogic_epi32(d, _mm512_slli_epi32(d, 12), _mm512_set1_epi32(0x000F000F), 0xA8);  // (a | b) & c
-}
-
-template <int R, int P>
-inline void int4_nibble_tile(const int32_t* x, int64_t kh, const float* xs, const int32_t* xsum, int64_t nc,
-                             const uint8_t* w, int64_t pstride, const float* s, int64_t sstride, int64_t gh,
-                             const float* bias, float* y, int64_t n) {
-  const int64_t seg = std::min(gh, PAIR_CHUNK), nseg = kh / seg;
-  alignas(64) float fa[R][P][PANEL] = {};
-  for (int64_t c0 = 0, si = 0; c0 < kh; c0 += seg, ++si) {
-    __m512i acc[R][P];
-    UNROLL for (int r = 0; r < R; ++r)
-      UNROLL for (int p = 0; p < P; ++p) acc[r][p] = _mm512_setzero_si512();
-    for (int64_t i = c0; i < c0 + seg; ++i) {
-      __m512i b[P];
-      UNROLL for (int p = 0; p < P; ++p) b[p] = nibble_pairs(w + p * pstride + i * PANEL);
-      UNROLL for (int r = 0; r < R; ++r) {
-        const __m512i xp = _mm512_set1_epi32(x[r * kh + i]);
-        UNROLL for (int p = 0; p < P; ++p) acc[r][p] = idot(acc[r][p], b[p], xp);
-      }
-    }
-    const int64_t gi = c0 / gh, ci = c0 / PAIR_CHUNK;
-    UNROLL for (int p = 0; p < P; ++p) {
-      const __m512 sg = _mm512_loadu_ps(s + p * sstride + gi * PANEL);
-      UNROLL for (int r = 0; r < R; ++r) {
-        const __m512i a = _mm512_sub_epi32(acc[r][p], _mm512_set1_epi32(8 * xsum[r * nseg + si]));
-        _mm512_store_ps(fa[r][p], _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(sg, _mm512_set1_ps(xs[r * nc + ci])),
-                                                  _mm512_load_ps(fa[r][p])));
-      }
-    }
-  }
-  UNROLL for (int r = 0; r < R; ++r)
-    UNROLL for (int p = 0; p < P; ++p)
-      _mm512_storeu_ps(y + r * n + p * PANEL, bias ? _mm512_add_ps(_mm512_load_ps(fa[r][p]), _mm512_loadu_ps(bias + p * PANEL))
-                                                   : _mm512_load_ps(fa[r][p]));
-}
-
 template <int P>
 void int4_nibble_rows(const int32_t* x, int64_t m, int64_t kh, const float* xs, const int32_t* xsum, int64_t nc,
                       const uint8_t* w, int64_t pstride, const float* s, int64_t sstride, int64_t gh,
                       const float* bias, float* y, int64_t n) {
   switch (m) {
 #define RTSERVE_ROWS(R) \
-  case R: int4_nibble_tile<R, P>(x, kh, xs, xsum, nc, w, pstride, s, sstride, gh, bias, y, n); break;
+  case R: int4_pair_tile<R, P, true>(x, kh, xs, xsum, nc, w, pstride, s, sstride, gh, bias, y, n); break;
     RTSERVE_ROWS(1) RTSERVE_ROWS(2) RTSERVE_ROWS(3) RTSERVE_ROWS(4) RTSERVE_ROWS(5) RTSERVE_ROWS(6) RTSERVE_ROWS(7)
     RTSERVE_ROWS(8)
 #undef RTSERVE_ROWS
