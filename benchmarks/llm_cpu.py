@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -85,16 +86,8 @@ def quant_engines(path: Path, llm: LLM, quants: list[str]) -> dict[str, LLM]:
     engines = {}
     for name in quants:
         quantize_checkpoint(path, path / f"q-{name}", QUANT_METHODS[name])
-        saved = {k: os.environ.get(k) for k in QUANT_ENV.get(name, {})}
-        os.environ.update(QUANT_ENV.get(name, {}))
-        try:
+        with mock.patch.dict(os.environ, QUANT_ENV.get(name, {})):
             engines[name] = LLM(path / f"q-{name}", llm.engine_config)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k)
-                else:
-                    os.environ[k] = v
     kernels = {n: e.runner.model.model.layers[0].mlp.gate_up.kernel for n, e in engines.items()}
     print(f"quantized kernels (gate_up): {kernels}", flush=True)
     return engines

@@ -615,15 +615,6 @@ __attribute__((noinline)) void float_panel_rows(const float* x, int64_t m, int64
 // and the chunk's. Needs g / 2 to divide PAIR_CHUNK or be a multiple of it (else the float32 widening).
 #if defined(RTSERVE_PAIRS) && defined(__AVX512F__)
 inline bool int4_pairs_fit(int64_t gh) { return PAIRS_DEFAULT && (PAIR_CHUNK % gh == 0 || gh % PAIR_CHUNK == 0); }
-inline void int4_panel_to_pairs(const uint8_t* w, int64_t kh, int16_t* out) {
-  const __m512i low = _mm512_set1_epi32(0x0F), eight = _mm512_set1_epi32(8), half = _mm512_set1_epi32(0xFFFF);
-  for (int64_t i = 0; i < kh; ++i) {
-    const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i * PANEL)));
-    const __m512i lo = _mm512_sub_epi32(_mm512_and_si512(d, low), eight);
-    const __m512i hi = _mm512_sub_epi32(_mm512_srli_epi32(d, 4), eight);
-    _mm512_storeu_si512(out + i * 2 * PANEL, _mm512_or_si512(_mm512_and_si512(lo, half), _mm512_slli_epi32(hi, 16)));
-  }
-}
 
 // up to 8 rows: the nibbles read straight into pairs in registers (no widened copy): 16 bytes -> 16
 // dwords u_lo | u_hi << 16 (u = q + 8, 0..15) in three instructions; the offset, 8 x the group's sum of
@@ -631,6 +622,12 @@ inline void int4_panel_to_pairs(const uint8_t* w, int64_t kh, int16_t* out) {
 inline __m512i nibble_pairs(const uint8_t* p) {
   const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm512_ternarylogic_epi32(d, _mm512_slli_epi32(d, 12), _mm512_set1_epi32(0x000F000F), 0xA8);  // (a | b) & c
+}
+
+// one int4 panel as int16 pairs (K / 2, 32): q = u - 8 in each 16-bit half
+inline void int4_panel_to_pairs(const uint8_t* w, int64_t kh, int16_t* out) {
+  for (int64_t i = 0; i < kh; ++i)
+    _mm512_storeu_si512(out + i * 2 * PANEL, _mm512_sub_epi16(nibble_pairs(w + i * PANEL), _mm512_set1_epi16(8)));
 }
 
 // R rows x P panels of int4 pairs: NIB, the nibbles from the uint8 panels (pstride bytes apart) into
